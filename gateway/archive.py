@@ -1,0 +1,185 @@
+"""``segserve build-model``: a TorchServe archive (.mar) of DeepLabV3 with the project's handler.
+
+Weights come from one of three places, and the archive says which wherever it shows:
+- torchvision's published ``COCO_WITH_VOC_LABELS_V1`` checkpoint, downloaded and hash-checked;
+- a local ``.pth``, hash-checked when its file name is a published one (``<name>-<sha256 prefix>.pth``);
+- seeded random weights, for tests and offline demos: the masks are meaningless and labelled so.
+torch is imported only here, inside the functions, so the rest of the CLI stays light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+HANDLER_FILE = PROJECT_ROOT / "handlers" / "deeplabv3.py"
+DEFAULT_STORE = PROJECT_ROOT / "model_store"
+VARIANTS = ("mobilenet_v3_large", "resnet50", "resnet101")
+# torch.hub names published checkpoints <name>-<first 8+ hex digits of their SHA-256>.pth
+PUBLISHED_NAME = re.compile(r"^(?P<stem>.+)-(?P<prefix>[0-9a-f]{8,})\.pth$")
+
+
+class BuildError(RuntimeError):
+    """A model archive cannot be built as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """TorchServe's per-model settings, written into the archive's model-config.yaml."""
+
+    batch_size: int = 4
+    max_batch_delay_ms: int = 5
+    workers: int = 1
+    response_timeout_s: int = 60
+
+
+def load_handler_module() -> ModuleType:
+    """The handler as a module, so the architecture table has one home: the file that serves it."""
+    spec = importlib.util.spec_from_file_location("segserve_deeplabv3_handler", HANDLER_FILE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_published_hash(path: Path) -> bool:
+    """True when ``path`` carries a published name and its content matches it; raises on a mismatch."""
+    match = PUBLISHED_NAME.match(path.name)
+    if not match:
+        return False
+    actual = sha256_of(path)
+    if not actual.startswith(match["prefix"]):
+        raise BuildError(
+            f"{path} does not match its published SHA-256 (expected {match['prefix']}…, got {actual[:16]}…): "
+            "the file is corrupt or not the published checkpoint"
+        )
+    return True
+
+
+def calibrate_batch_norm(model: Any) -> Any:
+    """Make random weights give masks that still depend on the image.
+
+    Freshly initialised, batch norm's running statistics (mean 0, variance 1) are so far from the real
+    activations that the output collapses to one constant class. Measuring them on seeded noise, as
+    training would, gives a model whose argmax varies across an image, so tests can tell masks apart.
+    """
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # a plain average over the calibration batch
+            module.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 256, 256))
+    return model.eval()
+
+
+def prepare_weights(
+    variant: str, weights: str | None, random_seed: int | None, workdir: Path, log: Any = print
+) -> tuple[Path, str, bool]:
+    """Write a state dict for ``variant`` into ``workdir``; return (path, label, is_random)."""
+    import torch
+
+    handler = load_handler_module()
+    if random_seed is not None:
+        torch.manual_seed(random_seed)
+        model = calibrate_batch_norm(handler.build_model(variant))
+        path = workdir / f"deeplabv3_{variant}-random-seed{random_seed}.pth"
+        torch.save(model.state_dict(), path)
+        return path, f"random (seed {random_seed}, meaningless masks)", True
+
+    if weights:
+        path = Path(weights).expanduser().resolve()
+        if not path.is_file():
+            raise BuildError(f"weights file not found: {path}")
+        verified = check_published_hash(path)
+        if not verified:
+            log(f"warning: {path.name} is not a published checkpoint name; its hash cannot be checked")
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        handler.build_model(variant).load_state_dict(state_dict)  # fails loudly on the wrong variant
+        label = f"{path.name} ({'sha256 verified' if verified else 'unverified'})"
+        return path, label, False
+
+    _, published = handler.VARIANTS[variant]
+    log(f"downloading {published.url} …")
+    try:
+        state_dict = torch.hub.load_state_dict_from_url(published.url, progress=True, check_hash=True)
+    except Exception as exc:  # offline, proxy refused, hash mismatch: all end the same way
+        raise BuildError(
+            f"cannot download the published weights ({exc.__class__.__name__}: {exc}). Offline? "
+            "Pass --weights PATH to a local checkpoint, or --random-weights for a demo with meaningless masks."
+        ) from exc
+    path = workdir / Path(published.url).name
+    torch.save(state_dict, path)
+    return path, f"{Path(published.url).name} (published COCO_WITH_VOC_LABELS_V1, sha256 verified)", False
+
+
+def build_archive(
+    *,
+    name: str = "deeplabv3",
+    variant: str = "mobilenet_v3_large",
+    version: str = "1.0",
+    weights: str | None = None,
+    random_seed: int | None = None,
+    store: Path = DEFAULT_STORE,
+    serving: ServingConfig = ServingConfig(),
+    log: Any = print,
+) -> Path:
+    """Build ``store/<name>.mar`` and return its path."""
+    if variant not in VARIANTS:
+        raise BuildError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if weights and random_seed is not None:
+        raise BuildError("--weights and --random-weights exclude each other")
+    store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="segserve-build-") as tmp:
+        workdir = Path(tmp)
+        weights_path, label, is_random = prepare_weights(variant, weights, random_seed, workdir, log)
+        config = {
+            "minWorkers": serving.workers,
+            "maxWorkers": serving.workers,
+            "batchSize": serving.batch_size,
+            "maxBatchDelay": serving.max_batch_delay_ms,
+            "responseTimeout": serving.response_timeout_s,
+            "handler": {"variant": variant, "weights": label, "random_weights": is_random},
+        }
+        config_path = workdir / "model-config.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        command = [
+            sys.executable, "-m", "model_archiver.model_packaging",
+            "--model-name", name,
+            "--version", version,
+            "--handler", f"{HANDLER_FILE.with_suffix('')}:handle",  # the archiver adds .py back
+            "--serialized-file", str(weights_path),
+            "--config-file", str(config_path),
+            "--export-path", str(store),
+            "--force",
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise BuildError(f"torch-model-archiver failed:\n{result.stderr or result.stdout}")
+    archive = store / f"{name}.mar"
+    if is_random:
+        log("WARNING: random weights: this model's masks are meaningless (fine for tests and demos)")
+    log(f"built {archive} ({variant}, version {version}, weights: {label})")
+    return archive

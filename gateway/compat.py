@@ -1,0 +1,145 @@
+"""The routes of the FastAPI + RQ service that segserve replaces, answered in its shapes, so its clients
+keep working unchanged. Jobs are ordinary segserve jobs; only the way in and the answers differ."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway import images, jobs
+from gateway.errors import Problem
+from gateway.params import parse_classes, parse_threshold, parse_wait
+from gateway.web import authenticate, read_body, services
+
+DEFAULT_CLASS_IDS = [8, 17]  # cat and sheep: what the original service counted when asked for nothing
+RQ_STATUS = {
+    "queued": "queued",
+    "running": "started",
+    "succeeded": "finished",
+    "failed": "failed",
+    "canceled": "failed",
+}
+
+
+def resolve_image_path(root: str, image_path: Any) -> Path:
+    """``image_path`` inside the configured root, symlinks resolved; 403 outside it or when off."""
+    if not root:
+        raise Problem(
+            403, "image_root_disabled", "reading images by path is off (SEGSERVE_IMAGE_ROOT is unset)"
+        )
+    if not isinstance(image_path, str) or not image_path or "\x00" in image_path:
+        raise Problem(422, "invalid_parameter", "image_path must be a non-empty string")
+    base = Path(root).resolve()
+    candidate = (base / image_path).resolve()
+    if not candidate.is_relative_to(base):
+        raise Problem(403, "path_outside_root", "image_path is outside the image root")
+    if not candidate.is_file():
+        raise Problem(404, "image_not_found", f"no image at {image_path!r}")
+    return candidate
+
+
+async def predict(request: Request) -> Response:
+    svc = services(request)
+    owner = authenticate(request)
+    try:
+        payload = json.loads(await read_body(request, 1 << 20))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem(422, "invalid_body", "the body is not valid JSON") from exc
+    if not isinstance(payload, dict):
+        raise Problem(422, "invalid_body", 'expected {"image_path": ..., "target_class_ids": [...]}')
+    class_ids = payload.get("target_class_ids") or DEFAULT_CLASS_IDS
+    if not isinstance(class_ids, list) or not all(type(c) is int for c in class_ids):
+        raise Problem(422, "invalid_parameter", "target_class_ids must be a list of integers")
+    params = {"classes": parse_classes(class_ids), "threshold": parse_threshold(payload.get("threshold"))}
+    path = resolve_image_path(svc.settings.image_root, payload.get("image_path"))
+    if path.stat().st_size > svc.settings.max_body_bytes:
+        raise Problem(
+            413, "body_too_large", f"the image is over the limit of {svc.settings.max_body_bytes} bytes"
+        )
+    image = await run_in_threadpool(path.read_bytes)
+    content_type, _, _ = images.check_image(image, svc.settings.max_pixels)
+    extra = {"image_path": payload["image_path"], "target_class_ids": json.dumps(class_ids)}
+    submission = jobs.Submission(svc.settings.default_model, params, image, content_type, owner, extra)
+    try:
+        job_id, _ = await svc.store.submit(submission)
+    except jobs.QueueFull:
+        raise Problem(429, "queue_full", "the queue is full; try again later", {"Retry-After": "5"}) from None
+    wait = parse_wait(None, request.headers.get("async_mode"))
+    if wait > 0:
+        job = await jobs.wait_for_end(svc.store, svc.waiters, job_id, owner, wait)
+        if job is not None and jobs.JobStatus(job["status"]).is_terminal():
+            return JSONResponse({"job_id": job_id, **rq_result(job)})
+    job = await svc.store.load(job_id, owner)
+    return JSONResponse(
+        {
+            "success": True,
+            "job_id": job_id,
+            "status": f"/job_status/{job_id}",
+            "position_in_queue": (job or {}).get("position", 0),
+        }
+    )
+
+
+def rq_result(job: dict[str, Any]) -> dict[str, Any]:
+    """The original's result object for a finished job."""
+    meta = job.get("_meta", {})
+    requested = json.loads(meta.get("target_class_ids", "null")) or job["params"].get("classes") or []
+    succeeded = job["status"] == "succeeded"
+    pixels = {c["id"]: c["pixels"] for c in job.get("result", {}).get("classes", [])}
+    error = job.get("error", {}).get("message") if job["status"] == "failed" else None
+    if job["status"] == "canceled":
+        error = "the job was canceled"
+    return {
+        "image_path": meta.get("image_path"),
+        "model_name": job["model"],
+        "predictions": [{"class_id": c, "pix_count": pixels.get(c, 0)} for c in requested]
+        if succeeded
+        else [],
+        "processing_time_ms": job.get("timings_ms", {}).get("total"),
+        "success": succeeded,
+        "error_message": error,
+    }
+
+
+async def load(request: Request) -> dict[str, Any] | None:
+    owner = authenticate(request)
+    job_id = request.path_params["job_id"]
+    return await services(request).store.load(job_id, owner) if jobs.valid_id(job_id) else None
+
+
+async def job_status(request: Request) -> Response:
+    job = await load(request)
+    if job is None:
+        return JSONResponse({"error": "Job not found."}, status_code=404)
+    terminal = jobs.JobStatus(job["status"]).is_terminal()
+    result = rq_result(job) if terminal else None
+    return JSONResponse(
+        {
+            "job_id": job["id"],
+            "status": RQ_STATUS[job["status"]],
+            "result": result,
+            "error_message": result["error_message"] if result else None,
+        }
+    )
+
+
+async def prediction(request: Request) -> Response:
+    job = await load(request)
+    if job is None:
+        return JSONResponse({"error": "Prediction ID not found."}, status_code=404)
+    if not jobs.JobStatus(job["status"]).is_terminal():
+        return JSONResponse({"error": "Prediction is still being processed."}, status_code=202)
+    return JSONResponse(rq_result(job))
+
+
+routes = [
+    Route("/predict", predict, methods=["POST"]),
+    Route("/predict/{job_id}", prediction, methods=["GET"]),
+    Route("/job_status/{job_id}", job_status, methods=["GET"]),
+]

@@ -1,0 +1,89 @@
+"""Every error the API answers with, as RFC 9457 problem details, mapped to HTTP statuses in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+PROBLEM_TYPE = "https://segserve.dev/problems/"
+
+
+class Problem(Exception):
+    """An error answer: ``status`` for HTTP, ``code`` for programs, ``detail`` for people."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def unauthorized(detail: str = "missing or invalid API key") -> Problem:
+    return Problem(401, "unauthorized", detail, {"WWW-Authenticate": 'Bearer realm="segserve"'})
+
+
+def job_not_found() -> Problem:
+    return Problem(404, "job_not_found", "no such job (unknown, expired or deleted)")
+
+
+TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def problem_response(
+    status: int,
+    code: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE + code,
+        "title": TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+        "code": code,
+        **(extra or {}),
+    }
+    return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
+
+
+async def handle_problem(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Problem)
+    return problem_response(exc.status, exc.code, exc.detail, exc.headers)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+    status = exc.status_code if exc.status_code in TITLES else 400
+    detail = exc.detail if isinstance(exc.detail, str) else TITLES.get(status, "error")
+    return problem_response(status, code, detail, dict(exc.headers or {}))
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # The traceback goes to the log (Starlette's ServerErrorMiddleware logs it), never to the client.
+    return problem_response(500, "internal_error", "the server failed to handle this request")
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    Problem: handle_problem,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

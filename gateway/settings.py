@@ -1,0 +1,73 @@
+"""Every setting of the gateway, the worker and the launcher, read from ``SEGSERVE_*`` environment variables.
+
+The table in the README is generated from nothing: keep it in step with ``FIELDS`` below.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where all state lives: jobs, inputs, results. Use a database of its own.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # TorchServe's inference and management APIs.
+    torchserve_url: str = "http://127.0.0.1:8080"
+    torchserve_management_url: str = "http://127.0.0.1:8081"
+    # TorchServe writes its tokens to key_file.json in its working directory.
+    torchserve_key_file: str = ".segserve/torchserve/key_file.json"
+    # The model a job uses when it names none.
+    default_model: str = "deeplabv3"
+    # Seconds a finished job (result, mask, input for the overlay) is kept; also the longest a job may queue.
+    result_ttl: int = 3600
+    # Limits on submissions.
+    max_body_bytes: int = 20 * MiB
+    max_pixels: int = 25_000_000
+    max_queued: int = 1000
+    # The worker: jobs in flight per worker process (enough to fill TorchServe's batches).
+    worker_concurrency: int = 8
+    # Seconds between the worker's looks at the queue; it bounds the latency a job waits to be picked.
+    worker_poll_delay: float = 0.005
+    # Seconds one TorchServe request may take before it counts as a transient failure.
+    inference_timeout: float = 60.0
+    # Tries per job against an unavailable backend before the job fails with backend_unavailable.
+    max_attempts: int = 6
+    # First retry delay in seconds; it doubles per try, up to retry_max_delay.
+    retry_delay: float = 0.5
+    retry_max_delay: float = 8.0
+    # API keys: comma-separated keys, or a file with one per line. Unset: no authentication.
+    api_keys: str = ""
+    api_keys_file: str = ""
+    # Root directory that the compatibility route POST /predict may read image_path under. Unset: off (403).
+    image_root: str = ""
+    # Seconds /v1/models caches TorchServe's answer.
+    models_cache_seconds: float = 2.0
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f"SEGSERVE_{f.name.upper()}")
+            if raw is None:
+                continue
+            kind: type = type(f.default)
+            try:
+                values[f.name] = kind(raw)
+            except ValueError as exc:
+                raise ValueError(f"SEGSERVE_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def key_file(self) -> Path:
+        return Path(self.torchserve_key_file)
+
+
+def env_table() -> list[tuple[str, str]]:
+    """(variable, default) for every setting, for the README and ``segserve up --help``."""
+    return [(f"SEGSERVE_{f.name.upper()}", str(f.default)) for f in fields(Settings)]

@@ -1,0 +1,75 @@
+"""What every route needs: the services built in the lifespan, authentication, a size-bounded body."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from arq.connections import ArqRedis
+from starlette.requests import Request
+
+from gateway import jobs
+from gateway.errors import Problem, unauthorized
+from gateway.settings import Settings
+from gateway.torchserve import ModelCatalog, TorchServe
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: ArqRedis
+    store: jobs.JobStore
+    waiters: jobs.Waiters
+    torchserve: TorchServe
+    catalog: ModelCatalog
+    api_keys: dict[str, str]  # sha256(key) -> owner id
+    openapi: dict[str, Any]
+
+
+def load_api_keys(settings: Settings) -> dict[str, str]:
+    """Keys from SEGSERVE_API_KEYS and/or a file (one per line); kept only as SHA-256 digests."""
+    keys = [k.strip() for k in settings.api_keys.split(",") if k.strip()]
+    if settings.api_keys_file:
+        lines = Path(settings.api_keys_file).read_text().splitlines()
+        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    digests = [hashlib.sha256(k.encode()).hexdigest() for k in keys]
+    return {digest: digest[:16] for digest in digests}
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.state.services
+    return svc
+
+
+def authenticate(request: Request) -> str:
+    """The caller's owner id ("" when no API keys are configured); 401 for a missing or wrong key."""
+    keys = services(request).api_keys
+    if not keys:
+        return ""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise unauthorized()
+    digest = hashlib.sha256(token.strip().encode()).hexdigest()
+    for known, owner in keys.items():
+        if hmac.compare_digest(known, digest):
+            return owner
+    raise unauthorized()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes, before it is all read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise Problem(413, "body_too_large", f"the body is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, "body_too_large", f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # so request.form() parses what was read instead of reading again
+    return body

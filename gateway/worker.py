@@ -1,0 +1,203 @@
+"""The arq worker: takes jobs from Redis and forwards many at once to TorchServe, which batches them.
+
+Run it with arq's CLI: ``arq gateway.worker.WorkerSettings``; ``--check`` tells whether one is alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from typing import Any, ClassVar
+
+from arq import Retry
+from arq.connections import RedisSettings
+from arq.worker import func
+
+from gateway import jobs, metrics
+from gateway.settings import Settings
+from gateway.torchserve import BackendUnavailable, InputRejected, ModelNotFound, TorchServe
+
+logger = logging.getLogger("segserve.worker")
+HEARTBEAT_SECONDS = 2.0
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings = Settings.from_env()
+    ctx["settings"] = settings
+    ctx["torchserve"] = TorchServe(
+        settings.torchserve_url,
+        settings.torchserve_management_url,
+        settings.key_file,
+        timeout=settings.inference_timeout,
+        max_connections=settings.worker_concurrency * 2,
+    )
+    ctx["worker_id"] = f"{socket.gethostname()}:{os.getpid()}"
+    ctx["heartbeat"] = asyncio.create_task(heartbeat(ctx))
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    ctx["heartbeat"].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await ctx["heartbeat"]
+    await ctx["redis"].zrem(jobs.WORKERS, ctx["worker_id"])
+    await ctx["torchserve"].aclose()
+
+
+async def heartbeat(ctx: dict[str, Any]) -> None:
+    """Each worker says it is alive every few seconds, for ``/v1/queue`` and ``/readyz``."""
+    redis = ctx["redis"]
+    worker_id = ctx["worker_id"]
+    host, pid = worker_id.rsplit(":", 1)
+    started = jobs.now_ms()
+    while True:
+        now = jobs.now_ms()
+        info = {
+            "id": worker_id,
+            "host": host,
+            "pid": int(pid),
+            "started_at": jobs.iso(started),
+            "last_seen": jobs.iso(now),
+            "concurrency": ctx["settings"].worker_concurrency,
+        }
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(jobs.WORKERS, {worker_id: now})
+                pipe.zremrangebyscore(jobs.WORKERS, "-inf", now - 60_000)
+                pipe.set(jobs.worker_key(worker_id), json.dumps(info), px=10_000)
+                await pipe.execute()
+        except Exception as exc:  # Redis restarting: say so, keep beating
+            logger.warning("heartbeat failed: %s", exc)
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+
+
+def backoff(settings: Settings, attempt: int) -> float:
+    return float(min(settings.retry_delay * 2 ** (attempt - 1), settings.retry_max_delay))
+
+
+async def segment(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """Run one job. The returned outcome is what arq stores as the job's result."""
+    redis = ctx["redis"]
+    settings: Settings = ctx["settings"]
+    attempt: int = ctx["job_try"]
+    started = jobs.now_ms()
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(jobs.meta_key(job_id))
+        pipe.get(jobs.input_key(job_id))
+        raw_meta, image = await pipe.execute()
+    meta = {k.decode(): v.decode() for k, v in raw_meta.items()}
+    if not meta or "canceled_at" in meta:
+        return await finish(ctx, job_id, meta, {"status": "canceled"})
+    if image is None:
+        error = {"code": "expired", "message": "the job's input expired or was deleted before it ran"}
+        return await finish(ctx, job_id, meta, {"status": "failed", "error": error})
+
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hset(jobs.meta_key(job_id), mapping={"started_at": repr(started), "attempts": attempt})
+        pipe.zadd(jobs.RUNNING, {job_id: started + settings.inference_timeout * 1000 + 10_000})
+        await pipe.execute()
+    meta["started_at"] = repr(started)
+    params = json.loads(meta["params"])
+    try:
+        prediction = await ctx["torchserve"].predict(
+            meta["model"], image, params.get("classes"), params.get("threshold", 0.0), meta["content_type"]
+        )
+    except BackendUnavailable as exc:
+        if attempt < settings.max_attempts:
+            delay = backoff(settings, attempt)
+            logger.info("%s: backend unavailable (%s), try %d again in %.1fs", job_id, exc, attempt, delay)
+            await redis.zrem(jobs.RUNNING, job_id)
+            raise Retry(defer=delay) from exc
+        error = {"code": "backend_unavailable", "message": f"model server unavailable after {attempt} tries"}
+        return await finish(ctx, job_id, meta, {"status": "failed", "error": error})
+    except ModelNotFound:
+        error = {"code": "model_not_found", "message": f"model {meta['model']!r} is not served"}
+        return await finish(ctx, job_id, meta, {"status": "failed", "error": error})
+    except InputRejected as exc:
+        return await finish(
+            ctx, job_id, meta, {"status": "failed", "error": {"code": exc.code, "message": exc.message}}
+        )
+
+    result = {"width": prediction.width, "height": prediction.height, "classes": prediction.classes}
+    outcome = {
+        "status": "succeeded",
+        "result": result,
+        "inference_ms": prediction.timings_ms.get("inference"),
+    }
+    return await finish(ctx, job_id, meta, outcome, mask=prediction.mask_png)
+
+
+async def finish(
+    ctx: dict[str, Any], job_id: str, meta: dict[str, str], outcome: dict[str, Any], mask: bytes | None = None
+) -> dict[str, Any]:
+    """Store what the job leaves behind and complete its outcome; arq then records it as the result."""
+    redis = ctx["redis"]
+    ttl_ms = ctx["settings"].result_ttl * 1000
+    finished = jobs.now_ms()
+    ctx["segserve_finished"] = True
+    # Canceled or deleted while it ran: its result is discarded.
+    current = await redis.hmget(jobs.meta_key(job_id), ["id", "canceled_at"])
+    if current[0] is None or current[1] is not None:
+        outcome = {"status": "canceled"}
+        mask = None
+    status = outcome["status"]
+    created = float(meta.get("created_at", finished))
+    started = float(meta["started_at"]) if "started_at" in meta else None
+    timings = {"total": round(finished - created, 1)}
+    if outcome.get("inference_ms") is not None:
+        timings["inference"] = round(outcome.pop("inference_ms"), 1)
+    outcome.pop("inference_ms", None)
+    async with redis.pipeline(transaction=True) as pipe:
+        if mask is not None:
+            pipe.set(jobs.mask_key(job_id), mask, px=ttl_ms)
+        if status == "succeeded":  # the input stays for overlay.png until the job expires
+            pipe.pexpire(jobs.input_key(job_id), ttl_ms)
+        else:
+            pipe.delete(jobs.input_key(job_id))
+        if current[0] is not None:
+            pipe.pexpire(jobs.meta_key(job_id), ttl_ms)
+        pipe.zrem(jobs.RUNNING, job_id)
+        if status != "canceled":  # a cancel counted itself
+            seconds = {"total": timings["total"] / 1000}
+            if started is not None:
+                seconds["queue_wait"] = (started - created) / 1000
+            if "inference" in timings:
+                seconds["inference"] = timings["inference"] / 1000
+            metrics.record_finished(pipe, status, seconds)
+        await pipe.execute()
+    return {**outcome, "finished_at": finished, "expires_at": finished + ttl_ms, "timings_ms": timings}
+
+
+async def after_job_end(ctx: dict[str, Any]) -> None:
+    """arq has stored the result: now wake whoever waits for this job."""
+    if ctx.pop("segserve_finished", False):
+        await ctx["redis"].publish(jobs.DONE_CHANNEL, ctx["job_id"])
+
+
+def _settings() -> Settings:
+    # arq's CLI reads WorkerSettings' class attributes, so these few settings are read at import.
+    return Settings.from_env()
+
+
+_s = _settings()
+
+
+class WorkerSettings:
+    functions: ClassVar = [func(segment, name=jobs.FUNCTION, max_tries=_s.max_attempts + 3)]
+    on_startup = startup
+    on_shutdown = shutdown
+    after_job_end = after_job_end
+    redis_settings = RedisSettings.from_dsn(_s.redis_url)
+    max_jobs = _s.worker_concurrency
+    # One try: the model call's own timeout plus a margin. After a SIGKILL the job runs again once
+    # arq's in-progress key expires, job_timeout + 10 s later, so this stays tight.
+    job_timeout = int(_s.inference_timeout) + 5
+    keep_result = _s.result_ttl
+    poll_delay = _s.worker_poll_delay
+    health_check_interval = 2  # `arq ... --check` then fails within ~3 s of the last worker stopping
+    job_serializer = staticmethod(jobs.serialize)
+    job_deserializer = staticmethod(jobs.deserialize)
+    expires_extra_ms = _s.result_ttl * 1000
