@@ -54,7 +54,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         settings=settings,
         redis=redis,
         store=jobs.JobStore(redis, settings.result_ttl, settings.max_queued),
-        waiters=jobs.Waiters(redis),
+        # Its own connection, with no read timeout: the subscription is quiet for as long as no job ends.
+        waiters=jobs.Waiters(ArqRedis.from_url(settings.redis_url, socket_connect_timeout=2)),
         torchserve=torchserve,
         catalog=ModelCatalog(torchserve, settings.models_cache_seconds),
         api_keys=load_api_keys(settings),
@@ -65,6 +66,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         yield {"services": services}
     finally:
         await services.waiters.stop()
+        await services.waiters.redis.aclose()
         await torchserve.aclose()
         await redis.aclose()
 
@@ -253,13 +255,26 @@ async def readyz(request: Request) -> Response:
     except (RedisConnectionError, RedisTimeoutError, OSError):
         checks["redis"] = "down"
         checks["workers"] = "unknown: Redis is down"
-    checks["torchserve"] = "ok" if await svc.torchserve.ping() else "down"
+    checks["torchserve"] = await torchserve_state(svc)
     down = [name for name, state in checks.items() if state != "ok" and not state.endswith("alive")]
     if down:
         return problem_response(
             503, "not_ready", f"not ready: {', '.join(down)} down", extra={"checks": checks}
         )
     return JSONResponse({"status": "ready", "checks": checks})
+
+
+async def torchserve_state(svc: Services) -> str:
+    if not await svc.torchserve.ping():
+        return "down"
+    try:
+        models = await svc.catalog.list()
+    except (BackendUnavailable, ModelNotFound):
+        return "down: its management API does not answer"
+    model = svc.settings.default_model
+    if not any(m["name"] == model and m["workers_ready"] for m in models):
+        return f"down: model {model!r} has no ready worker"
+    return "ok"
 
 
 async def prometheus(request: Request) -> Response:

@@ -330,7 +330,7 @@ def _outcome(raw: bytes | None) -> dict[str, Any] | None:
 class Waiters:
     """Wakes requests that wait for jobs to end, from one pub/sub subscription shared by all of them."""
 
-    def __init__(self, redis: ArqRedis) -> None:
+    def __init__(self, redis: Any) -> None:
         self.redis = redis
         self._events: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None

@@ -1,0 +1,287 @@
+"""``segserve setup`` and ``segserve up``: the whole stack on one machine, from nothing to a ready URL.
+
+``up`` is a small supervisor: it starts Redis (own data dir, AOF on, loopback), TorchServe, the arq
+workers and the gateway, each in its own process group; shows their logs with a prefix; waits until
+``/readyz`` is green; reports a child that dies; and on Ctrl-C stops them all, leaving nothing behind.
+compose.yaml runs the same commands; tests/test_compose.py keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from gateway.archive import DEFAULT_STORE, PROJECT_ROOT, BuildError, build_archive
+from gateway.settings import Settings
+
+STATE_DIR = PROJECT_ROOT / ".segserve"
+TS_CONFIG = PROJECT_ROOT / "config.properties"
+READY_TIMEOUT_S = 300
+
+
+class SetupError(RuntimeError):
+    """Something this machine lacks; the message says exactly what to install."""
+
+
+def java_version(java: str) -> int:
+    out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False).stderr
+    match = re.search(r'version "(\d+)', out)
+    return int(match.group(1)) if match else 0
+
+
+def missing_system_packages() -> list[str]:
+    """Debian package names for what the stack needs and this machine lacks."""
+    missing = []
+    if not shutil.which("redis-server"):
+        missing.append("redis-server")
+    java = shutil.which("java")
+    if not java or java_version(java) < 17:
+        missing.append("openjdk-17-jre-headless")
+    return missing
+
+
+def setup(log: object = print) -> None:
+    """Install redis-server and Java 17+ when missing and possible (root on Debian/Ubuntu), else explain."""
+    missing = missing_system_packages()
+    if not missing:
+        return
+    apt = shutil.which("apt-get")
+    can_install = apt and (os.geteuid() == 0 or shutil.which("sudo"))
+    if not can_install:
+        mac = "brew install redis openjdk@17" if sys.platform == "darwin" else ""
+        raise SetupError(
+            f"segserve needs {', '.join(missing)}. Install "
+            + (
+                f"them with: {mac}"
+                if mac
+                else f"them with your package manager (Debian: apt-get install {' '.join(missing)})"
+            )
+        )
+    prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    print(f"installing {', '.join(missing)} with apt-get …", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
+        if subprocess.run(prefix + command, env=env, check=False).returncode != 0:
+            raise SetupError(f"`{' '.join(command)}` failed; install {' '.join(missing)} yourself and retry")
+    if still := missing_system_packages():
+        raise SetupError(f"still missing after apt-get: {', '.join(still)}")
+
+
+def ensure_archive(model: str, store: Path = DEFAULT_STORE) -> Path:
+    """The model's archive, built on first use: published weights online, else random with a warning."""
+    archive = store / f"{model}.mar"
+    if archive.exists():
+        return archive
+    weights = os.environ.get("SEGSERVE_WEIGHTS")
+    if weights:
+        return build_archive(name=model, weights=weights, store=store)
+    socket.setdefaulttimeout(60)  # torch.hub's download has no timeout of its own
+    try:
+        return build_archive(name=model, store=store)
+    except BuildError as exc:
+        banner = "!" * 78
+        print(
+            f"{banner}\n{exc}\nWARNING: falling back to RANDOM WEIGHTS. The service works, but its masks are",
+            flush=True,
+        )
+        print(
+            f"MEANINGLESS. For real masks: SEGSERVE_WEIGHTS=/path/to/checkpoint.pth, then delete {archive}\n{banner}",
+            flush=True,
+        )
+        return build_archive(name=model, random_seed=0, store=store)
+    finally:
+        socket.setdefaulttimeout(None)
+
+
+@dataclass
+class Child:
+    name: str
+    command: list[str]
+    cwd: Path = PROJECT_ROOT
+    env: dict[str, str] = field(default_factory=dict)
+    # Lines matching this are kept out of the console (still in the child's log file).
+    quiet: re.Pattern[str] | None = None
+    process: subprocess.Popen[str] | None = None
+
+
+def stack(settings: Settings, model: str, workers: int, host: str, port: int) -> list[Child]:
+    """The processes of the stack, in start order."""
+    redis = urlparse(settings.redis_url)
+    redis_dir = STATE_DIR / "redis"
+    ts_dir = STATE_DIR / "torchserve"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    ts_dir.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    children = [
+        Child(
+            "redis",
+            ["redis-server", "--bind", redis.hostname or "127.0.0.1", "--port", str(redis.port or 6379),
+             "--dir", str(redis_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+        ),
+        Child(
+            "torchserve",
+            [str(bin_dir / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", str(TS_CONFIG),
+             "--model-store", str(DEFAULT_STORE), "--models", f"{model}={model}.mar"],
+            cwd=ts_dir,  # TorchServe writes key_file.json and logs/ into its working directory
+            env={"LOG_LOCATION": str(ts_dir / "logs"), "METRICS_LOCATION": str(ts_dir / "logs")},
+            quiet=re.compile(r"\[(DEBUG|INFO ?)\]|^\s*$|^(nvidia|xpu)-smi"),
+        ),
+    ]  # fmt: skip
+    for i in range(workers):
+        children.append(Child(f"worker{i + 1}", [str(bin_dir / "arq"), "gateway.worker.WorkerSettings"]))
+    children.append(
+        Child("gateway", [str(bin_dir / "uvicorn"), "gateway.app:app", "--host", host, "--port", str(port)])
+    )
+    return children
+
+
+def port_busy(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+class Supervisor:
+    def __init__(self, children: list[Child], env: dict[str, str]) -> None:
+        self.children = children
+        self.env = env
+        self.stopping = threading.Event()
+        self.log_dir = STATE_DIR / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.width = max(len(c.name) for c in children)
+
+    def start(self, child: Child) -> None:
+        child.process = subprocess.Popen(
+            child.command,
+            cwd=child.cwd,
+            env={**self.env, **child.env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # its own process group: stopping it stops its children too
+        )
+        threading.Thread(target=self._pump, args=(child,), daemon=True).start()
+
+    def _pump(self, child: Child) -> None:
+        assert child.process is not None and child.process.stdout is not None
+        with (self.log_dir / f"{child.name}.log").open("a") as log:
+            for line in child.process.stdout:
+                log.write(line)
+                log.flush()
+                if child.quiet is None or not child.quiet.search(line) or "RANDOM WEIGHTS" in line:
+                    sys.stdout.write(f"{child.name:>{self.width}} | {line}")
+                    sys.stdout.flush()
+
+    def dead(self) -> list[Child]:
+        return [c for c in self.children if c.process is not None and c.process.poll() is not None]
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for child in reversed(self.children):  # the gateway first, Redis last
+            self._signal(child, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for child in reversed(self.children):
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"{child.name} did not stop in time; killing it", flush=True)
+            self._signal(child, signal.SIGKILL)  # whatever is left in its group (e.g. TorchServe's backends)
+
+    @staticmethod
+    def _signal(child: Child, sig: int) -> None:
+        if child.process is None:
+            return
+        try:
+            os.killpg(child.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def wait_ready(url: str, supervisor: Supervisor, timeout: float = READY_TIMEOUT_S) -> bool:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline and not supervisor.stopping.is_set():
+        if supervisor.dead():
+            return False
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            match = re.search(r'"detail":"([^"]*)"', detail)
+            state = match.group(1) if match else f"HTTP {exc.code}"
+            if state != last:
+                print(f"   segserve | waiting: {state}", flush=True)
+                last = state
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def up(host: str, port: int, workers: int, model: str) -> int:
+    settings = Settings.from_env()
+    setup()
+    ensure_archive(model)
+    redis = urlparse(settings.redis_url)
+    for name, h, p in (
+        ("Redis", redis.hostname or "127.0.0.1", redis.port or 6379),
+        ("TorchServe", "127.0.0.1", 8080),
+        ("the gateway", host, port),
+    ):
+        if port_busy(h, p):
+            raise SetupError(f"port {p} on {h} is in use, so {name} cannot start there; stop what holds it")
+    env = {
+        **os.environ,
+        "SEGSERVE_TORCHSERVE_KEY_FILE": str(STATE_DIR / "torchserve" / "key_file.json"),
+        "SEGSERVE_DEFAULT_MODEL": model,
+        "PYTHONUNBUFFERED": "1",
+    }
+    children = stack(settings, model, workers, host, port)
+    supervisor = Supervisor(children, env)
+    interrupted = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        interrupted.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    try:
+        for child in children:
+            supervisor.start(child)
+        if not wait_ready(url, supervisor):
+            if not interrupted.is_set():
+                dead = ", ".join(c.name for c in supervisor.dead()) or "nothing died, but /readyz stayed red"
+                print(f"segserve did not become ready ({dead}); logs in {supervisor.log_dir}", flush=True)
+                return 1
+            return 0
+        print(f"\n  segserve is ready: {url}   (API docs: {url}/docs; Ctrl-C stops everything)\n", flush=True)
+        while not interrupted.is_set():
+            if dead := supervisor.dead():
+                for child in dead:
+                    code = child.process.returncode if child.process else "?"
+                    print(f"{child.name} exited with status {code}; stopping the stack", flush=True)
+                return 1
+            interrupted.wait(0.5)
+        return 0
+    finally:
+        print("stopping …", flush=True)
+        supervisor.stop()
+        print("stopped", flush=True)

@@ -1,0 +1,292 @@
+"""Real components, really started: redis-server, TorchServe with a random-weights archive, arq workers
+and uvicorn, each on free loopback ports, once per test session."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SEED = 7
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.2):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except Exception:
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+    """Stop a process started with start_new_session=True, and everything in its group."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait(timeout=5)
+
+
+def spawn(command: list[str], log: Path, **kwargs: object) -> subprocess.Popen[bytes]:
+    """Start a process in its own group, its output appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
+        )  # type: ignore[call-overload, no-any-return]
+
+
+def scene(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:
+    """A synthetic picture with large shapes, so masks have several regions."""
+    image = Image.new("RGB", (width, height), (30 + seed * 40 % 200, 120, 200))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((width * 0.15, height * 0.2, width * 0.45, height * 0.85), fill=(250, 200, 10))
+    draw.rectangle((width * 0.55, height * 0.1, width * 0.95, height * 0.6), fill=(20, 20, 20))
+    draw.polygon([(0, height), (width, height * 0.6), (width, height)], fill=(200, 30, 30))
+    return image
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def redis_binary() -> str:
+    path = shutil.which("redis-server")
+    if not path:
+        pytest.fail("redis-server is not installed: run `segserve setup` (the README's test command does)")
+    return path
+
+
+@dataclass
+class RedisServer:
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        wait_until(self.ping, 10, "redis-server")
+
+    def ping(self) -> bool:
+        with self.client() as client:
+            return bool(client.ping())
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import redis
+
+        return redis.Redis(port=self.port, socket_connect_timeout=1)
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weights archive, built by the project's own builder, as `segserve build-model` does."""
+    from gateway.archive import build_archive
+
+    store = tmp_path_factory.mktemp("model_store")
+    build_archive(random_seed=SEED, store=store, log=lambda *a: None)
+    return store
+
+
+@dataclass
+class TorchServeServer:
+    directory: Path
+    inference: int
+    management: int
+    metrics: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.inference}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.management}"
+
+    @property
+    def key_file(self) -> Path:
+        return self.directory / "key_file.json"
+
+    def key(self, kind: str) -> str:
+        return str(json.loads(self.key_file.read_text())[kind]["key"])
+
+    def headers(self, kind: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key(kind)}"}
+
+    def manage(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        return httpx.request(method, self.management_url + path, headers=self.headers("management"), **kwargs)  # type: ignore[arg-type]
+
+    def ready_workers(self, model: str = "deeplabv3") -> int:
+        response = self.manage("GET", f"/models/{model}", timeout=5)
+        if response.status_code != 200:
+            return 0
+        return sum(1 for w in response.json()[0]["workers"] if w["status"] == "READY")
+
+
+@pytest.fixture(scope="session")
+def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServeServer]:
+    """TorchServe started from the project's config.properties, with its ports moved to free ones."""
+    directory = tmp_path_factory.mktemp("torchserve")
+    server = TorchServeServer(directory, free_port(), free_port(), free_port())
+    config = (ROOT / "config.properties").read_text()
+    for name, port in (
+        ("inference", server.inference),
+        ("management", server.management),
+        ("metrics", server.metrics),
+    ):
+        config = re.sub(rf"(?m)^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{port}", config)
+    # Backend workers listen on unix sockets named by port: keep clear of a stack running beside the tests.
+    config += f"\ninitial_worker_port={20000 + server.inference % 20000}\n"
+    (directory / "config.properties").write_text(config)
+    server.process = spawn(
+        [str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", "config.properties",
+         "--model-store", str(model_store), "--models", "deeplabv3=deeplabv3.mar"],
+        directory / "torchserve.out", cwd=directory, env={**os.environ, "LOG_LOCATION": str(directory / "logs")},
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: server.key_file.exists() and server.ready_workers() >= 1, 180, "TorchServe's model"
+        )
+    except TimeoutError:
+        print((directory / "torchserve.out").read_text()[-5000:])
+        stop_process(server.process)
+        raise
+    yield server
+    stop_process(server.process)
+
+
+@dataclass
+class Stack:
+    """A gateway (uvicorn) and arq workers against the session's Redis and TorchServe."""
+
+    redis: RedisServer
+    torchserve: TorchServeServer
+    env: dict[str, str]
+    port: int = 0
+    gateway: subprocess.Popen[bytes] | None = None
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    log_dir: Path = Path(".")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start_gateway(self, **extra_env: str) -> None:
+        self.port = free_port()
+        self.gateway = spawn(
+            [str(BIN / "uvicorn"), "gateway.app:app", "--port", str(self.port), "--log-level", "warning"],
+            self.log_dir / f"gateway-{self.port}.log",
+            cwd=ROOT,
+            env={**self.env, **extra_env},
+        )
+        wait_until(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, 30, "the gateway")
+
+    def start_worker(self, **extra_env: str) -> subprocess.Popen[bytes]:
+        n = len(self.workers)
+        worker = spawn(
+            [str(BIN / "arq"), "gateway.worker.WorkerSettings"],
+            self.log_dir / f"worker-{n}.log",
+            cwd=ROOT,
+            env={**self.env, **extra_env},
+        )
+        self.workers.append(worker)
+        return worker
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        wait_until(lambda: httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200, timeout, "/readyz")
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            stop_process(worker)
+        if self.gateway is not None:
+            stop_process(self.gateway)
+
+
+def stack_env(redis: RedisServer, torchserve: TorchServeServer) -> dict[str, str]:
+    return {
+        **os.environ,
+        "SEGSERVE_REDIS_URL": redis.url,
+        "SEGSERVE_TORCHSERVE_URL": torchserve.inference_url,
+        "SEGSERVE_TORCHSERVE_MANAGEMENT_URL": torchserve.management_url,
+        "SEGSERVE_TORCHSERVE_KEY_FILE": str(torchserve.key_file),
+        "SEGSERVE_INFERENCE_TIMEOUT": "20",
+        "SEGSERVE_RETRY_DELAY": "0.2",
+        "SEGSERVE_RETRY_MAX_DELAY": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def stack(
+    redis_server: RedisServer, torchserve: TorchServeServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    running = Stack(redis_server, torchserve, stack_env(redis_server, torchserve))
+    running.log_dir = tmp_path_factory.mktemp("logs")
+    running.start_gateway()
+    running.start_worker()
+    running.wait_ready()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.url, timeout=90) as c:
+        yield c

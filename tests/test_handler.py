@@ -1,0 +1,219 @@
+"""The TorchServe handler on its own: a small context object and a random model in a temp dir."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gateway.archive import calibrate_batch_norm, load_handler_module
+from gateway.params import VOC_CLASSES
+from tests.conftest import encode, scene
+
+handler_module = load_handler_module()
+
+
+class Context:
+    """What the handler uses of TorchServe's context."""
+
+    def __init__(self, model_dir: Path, headers: list[dict[str, str]] | None = None) -> None:
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None, "batch_size": 8}
+        self.manifest = {"model": {"serializedFile": "weights.pth"}}
+        self.model_yaml_config = {
+            "handler": {"variant": "mobilenet_v3_large", "weights": "test", "random_weights": True}
+        }
+        self.headers = headers or []
+        self.status: dict[int, tuple[int, str]] = {}
+        self.metrics = Metrics()
+
+    def get_all_request_header(self, idx: int) -> dict[str, str]:
+        return self.headers[idx] if idx < len(self.headers) else {}
+
+    def get_request_header(self, idx: int, key: str) -> str | None:
+        return self.get_all_request_header(idx).get(key)
+
+    def set_response_status(self, code: int, phrase: str = "", idx: int = 0) -> None:
+        self.status[idx] = (code, phrase)
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        pass
+
+
+class Metrics:
+    def add_time(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("model")
+    torch.manual_seed(3)
+    model = calibrate_batch_norm(handler_module.build_model("mobilenet_v3_large"))
+    torch.save(model.state_dict(), directory / "weights.pth")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def handler(model_dir: Path) -> Any:
+    service = handler_module.DeepLabV3Handler()
+    service.initialize(Context(model_dir))
+    return service
+
+
+def run(
+    handler: Any, requests: list[dict[str, Any]], headers: list[dict[str, str]] | None = None
+) -> tuple[list[Any], Context]:
+    context = Context(Path("."), headers)
+    return handler.handle(requests, context), context
+
+
+def mask_of(answer: dict[str, Any]) -> np.ndarray:
+    image = Image.open(io.BytesIO(base64.b64decode(answer["mask_png"])))
+    assert image.mode == "P"
+    return np.asarray(image)
+
+
+def reference_mask(handler: Any, image: Image.Image) -> np.ndarray:
+    """torchvision's own path: the published transforms, the model, argmax, then nearest to full size."""
+    with torch.inference_mode():
+        logits = handler.model(handler.transforms(image)[None])["out"]
+    labels = logits.argmax(1)[0].to(torch.uint8).numpy()
+    return np.asarray(Image.fromarray(labels).resize(image.size, Image.Resampling.NEAREST))
+
+
+def test_mask_matches_torchvision_at_original_size(handler: Any) -> None:
+    image = scene(333, 251)
+    [answer], context = run(handler, [{"body": encode(image, "PNG")}])
+    assert context.status == {}
+    mask = mask_of(answer)
+    assert mask.shape == (251, 333)
+    assert answer["width"] == 333 and answer["height"] == 251
+    expected = reference_mask(handler, image)
+    assert np.array_equal(mask, expected)
+    assert len(np.unique(mask)) > 1, "a random model should still give several classes on this scene"
+    counts = {c["id"]: c["pixels"] for c in answer["classes"]}
+    assert counts == {int(k): int(v) for k, v in zip(*np.unique(expected, return_counts=True), strict=True)}
+    assert sum(c["fraction"] for c in answer["classes"]) == pytest.approx(1.0, abs=1e-4)
+    assert all(c["name"] == VOC_CLASSES[c["id"]] for c in answer["classes"])
+
+
+def test_batch_gives_the_masks_each_image_gives_alone(handler: Any) -> None:
+    images = [scene(320, 240, seed=i) for i in range(3)] + [scene(200, 300, seed=5)]
+    alone = [mask_of(run(handler, [{"body": encode(im)}])[0][0]) for im in images]
+    together, context = run(handler, [{"body": encode(im)} for im in images])
+    assert context.status == {}
+    assert [a["timings_ms"]["batch_size"] for a in together] == [3, 3, 3, 1]  # equal shapes share a pass
+    for single, batched in zip(alone, together, strict=True):
+        assert np.array_equal(single, mask_of(batched))
+
+
+def test_bad_images_fail_alone(handler: Any) -> None:
+    good = encode(scene(64, 48))
+    truncated = good[: len(good) // 2]
+    requests = [{"body": good}, {"body": b"not an image"}, {"body": truncated}, {"body": b""}, {"body": good}]
+    answers, context = run(handler, requests)
+    assert "mask_png" in answers[0] and "mask_png" in answers[4]
+    for idx in (1, 2, 3):
+        assert context.status[idx][0] == 422
+        assert answers[idx]["error"]["code"] == "invalid_image"
+    assert set(context.status) == {1, 2, 3}
+
+
+def test_pixel_bomb_is_refused_before_decoding(handler: Any) -> None:
+    bomb = encode(Image.new("L", (30000, 30000)), "PNG", optimize=True)
+    assert len(bomb) < 2_000_000
+    answers, context = run(handler, [{"body": bomb}])
+    assert context.status[0][0] == 422
+    assert answers[0]["error"]["code"] == "too_many_pixels"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: scene(90, 60).convert("RGBA"),
+        lambda: scene(90, 60).convert("LA"),
+        lambda: scene(90, 60).convert("L"),
+        lambda: scene(90, 60).convert("P"),
+        lambda: scene(90, 60).convert("CMYK"),
+        lambda: Image.fromarray(np.asarray(scene(90, 60).convert("L"), dtype=np.uint16) * 257),
+    ],
+    ids=["RGBA", "LA", "L", "P", "CMYK", "I;16"],
+)
+def test_any_mode_is_converted(handler: Any, make: Any) -> None:
+    image = make()
+    fmt = "TIFF" if image.mode in ("CMYK", "I;16", "LA") else "PNG"
+    [answer], context = run(handler, [{"body": encode(image, fmt)}])
+    assert context.status == {}, answer
+    assert mask_of(answer).shape == (60, 90)
+
+
+def test_sixteen_bit_is_scaled_not_clipped() -> None:
+    grey = np.full((4, 4), 40000, dtype=np.uint16)
+    rgb = handler_module.to_rgb(Image.fromarray(grey))
+    assert rgb.mode == "RGB"
+    assert np.asarray(rgb)[0, 0, 0] == round(40000 / 257)
+
+
+def test_exif_orientation_is_honoured(handler: Any) -> None:
+    upright = scene(120, 80)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # 80 wide, 120 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90° clockwise to view: what a phone writes for this
+    [answer], _ = run(handler, [{"body": encode(stored, "JPEG", exif=exif.tobytes())}])
+    assert (answer["width"], answer["height"]) == (120, 80)
+    assert mask_of(answer).shape == (80, 120)
+
+
+def test_classes_and_threshold(handler: Any) -> None:
+    body = encode(scene(160, 120))
+    [full], _ = run(handler, [{"body": body}])
+    present = [c["id"] for c in full["classes"]]
+    keep = present[-1]
+    [only], _ = run(handler, [{"body": body}], [{"X-Classes": str(keep)}])
+    mask, full_mask = mask_of(only), mask_of(full)
+    assert set(np.unique(mask)) <= {0, keep}
+    assert np.array_equal(mask == keep, full_mask == keep)
+    [named], _ = run(handler, [{"body": body, "classes": VOC_CLASSES[keep].encode()}])
+    assert np.array_equal(mask_of(named), mask)
+    [zero], _ = run(handler, [{"body": body}], [{"X-Threshold": "0.0"}])
+    assert np.array_equal(mask_of(zero), full_mask)
+
+
+def test_threshold_blanks_unsure_pixels(handler: Any) -> None:
+    image = scene(160, 120)
+    with torch.inference_mode():
+        confidence, labels = torch.softmax(handler.model(handler.transforms(image)[None])["out"], 1).max(1)
+    threshold = float(np.quantile(confidence.numpy(), 0.3))
+    assert 0 < threshold < 1
+    expected = torch.where(confidence[0] < threshold, 0, labels[0]).to(torch.uint8).numpy()
+    expected = np.asarray(Image.fromarray(expected).resize(image.size, Image.Resampling.NEAREST))
+    [answer], _ = run(handler, [{"body": encode(image, "PNG")}], [{"x-threshold": repr(threshold)}])
+    assert np.array_equal(mask_of(answer), expected)
+    assert (expected == 0).sum() > (reference_mask(handler, image) == 0).sum()
+
+
+@pytest.mark.parametrize("headers", [{"X-Threshold": "nan"}, {"X-Threshold": "2"}, {"X-Classes": "unicorn"}])
+def test_bad_parameters_are_errors(handler: Any, headers: dict[str, str]) -> None:
+    answers, context = run(handler, [{"body": encode(scene(32, 32))}], [headers])
+    assert context.status[0][0] == 422
+    assert answers[0]["error"]["code"] == "invalid_parameter"
+
+
+def test_describe_labels_random_weights(handler: Any) -> None:
+    import json
+
+    described = json.loads(handler.describe_handle())
+    assert described["random_weights"] is True
+    assert described["device"] == "cpu"
+    assert described["classes"] == list(VOC_CLASSES)
+
+
+def test_importing_the_handler_builds_nothing() -> None:
+    module = load_handler_module()
+    assert module._service is None

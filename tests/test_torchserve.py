@@ -1,0 +1,164 @@
+"""The handler inside a real TorchServe, started from config.properties with a random-weights archive."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from gateway.archive import load_handler_module
+from tests.conftest import TorchServeServer, encode, scene, wait_until
+
+handler_module = load_handler_module()
+
+
+def predict(ts: TorchServeServer, body: bytes, **headers: str) -> httpx.Response:
+    return httpx.post(
+        f"{ts.inference_url}/predictions/deeplabv3",
+        content=body,
+        headers={"Content-Type": "application/octet-stream", **ts.headers("inference"), **headers},
+        timeout=60,
+    )
+
+
+def mask_of(answer: dict) -> np.ndarray:  # type: ignore[type-arg]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask_png"]))))
+
+
+def torchvision_mask(model_store: Path, image: Image.Image) -> np.ndarray:
+    """The same weights, in this process, through torchvision's own transforms and model."""
+    with zipfile.ZipFile(model_store / "deeplabv3.mar") as archive:
+        name = next(n for n in archive.namelist() if n.endswith(".pth"))
+        state_dict = torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+    model = handler_module.build_model("mobilenet_v3_large")
+    model.load_state_dict(state_dict)
+    model.eval()
+    _, published = handler_module.VARIANTS["mobilenet_v3_large"]
+    with torch.inference_mode():
+        labels = model(published.transforms()(image)[None])["out"].argmax(1)[0].to(torch.uint8).numpy()
+    return np.asarray(Image.fromarray(labels).resize(image.size, Image.Resampling.NEAREST))
+
+
+def test_jpeg_mask_equals_torchvision(torchserve: TorchServeServer, model_store: Path) -> None:
+    body = encode(scene(640, 480), "JPEG", quality=90)
+    response = predict(torchserve, body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    mask = mask_of(answer)
+    assert mask.shape == (480, 640)
+    expected = torchvision_mask(model_store, Image.open(io.BytesIO(body)).convert("RGB"))
+    assert np.array_equal(mask, expected)
+    assert len(answer["classes"]) > 1
+
+
+def test_concurrent_batch_mixing_good_and_broken(torchserve: TorchServeServer, model_store: Path) -> None:
+    good = [encode(scene(320, 240, seed=i)) for i in range(4)]
+    broken = [b"garbage", good[0][: len(good[0]) // 3]]
+    bodies = [good[0], broken[0], good[1], good[2], broken[1], good[3]]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: predict(torchserve, b), bodies))
+    for body, response in zip(bodies, responses, strict=True):
+        if body in good:
+            assert response.status_code == 200, response.text
+            expected = torchvision_mask(model_store, Image.open(io.BytesIO(body)).convert("RGB"))
+            assert np.array_equal(mask_of(response.json()), expected)
+        else:
+            assert response.status_code == 422
+            assert response.json()["error"]["code"] == "invalid_image"
+    assert max(r.json().get("timings_ms", {}).get("batch_size", 1) for r in responses) > 1, (
+        "nothing was batched"
+    )
+
+
+def test_formats_and_modes(torchserve: TorchServeServer) -> None:
+    base = scene(200, 150)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cases = {
+        "png": encode(base, "PNG"),
+        "rgba": encode(base.convert("RGBA"), "PNG"),
+        "grey": encode(base.convert("L"), "PNG"),
+        "palette": encode(base.convert("P"), "PNG"),
+        "webp": encode(base, "WEBP"),
+        "exif-rotated": encode(base.transpose(Image.Transpose.ROTATE_270), "JPEG", exif=exif.tobytes()),
+    }
+    for name, body in cases.items():
+        response = predict(torchserve, body)
+        assert response.status_code == 200, (name, response.text)
+        assert (response.json()["width"], response.json()["height"]) == (200, 150), name
+
+
+def test_parameters_through_headers_and_form(torchserve: TorchServeServer) -> None:
+    body = encode(scene(160, 120))
+    full = predict(torchserve, body).json()
+    keep = full["classes"][-1]
+    by_header = predict(torchserve, body, **{"X-Classes": keep["name"]}).json()
+    by_form = httpx.post(
+        f"{torchserve.inference_url}/predictions/deeplabv3",
+        files={"data": ("x.jpg", body)},
+        data={"classes": str(keep["id"])},
+        headers=torchserve.headers("inference"),
+        timeout=60,
+    ).json()
+    for answer in (by_header, by_form):
+        assert {c["id"] for c in answer["classes"]} <= {0, keep["id"]}
+        assert next(c["pixels"] for c in answer["classes"] if c["id"] == keep["id"]) == keep["pixels"]
+
+
+def test_management_api_lists_the_model(torchserve: TorchServeServer) -> None:
+    [description] = torchserve.manage("GET", "/models/deeplabv3", params={"customized": "true"}).json()
+    assert description["batchSize"] >= 1
+    assert description["customizedMetadata"]["random_weights"] is True
+    assert "meaningless" in description["customizedMetadata"]["weights"]
+    listing = torchserve.manage("GET", "/models").json()
+    assert [m["modelName"] for m in listing["models"]] == ["deeplabv3"]
+
+
+def test_archive_carries_serving_config(model_store: Path) -> None:
+    with zipfile.ZipFile(model_store / "deeplabv3.mar") as archive:
+        config = yaml.safe_load(archive.read("model-config.yaml"))
+    assert {"batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "responseTimeout"} <= set(config)
+    assert config["handler"]["random_weights"] is True
+
+
+def test_scaling_workers_while_requests_flow_loses_none(torchserve: TorchServeServer) -> None:
+    body = encode(scene(96, 64))
+    results: list[int] = []
+    stop = threading.Event()
+
+    def flow() -> None:
+        while not stop.is_set():
+            results.append(predict(torchserve, body).status_code)
+
+    threads = [threading.Thread(target=flow) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        assert (
+            torchserve.manage(
+                "PUT", "/models/deeplabv3", params={"min_worker": "2", "max_worker": "2"}
+            ).status_code
+            < 300
+        )
+        wait_until(lambda: torchserve.ready_workers() == 2, 120, "two TorchServe workers")
+        assert (
+            torchserve.manage(
+                "PUT", "/models/deeplabv3", params={"min_worker": "1", "max_worker": "1"}
+            ).status_code
+            < 300
+        )
+        wait_until(lambda: torchserve.ready_workers() == 1 and len(results) > 10, 120, "back to one worker")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert results and set(results) == {200}, f"lost requests while scaling: {sorted(set(results))}"
