@@ -8,6 +8,7 @@ compose.yaml runs the same commands; tests/test_compose.py keeps the two in step
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -206,10 +207,8 @@ class Supervisor:
     def _signal(child: Child, sig: int) -> None:
         if child.process is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def wait_ready(url: str, supervisor: Supervisor, timeout: float = READY_TIMEOUT_S) -> bool:
@@ -268,8 +267,8 @@ def up(host: str, port: int, workers: int, model: str) -> int:
             supervisor.start(child)
         if not wait_ready(url, supervisor):
             if not interrupted.is_set():
-                dead = ", ".join(c.name for c in supervisor.dead()) or "nothing died, but /readyz stayed red"
-                print(f"segserve did not become ready ({dead}); logs in {supervisor.log_dir}", flush=True)
+                died = ", ".join(c.name for c in supervisor.dead()) or "nothing died, but /readyz stayed red"
+                print(f"segserve did not become ready ({died}); logs in {supervisor.log_dir}", flush=True)
                 return 1
             return 0
         print(f"\n  segserve is ready: {url}   (API docs: {url}/docs; Ctrl-C stops everything)\n", flush=True)

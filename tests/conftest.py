@@ -3,6 +3,7 @@ and uvicorn, each on free loopback ports, once per test session."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -55,10 +56,8 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, ti
             pass
         except ProcessLookupError:
             pass
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     process.wait(timeout=5)
 
 

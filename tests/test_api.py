@@ -366,7 +366,7 @@ def test_200_jobs_from_20_clients_each_succeed_once(client: httpx.Client, stack:
     assert len(set(ids)) == 200
     positions = [accepted.get("position", 0) for accepted, _ in results]
     assert all(p >= 0 for p in positions) and max(positions) > 0
-    for accepted, done in results:
+    for _accepted, done in results:
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 1
     assert succeeded() - before == 200
