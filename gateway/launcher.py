@@ -27,7 +27,8 @@ from urllib.parse import urlparse
 from gateway.archive import DEFAULT_STORE, PROJECT_ROOT, BuildError, build_archive
 from gateway.settings import Settings
 
-STATE_DIR = PROJECT_ROOT / ".segserve"
+# Redis data, TorchServe's keys and logs, every child's log. SEGSERVE_HOME moves it.
+STATE_DIR = Path(os.environ.get("SEGSERVE_HOME", PROJECT_ROOT / ".segserve")).resolve()
 TS_CONFIG = PROJECT_ROOT / "config.properties"
 READY_TIMEOUT_S = 300
 
@@ -136,7 +137,15 @@ def stack(settings: Settings, model: str, workers: int, host: str, port: int) ->
             [str(bin_dir / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", str(TS_CONFIG),
              "--model-store", str(DEFAULT_STORE), "--models", f"{model}={model}.mar"],
             cwd=ts_dir,  # TorchServe writes key_file.json and logs/ into its working directory
-            env={"LOG_LOCATION": str(ts_dir / "logs"), "METRICS_LOCATION": str(ts_dir / "logs")},
+            # TorchServe refuses to start while another one's pid file sits in the temp dir: use our own.
+            env={
+                "LOG_LOCATION": str(ts_dir / "logs"),
+                "METRICS_LOCATION": str(ts_dir / "logs"),
+                "TMPDIR": str(ts_dir),
+                # Where the gateway and workers look for TorchServe is where it listens.
+                "TS_INFERENCE_ADDRESS": settings.torchserve_url,
+                "TS_MANAGEMENT_ADDRESS": settings.torchserve_management_url,
+            },
             quiet=re.compile(r"\[(DEBUG|INFO ?)\]|^\s*$|^(nvidia|xpu)-smi"),
         ),
     ]  # fmt: skip
@@ -239,9 +248,10 @@ def up(host: str, port: int, workers: int, model: str) -> int:
     setup()
     ensure_archive(model)
     redis = urlparse(settings.redis_url)
+    ts_urls = (settings.torchserve_url, settings.torchserve_management_url)
     for name, h, p in (
         ("Redis", redis.hostname or "127.0.0.1", redis.port or 6379),
-        ("TorchServe", "127.0.0.1", 8080),
+        *(("TorchServe", u.hostname or "127.0.0.1", u.port or 80) for u in map(urlparse, ts_urls)),
         ("the gateway", host, port),
     ):
         if port_busy(h, p):

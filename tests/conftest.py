@@ -197,7 +197,8 @@ def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     server.process = spawn(
         [str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", "config.properties",
          "--model-store", str(model_store), "--models", "deeplabv3=deeplabv3.mar"],
-        directory / "torchserve.out", cwd=directory, env={**os.environ, "LOG_LOCATION": str(directory / "logs")},
+        directory / "torchserve.out", cwd=directory,
+        env={**os.environ, "LOG_LOCATION": str(directory / "logs"), "TMPDIR": str(directory)},
     )  # fmt: skip
     try:
         wait_until(

@@ -1,0 +1,130 @@
+"""`segserve up` from start to Ctrl-C, compose.yaml against the launcher, and the archive builder's checks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from gateway.archive import BuildError, build_archive, check_published_hash
+from gateway.launcher import stack
+from gateway.settings import Settings, env_table
+from tests.conftest import BIN, ROOT, encode, free_port, scene, wait_until
+
+
+def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path, model_store: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "SEGSERVE_HOME": str(tmp_path / "home"),
+        "SEGSERVE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "SEGSERVE_TORCHSERVE_URL": f"http://127.0.0.1:{free_port()}",
+        "SEGSERVE_TORCHSERVE_MANAGEMENT_URL": f"http://127.0.0.1:{free_port()}",
+        "TS_METRICS_ADDRESS": f"http://127.0.0.1:{free_port()}",
+    }
+    # The archive the tests built stands in for model_store/deeplabv3.mar, so nothing is downloaded.
+    archive = ROOT / "model_store" / "deeplabv3.mar"
+    built_here = not archive.exists()
+    if built_here:
+        archive.write_bytes((model_store / "deeplabv3.mar").read_bytes())
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        up = subprocess.Popen(
+            [str(BIN / "segserve"), "up", "--port", str(port), "--workers", "2"],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: "segserve is ready" in log.read_text(), 240, "segserve up to say it is ready")
+        descendants = psutil.Process(up.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in descendants)
+        assert "redis-server" in names and "org.pytorch.serve.ModelServer" in names
+        assert names.count("gateway.worker.WorkerSettings") == 2 and "gateway.app:app" in names
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/jobs", content=encode(scene(64, 48)),
+            headers={"Content-Type": "image/jpeg", "Prefer": "wait=30"}, timeout=60,
+        )  # fmt: skip
+        assert response.json()["status"] == "succeeded", response.text
+        text = log.read_text()
+        for prefix in ("redis |", "torchserve |", "worker1 |", "worker2 |", "gateway |"):
+            assert prefix in text, prefix
+        assert "RANDOM WEIGHTS" in text
+        up.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert up.wait(timeout=60) == 0
+        time.sleep(1)
+        left = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert left == [], [p.cmdline() for p in left]
+        assert "stopped" in log.read_text()
+        assert (tmp_path / "home" / "redis" / "appendonlydir").is_dir(), "Redis ran without its AOF"
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+        if built_here:
+            archive.unlink()
+
+
+def test_compose_runs_what_the_launcher_runs() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"redis", "torchserve", "worker", "gateway"}
+    assert [name for name, s in services.items() if "ports" in s] == ["gateway"]
+
+    launched = {
+        child.name.rstrip("0123456789"): child.command
+        for child in stack(Settings(), "deeplabv3", 1, "127.0.0.1", 8000)
+    }
+
+    def program(command: list[str]) -> list[str]:
+        """The command without paths, which differ between a checkout and a container."""
+        return [Path(part).name if part.startswith("/") else part for part in command]
+
+    assert program(services["worker"]["command"]) == program(launched["worker"])
+    assert program(services["gateway"]["command"])[:2] == program(launched["gateway"])[:2]
+    assert program(services["torchserve"]["command"]) == program(launched["torchserve"])
+    redis_command = services["redis"]["command"]
+    assert (
+        redis_command[redis_command.index("--appendonly") + 1]
+        == "yes"
+        == launched["redis"][launched["redis"].index("--appendonly") + 1]
+    )
+    assert "redis-data:/data" in services["redis"]["volumes"]
+    assert services["worker"]["deploy"]["replicas"] >= 1
+
+    known = {name for name, _ in env_table()}
+    for name in ("worker", "gateway"):
+        environment = services[name]["environment"]
+        assert set(environment) <= known, set(environment) - known
+        assert environment["SEGSERVE_REDIS_URL"].startswith("redis://redis:")
+    assert "driver: nvidia" in (ROOT / "compose.yaml").read_text()  # the GPU reservation, ready to uncomment
+
+
+def test_published_hash_is_checked(tmp_path: Path) -> None:
+    content = b"pretend checkpoint"
+    digest = hashlib.sha256(content).hexdigest()
+    good = tmp_path / f"deeplabv3_mobilenet_v3_large-{digest[:8]}.pth"
+    good.write_bytes(content)
+    assert check_published_hash(good) is True
+    bad = tmp_path / "deeplabv3_mobilenet_v3_large-fc3c493d.pth"
+    bad.write_bytes(content)
+    with pytest.raises(BuildError, match="does not match its published SHA-256"):
+        check_published_hash(bad)
+    assert check_published_hash(tmp_path / "my-own-weights.pth") is False
+
+
+def test_build_model_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="unknown variant"):
+        build_archive(variant="vgg", random_seed=0, store=tmp_path)
+    with pytest.raises(BuildError, match="not found"):
+        build_archive(weights=str(tmp_path / "nope.pth"), store=tmp_path)
+    result = subprocess.run(
+        [str(BIN / "segserve"), "build-model", "--weights", str(tmp_path / "nope.pth"), "--model-store", str(tmp_path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1 and "weights file not found" in result.stderr
