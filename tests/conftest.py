@@ -193,6 +193,9 @@ def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         config = re.sub(rf"(?m)^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{port}", config)
     # Backend workers listen on unix sockets named by port: keep clear of a stack running beside the tests.
     config += f"\ninitial_worker_port={20000 + server.inference % 20000}\n"
+    config = re.sub(
+        r"(?m)^grpc_(inference|management)_port=.*$", lambda m: f"grpc_{m[1]}_port={free_port()}", config
+    )
     (directory / "config.properties").write_text(config)
     server.process = spawn(
         [str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", "config.properties",

@@ -28,7 +28,11 @@ def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path, model_stor
         "SEGSERVE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
         "SEGSERVE_TORCHSERVE_URL": f"http://127.0.0.1:{free_port()}",
         "SEGSERVE_TORCHSERVE_MANAGEMENT_URL": f"http://127.0.0.1:{free_port()}",
+        # Ports of TorchServe's own that the session's other TorchServe may hold.
         "TS_METRICS_ADDRESS": f"http://127.0.0.1:{free_port()}",
+        "TS_GRPC_INFERENCE_PORT": str(free_port()),
+        "TS_GRPC_MANAGEMENT_PORT": str(free_port()),
+        "TS_INITIAL_WORKER_PORT": str(free_port()),
     }
     # The archive the tests built stands in for model_store/deeplabv3.mar, so nothing is downloaded.
     archive = ROOT / "model_store" / "deeplabv3.mar"
@@ -42,7 +46,10 @@ def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path, model_stor
             cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
-        wait_until(lambda: "segserve is ready" in log.read_text(), 240, "segserve up to say it is ready")
+        wait_until(
+            lambda: "segserve is ready" in log.read_text() or up.poll() is not None, 240, "segserve up"
+        )
+        assert up.poll() is None, log.read_text()[-3000:]
         descendants = psutil.Process(up.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in descendants)
         assert "redis-server" in names and "org.pytorch.serve.ModelServer" in names
