@@ -142,19 +142,18 @@ async def submit_job(request: Request) -> Response:
     if idempotency is not None and not 0 < len(idempotency) <= 255:
         raise Problem(422, "invalid_parameter", "Idempotency-Key must be 1 to 255 characters")
     try:
-        job_id, created = await svc.store.submit(
+        job, created = await svc.store.submit(
             jobs.Submission(model, params, image, content_type, owner), idempotency
         )
     except jobs.QueueFull:
         raise Problem(429, "queue_full", "the queue is full; try again later", {"Retry-After": "5"}) from None
-    headers = {"Location": f"/v1/jobs/{job_id}"}
+    headers = {"Location": f"/v1/jobs/{job['id']}"}
     if wait > 0:
         headers["Preference-Applied"] = f"wait={wait:g}"
-        job = await jobs.wait_for_end(svc.store, svc.waiters, job_id, owner, wait)
-    else:
-        job = await svc.store.load(job_id, owner)
-    if job is None:  # deleted in the meantime
-        raise job_not_found()
+        ended = await jobs.wait_for_end(svc.store, svc.waiters, job["id"], owner, wait)
+        if ended is None:  # deleted in the meantime
+            raise job_not_found()
+        job = ended
     finished = jobs.JobStatus(job["status"]).is_terminal()
     return job_response(job, 200 if (finished and wait > 0) or not created else 202, headers)
 

@@ -67,21 +67,21 @@ async def predict(request: Request) -> Response:
     extra = {"image_path": payload["image_path"], "target_class_ids": json.dumps(class_ids)}
     submission = jobs.Submission(svc.settings.default_model, params, image, content_type, owner, extra)
     try:
-        job_id, _ = await svc.store.submit(submission)
+        job, _ = await svc.store.submit(submission)
     except jobs.QueueFull:
         raise Problem(429, "queue_full", "the queue is full; try again later", {"Retry-After": "5"}) from None
+    job_id = job["id"]
     wait = parse_wait(None, request.headers.get("async_mode"))
     if wait > 0:
-        job = await jobs.wait_for_end(svc.store, svc.waiters, job_id, owner, wait)
-        if job is not None and jobs.JobStatus(job["status"]).is_terminal():
-            return JSONResponse({"job_id": job_id, **rq_result(job)})
-    job = await svc.store.load(job_id, owner)
+        done = await jobs.wait_for_end(svc.store, svc.waiters, job_id, owner, wait)
+        if done is not None and jobs.JobStatus(done["status"]).is_terminal():
+            return JSONResponse({"job_id": job_id, **rq_result(done)})
     return JSONResponse(
         {
             "success": True,
             "job_id": job_id,
             "status": f"/job_status/{job_id}",
-            "position_in_queue": (job or {}).get("position", 0),
+            "position_in_queue": job.get("position", 0),
         }
     )
 

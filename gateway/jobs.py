@@ -105,16 +105,19 @@ def now_ms() -> float:
     return time.time() * 1000
 
 
-# One round trip, atomic: refuse when the queue is full, else store input, metadata and arq's job.
+# One round trip, atomic: refuse when the queue is full (-1), else store input, metadata and arq's job
+# and return the job's position: the jobs ahead that no worker has started (running ones age out of KEYS[6]).
 SUBMIT = """
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
+local ahead = redis.call('ZCARD', KEYS[1])
+if ahead >= tonumber(ARGV[4]) then return -1 end
 redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[3])
 redis.call('HSET', KEYS[4], unpack(cjson.decode(ARGV[7])))
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('HINCRBY', KEYS[5], 'submitted', 1)
-return 1
+local running = redis.call('ZCOUNT', KEYS[6], ARGV[2], '+inf')
+return math.max(0, ahead - running)
 """
 
 # Jobs ahead of this one that no worker has started yet.
@@ -169,15 +172,16 @@ class JobStore:
         self._position = redis.register_script(POSITION)
         self._cancel = redis.register_script(CANCEL)
 
-    async def submit(self, sub: Submission, idempotency: str | None = None) -> tuple[str, bool]:
-        """Store and enqueue; return (job id, created). A repeated idempotency key returns the first job."""
+    async def submit(self, sub: Submission, idempotency: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Store and enqueue; return (job, created). A repeated idempotency key returns the first job."""
         job_id = new_job_id()
         if idempotency:
             key = idempotency_key(sub.owner, idempotency)
             if not await self.redis.set(key, job_id, nx=True, px=self.ttl_ms):
                 existing = await self.redis.get(key)
-                if existing is not None and await self.redis.exists(meta_key(existing.decode())):
-                    return existing.decode(), False
+                first = await self.load(existing.decode(), sub.owner) if existing else None
+                if first is not None:
+                    return first, False
                 await self.redis.set(key, job_id, px=self.ttl_ms)
         created = now_ms()
         meta = {
@@ -191,15 +195,15 @@ class JobStore:
         }
         job = serialize_job(FUNCTION, (job_id,), {}, None, int(created), serializer=serialize)
         flat = [item for pair in meta.items() for item in pair]
-        accepted = await self._submit(
-            keys=[QUEUE, job_key_prefix + job_id, input_key(job_id), meta_key(job_id), STATS],
+        position = await self._submit(
+            keys=[QUEUE, job_key_prefix + job_id, input_key(job_id), meta_key(job_id), STATS, RUNNING],
             args=[job_id, int(created), self.ttl_ms, self.max_queued, job, sub.image, json.dumps(flat)],
         )
-        if not accepted:
+        if position < 0:
             if idempotency:
                 await self.redis.delete(idempotency_key(sub.owner, idempotency))
             raise QueueFull()
-        return job_id, True
+        return self.render(job_id, meta, None, False, position), True
 
     async def load(self, job_id: str, owner: str = "") -> dict[str, Any] | None:
         """The job as the API shows it; None when unknown, expired, deleted or another key's."""
@@ -213,6 +217,21 @@ class JobStore:
         meta = {k.decode(): v.decode() for k, v in raw_meta.items()}
         if meta.get("owner", "") != owner:
             return None
+        outcome = _outcome(raw_result)
+        position = None
+        if "canceled_at" not in meta and outcome is None and not in_progress:
+            position = await self._position(keys=[QUEUE], args=[job_id, in_progress_key_prefix])
+        return self.render(job_id, meta, outcome, bool(in_progress), position)
+
+    def render(
+        self,
+        job_id: str,
+        meta: dict[str, str],
+        outcome: dict[str, Any] | None,
+        in_progress: bool,
+        position: int | None,
+    ) -> dict[str, Any]:
+        """The API's job object from what Redis holds (see load)."""
         created = float(meta["created_at"])
         job: dict[str, Any] = {
             "id": job_id,
@@ -226,7 +245,6 @@ class JobStore:
             "attempts": int(meta.get("attempts", 0)),
             "timings_ms": {},
         }
-        outcome = _outcome(raw_result)
         if "canceled_at" in meta:
             job["status"] = JobStatus.CANCELED.value
             job["finished_at"] = iso(float(meta["canceled_at"]))
@@ -241,13 +259,11 @@ class JobStore:
                 job["error"] = outcome.get("error") or {"code": "internal_error", "message": "job failed"}
         elif in_progress:
             job["status"] = JobStatus.RUNNING.value
-        else:
-            position = await self._position(keys=[QUEUE], args=[job_id, in_progress_key_prefix])
-            if position >= 0:
-                job["position"] = int(position)
-            else:  # neither queued, running nor finished: its arq keys expired before a worker took it
-                job["status"] = JobStatus.FAILED.value
-                job["error"] = {"code": "expired", "message": "the job expired before a worker took it"}
+        elif position is not None and position >= 0:
+            job["position"] = int(position)
+        else:  # neither queued, running nor finished: its arq keys expired before a worker took it
+            job["status"] = JobStatus.FAILED.value
+            job["error"] = {"code": "expired", "message": "the job expired before a worker took it"}
         if job["started_at"] and job["status"] != JobStatus.QUEUED.value:
             job["timings_ms"].setdefault("queued", round(float(meta["started_at"]) - created, 1))
         job["_meta"] = meta  # for the routes that need more than the API shows; dropped before answering

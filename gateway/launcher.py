@@ -43,9 +43,11 @@ def java_version(java: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def missing_system_packages() -> list[str]:
-    """Debian package names for what the stack needs and this machine lacks."""
+def missing_system_packages(with_browser: bool = False) -> list[str]:
+    """Debian package names for what the stack (and, with_browser, its web page test) needs and this machine lacks."""
     missing = []
+    if with_browser and not shutil.which("chromium"):
+        missing.append("chromium")
     if not shutil.which("redis-server"):
         missing.append("redis-server")
     java = shutil.which("java")
@@ -54,9 +56,9 @@ def missing_system_packages() -> list[str]:
     return missing
 
 
-def setup(log: object = print) -> None:
+def setup(with_browser: bool = False) -> None:
     """Install redis-server and Java 17+ when missing and possible (root on Debian/Ubuntu), else explain."""
-    missing = missing_system_packages()
+    missing = missing_system_packages(with_browser)
     if not missing:
         return
     apt = shutil.which("apt-get")
@@ -77,7 +79,7 @@ def setup(log: object = print) -> None:
     for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
         if subprocess.run(prefix + command, env=env, check=False).returncode != 0:
             raise SetupError(f"`{' '.join(command)}` failed; install {' '.join(missing)} yourself and retry")
-    if still := missing_system_packages():
+    if still := missing_system_packages(with_browser):
         raise SetupError(f"still missing after apt-get: {', '.join(still)}")
 
 

@@ -36,8 +36,8 @@ class Settings:
     # Seconds one TorchServe request may take before it counts as a transient failure.
     inference_timeout: float = 60.0
     # Tries per job against an unavailable backend before the job fails with backend_unavailable.
-    max_attempts: int = 6
-    # First retry delay in seconds; it doubles per try, up to retry_max_delay.
+    max_attempts: int = 10
+    # First retry delay in seconds; it doubles per try, up to retry_max_delay (defaults: ~45 s in all).
     retry_delay: float = 0.5
     retry_max_delay: float = 8.0
     # API keys: comma-separated keys, or a file with one per line. Unset: no authentication.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -16,6 +17,10 @@ from typing import Any, ClassVar
 from arq import Retry
 from arq.connections import RedisSettings
 from arq.worker import func
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import jobs, metrics
 from gateway.settings import Settings
@@ -190,7 +195,13 @@ class WorkerSettings:
     on_startup = startup
     on_shutdown = shutdown
     after_job_end = after_job_end
-    redis_settings = RedisSettings.from_dsn(_s.redis_url)
+    # Ride out a Redis restart: commands retry with backoff for ~30 s instead of ending the worker.
+    redis_settings = dataclasses.replace(
+        RedisSettings.from_dsn(_s.redis_url),
+        conn_retries=30,
+        retry=RedisRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=20),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
     max_jobs = _s.worker_concurrency
     # One try: the model call's own timeout plus a margin. After a SIGKILL the job runs again once
     # arq's in-progress key expires, job_timeout + 10 s later, so this stays tight.

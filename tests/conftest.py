@@ -149,7 +149,28 @@ class TorchServeServer:
     inference: int
     management: int
     metrics: int
+    model_store: Path
     process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = spawn(
+            [str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", "config.properties",
+             "--model-store", str(self.model_store), "--models", "deeplabv3=deeplabv3.mar"],
+            self.directory / "torchserve.out", cwd=self.directory,
+            env={**os.environ, "LOG_LOCATION": str(self.directory / "logs"), "TMPDIR": str(self.directory)},
+        )  # fmt: skip
+        try:
+            wait_until(
+                lambda: self.key_file.exists() and self.ready_workers() >= 1, 180, "TorchServe's model"
+            )
+        except TimeoutError:
+            print((self.directory / "torchserve.out").read_text()[-5000:])
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
 
     @property
     def inference_url(self) -> str:
@@ -183,7 +204,7 @@ class TorchServeServer:
 def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServeServer]:
     """TorchServe started from the project's config.properties, with its ports moved to free ones."""
     directory = tmp_path_factory.mktemp("torchserve")
-    server = TorchServeServer(directory, free_port(), free_port(), free_port())
+    server = TorchServeServer(directory, free_port(), free_port(), free_port(), model_store)
     config = (ROOT / "config.properties").read_text()
     for name, port in (
         ("inference", server.inference),
@@ -197,22 +218,9 @@ def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         r"(?m)^grpc_(inference|management)_port=.*$", lambda m: f"grpc_{m[1]}_port={free_port()}", config
     )
     (directory / "config.properties").write_text(config)
-    server.process = spawn(
-        [str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", "config.properties",
-         "--model-store", str(model_store), "--models", "deeplabv3=deeplabv3.mar"],
-        directory / "torchserve.out", cwd=directory,
-        env={**os.environ, "LOG_LOCATION": str(directory / "logs"), "TMPDIR": str(directory)},
-    )  # fmt: skip
-    try:
-        wait_until(
-            lambda: server.key_file.exists() and server.ready_workers() >= 1, 180, "TorchServe's model"
-        )
-    except TimeoutError:
-        print((directory / "torchserve.out").read_text()[-5000:])
-        stop_process(server.process)
-        raise
+    server.start()
     yield server
-    stop_process(server.process)
+    server.stop()
 
 
 @dataclass
@@ -231,8 +239,8 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start_gateway(self, **extra_env: str) -> None:
-        self.port = free_port()
+    def start_gateway(self, port: int | None = None, **extra_env: str) -> None:
+        self.port = port or free_port()
         self.gateway = spawn(
             [str(BIN / "uvicorn"), "gateway.app:app", "--port", str(self.port), "--log-level", "warning"],
             self.log_dir / f"gateway-{self.port}.log",

@@ -1,0 +1,225 @@
+"""A Python client for segserve's job API, async (``AsyncClient``) and sync (``Client``).
+
+    from gateway.client import Client
+
+    with Client("http://127.0.0.1:8000") as segserve:
+        job = segserve.segment("cat.jpg", classes=["cat"])   # submit and wait for the end
+        open("cat-mask.png", "wb").write(segserve.mask(job["id"]))
+
+429 and 503 answers, and connection failures, are retried with backoff, honouring ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+T = TypeVar("T")
+TERMINAL = ("succeeded", "failed", "canceled")
+CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
+                 ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}  # fmt: skip
+MAX_WAIT = 60
+
+
+class SegserveError(Exception):
+    """An error answer from the API (problem details), or a service that stayed unreachable."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+def content_type_of(path: Path) -> str:
+    return CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = MAX_WAIT + 15,
+        retries: int = 6,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout)
+        self.retries = retries
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                response = await self._http.request(method, url, **kwargs)
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise SegserveError(503, "unreachable", f"{self._http.base_url}: {exc}") from exc
+                await asyncio.sleep(min(2**attempt * 0.5, 10))
+                continue
+            if response.status_code in (429, 503) and attempt < self.retries:
+                retry_after = response.headers.get("retry-after", "")
+                delay = float(retry_after) if retry_after.isdigit() else min(2**attempt * 0.5, 10)
+                await asyncio.sleep(delay)
+                continue
+            if response.status_code >= 400:
+                try:
+                    problem = response.json()
+                except ValueError:
+                    problem = {}
+                raise SegserveError(
+                    response.status_code,
+                    str(problem.get("code", "http_error")),
+                    str(problem.get("detail", response.text[:200])),
+                )
+            return response
+        raise AssertionError("unreachable")
+
+    async def submit(
+        self,
+        image: str | Path | bytes,
+        *,
+        classes: Sequence[str | int] | None = None,
+        threshold: float | None = None,
+        model: str | None = None,
+        wait: float = 0,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Submit one image (a path or its bytes); with ``wait``, hold up to that many seconds for the end."""
+        if isinstance(image, bytes):
+            body, content_type = image, "application/octet-stream"
+        else:
+            path = Path(image)
+            body = await asyncio.to_thread(path.read_bytes)
+            content_type = content_type_of(path)
+        params: dict[str, str] = {}
+        if classes:
+            params["classes"] = ",".join(map(str, classes))
+        if threshold is not None:
+            params["threshold"] = repr(float(threshold))
+        if model:
+            params["model"] = model
+        headers = {"Content-Type": content_type}
+        if wait > 0:
+            headers["Prefer"] = f"wait={min(wait, MAX_WAIT):g}"
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        response = await self._request("POST", "/v1/jobs", content=body, params=params, headers=headers)
+        job: dict[str, Any] = response.json()
+        return job
+
+    async def get(self, job_id: str, wait: float = 0) -> dict[str, Any]:
+        headers = {"Prefer": f"wait={min(wait, MAX_WAIT):g}"} if wait > 0 else {}
+        job: dict[str, Any] = (await self._request("GET", f"/v1/jobs/{job_id}", headers=headers)).json()
+        return job
+
+    async def wait(self, job_id: str, max_seconds: float | None = None) -> dict[str, Any]:
+        """The job once it has ended (long polling), or as it stands after ``max_seconds``."""
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        job = await self.get(job_id)
+        while job["status"] not in TERMINAL:
+            left = MAX_WAIT if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                break
+            job = await self.get(job_id, wait=min(left, MAX_WAIT))
+        return job
+
+    async def segment(self, image: str | Path | bytes, **params: Any) -> dict[str, Any]:
+        """Submit and wait for the end."""
+        job = await self.submit(image, wait=MAX_WAIT, **params)
+        return job if job["status"] in TERMINAL else await self.wait(job["id"])
+
+    async def mask(self, job_id: str) -> bytes:
+        return (await self._request("GET", f"/v1/jobs/{job_id}/mask.png")).content
+
+    async def overlay(self, job_id: str) -> bytes:
+        return (await self._request("GET", f"/v1/jobs/{job_id}/overlay.png")).content
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        job: dict[str, Any] = (await self._request("POST", f"/v1/jobs/{job_id}/cancel")).json()
+        return job
+
+    async def delete(self, job_id: str) -> None:
+        await self._request("DELETE", f"/v1/jobs/{job_id}")
+
+    async def models(self) -> dict[str, Any]:
+        models: dict[str, Any] = (await self._request("GET", "/v1/models")).json()
+        return models
+
+    async def queue(self) -> dict[str, Any]:
+        queue: dict[str, Any] = (await self._request("GET", "/v1/queue")).json()
+        return queue
+
+
+class Client:
+    """The same calls, blocking: an AsyncClient run on an event loop in a background thread."""
+
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, **kwargs: Any
+    ) -> None:
+        self._stack = contextlib.ExitStack()
+        self._portal: BlockingPortal = self._stack.enter_context(start_blocking_portal())
+        self._async = self._portal.call(functools.partial(_make_client, base_url, api_key, **kwargs))
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._portal.call(self._async.aclose)
+        self._stack.close()
+
+    def _call(self, method: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
+        return self._portal.call(functools.partial(method, *args, **kwargs))
+
+    def submit(self, image: str | Path | bytes, **params: Any) -> dict[str, Any]:
+        return self._call(self._async.submit, image, **params)
+
+    def get(self, job_id: str, wait: float = 0) -> dict[str, Any]:
+        return self._call(self._async.get, job_id, wait)
+
+    def wait(self, job_id: str, max_seconds: float | None = None) -> dict[str, Any]:
+        return self._call(self._async.wait, job_id, max_seconds)
+
+    def segment(self, image: str | Path | bytes, **params: Any) -> dict[str, Any]:
+        return self._call(self._async.segment, image, **params)
+
+    def mask(self, job_id: str) -> bytes:
+        return self._call(self._async.mask, job_id)
+
+    def overlay(self, job_id: str) -> bytes:
+        return self._call(self._async.overlay, job_id)
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._call(self._async.cancel, job_id)
+
+    def delete(self, job_id: str) -> None:
+        self._call(self._async.delete, job_id)
+
+    def models(self) -> dict[str, Any]:
+        return self._call(self._async.models)
+
+    def queue(self) -> dict[str, Any]:
+        return self._call(self._async.queue)
+
+
+async def _make_client(base_url: str, api_key: str | None, **kwargs: Any) -> AsyncClient:
+    return AsyncClient(base_url, api_key, **kwargs)  # created on the portal's loop, where it will run

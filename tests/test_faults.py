@@ -1,0 +1,176 @@
+"""Break real processes with jobs in flight; afterwards every accepted job has exactly one final state.
+
+Each test runs its own gateway and workers on a Redis database of its own, beside the session's stack,
+and puts back whatever shared process (Redis, TorchServe) it breaks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import psutil
+import pytest
+
+from gateway.client import Client
+from tests.conftest import Stack, encode, scene, stop_process, wait_until
+
+SMALL = encode(scene(64, 48))
+databases = itertools.count(2)
+
+
+@pytest.fixture
+def isolated(stack: Stack) -> Iterator[Stack]:
+    """A gateway and one worker on a fresh Redis database, with quick retries and a tight job timeout."""
+    env = {
+        **stack.env,
+        "SEGSERVE_REDIS_URL": stack.redis.url.rsplit("/", 1)[0] + f"/{next(databases)}",
+        "SEGSERVE_INFERENCE_TIMEOUT": "5",  # job timeout 10 s: a killed worker's job runs again 20 s later
+        "SEGSERVE_MAX_ATTEMPTS": "60",
+        "SEGSERVE_RETRY_DELAY": "0.2",
+        "SEGSERVE_RETRY_MAX_DELAY": "1",
+    }
+    own = Stack(stack.redis, stack.torchserve, env, log_dir=stack.log_dir)
+    own.start_gateway()
+    own.start_worker()
+    wait_until(lambda: httpx.get(f"{own.url}/v1/queue").json()["workers"], 30, "the worker's heartbeat")
+    yield own
+    own.stop()
+
+
+def submit_many(url: str, n: int) -> list[str]:
+    with httpx.Client(base_url=url, timeout=30) as client:
+        return [
+            client.post("/v1/jobs", content=SMALL, headers={"Content-Type": "image/jpeg"}).json()["id"]
+            for _ in range(n)
+        ]
+
+
+def final_states(url: str, ids: list[str], within: float) -> dict[str, dict]:  # type: ignore[type-arg]
+    with Client(url) as client:
+        deadline = time.monotonic() + within
+        return {
+            job_id: client.wait(job_id, max_seconds=max(1, deadline - time.monotonic())) for job_id in ids
+        }
+
+
+def assert_all_succeeded_once(url: str, ids: list[str], within: float = 90) -> dict[str, dict]:  # type: ignore[type-arg]
+    jobs = final_states(url, ids, within)
+    assert {j["status"] for j in jobs.values()} == {"succeeded"}, [
+        j for j in jobs.values() if j["status"] != "succeeded"
+    ]
+    time.sleep(1)
+    again = final_states(url, ids, 5)
+    for job_id in ids:  # nothing ran a second time behind our back
+        assert again[job_id]["finished_at"] == jobs[job_id]["finished_at"]
+    return jobs
+
+
+def test_sigkill_worker_mid_job(isolated: Stack) -> None:
+    ids = submit_many(isolated.url, 4)
+    running = wait_until(
+        lambda: next((i for i in ids if httpx.get(f"{isolated.url}/v1/jobs/{i}").json()["status"] == "running"), None),
+        30, "a running job", interval=0.01,
+    )  # fmt: skip
+    killed_at = time.monotonic()
+    stop_process(isolated.workers[0], signal.SIGKILL)
+    isolated.start_worker()
+    jobs = assert_all_succeeded_once(isolated.url, ids, within=60)
+    assert jobs[running]["attempts"] == 2
+    assert time.monotonic() - killed_at < 10 + 10 + 15  # job timeout + 10 s, plus the inference itself
+
+
+def test_torchserve_outage_then_recovery(isolated: Stack, stack: Stack) -> None:
+    ids = submit_many(isolated.url, 5)
+    stack.torchserve.stop()
+    try:
+        ids += submit_many(isolated.url, 3)
+        down = httpx.get(f"{isolated.url}/readyz")
+        assert down.status_code == 503 and down.json()["checks"]["torchserve"].startswith("down")
+        time.sleep(20)
+        states = {httpx.get(f"{isolated.url}/v1/jobs/{i}").json()["status"] for i in ids[5:]}
+        assert states <= {"queued", "running"}
+    finally:
+        stack.torchserve.start()  # with new tokens: the workers must pick them up
+    assert_all_succeeded_once(isolated.url, ids)
+    assert httpx.get(f"{isolated.url}/readyz").status_code == 200
+
+
+def test_backend_unavailable_past_the_retry_bound(stack: Stack) -> None:
+    env = {**stack.env, "SEGSERVE_REDIS_URL": stack.redis.url.rsplit("/", 1)[0] + f"/{next(databases)}",
+           "SEGSERVE_TORCHSERVE_URL": "http://127.0.0.1:9", "SEGSERVE_MAX_ATTEMPTS": "3"}  # fmt: skip
+    nowhere = Stack(stack.redis, stack.torchserve, env, log_dir=stack.log_dir)
+    nowhere.start_gateway()
+    nowhere.start_worker()
+    try:
+        with Client(nowhere.url) as client:
+            job = client.segment(SMALL)
+        assert job["status"] == "failed" and job["error"]["code"] == "backend_unavailable"
+        assert job["attempts"] == 3
+    finally:
+        nowhere.stop()
+
+
+def test_redis_restart_keeps_queued_jobs_and_results(isolated: Stack, stack: Stack) -> None:
+    done = submit_many(isolated.url, 2)
+    finished = assert_all_succeeded_once(isolated.url, done)
+    stop_process(isolated.workers.pop())  # nothing takes the next jobs: they stay queued
+    queued = submit_many(isolated.url, 3)
+    stack.redis.stop()
+    stack.redis.start()
+    with Client(isolated.url) as client:
+        for job_id in done:
+            assert client.get(job_id)["result"] == finished[job_id]["result"]
+            assert client.mask(job_id).startswith(b"\x89PNG")
+        assert {client.get(i)["status"] for i in queued} == {"queued"}
+    isolated.start_worker()
+    assert_all_succeeded_once(isolated.url, queued)
+    # The session's own gateway and worker rode out the restart too.
+    with Client(stack.url) as client:
+        assert client.segment(SMALL)["status"] == "succeeded"
+
+
+def test_gateway_restart_while_clients_poll(isolated: Stack) -> None:
+    ids = submit_many(isolated.url, 6)
+    results: dict[str, str] = {}
+
+    def poll(job_id: str) -> None:
+        with Client(isolated.url, retries=20) as client:
+            results[job_id] = client.wait(job_id, max_seconds=120)["status"]
+
+    threads = [threading.Thread(target=poll, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    port = isolated.port
+    assert isolated.gateway is not None
+    stop_process(isolated.gateway)
+    time.sleep(1)
+    isolated.start_gateway(port=port)
+    for t in threads:
+        t.join(timeout=150)
+    assert results == dict.fromkeys(ids, "succeeded")
+
+
+def test_killing_torchserves_backend_mid_batch(isolated: Stack, stack: Stack) -> None:
+    assert stack.torchserve.process is not None
+    backends = [
+        p for p in psutil.Process(stack.torchserve.process.pid).children(recursive=True)
+        if "model_service_worker" in " ".join(p.cmdline())
+    ]  # fmt: skip
+    assert backends
+    ids = submit_many(isolated.url, 6)
+    wait_until(
+        lambda: any(httpx.get(f"{isolated.url}/v1/jobs/{i}").json()["status"] == "running" for i in ids),
+        30, "a job in TorchServe", interval=0.01,
+    )  # fmt: skip
+    time.sleep(0.1)
+    for backend in backends:
+        backend.send_signal(signal.SIGKILL)
+    jobs = assert_all_succeeded_once(isolated.url, ids, within=180)
+    assert max(j["attempts"] for j in jobs.values()) >= 2, "no job was hit by the kill"
+    wait_until(lambda: stack.torchserve.ready_workers() >= 1, 120, "TorchServe's worker back")

@@ -1,0 +1,100 @@
+"""Nobody let in: API keys, the compatibility route's image root, TorchServe's tokens, nothing executable
+in Redis, nothing internal in answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+
+from gateway.jobs import new_job_id
+from gateway.settings import Settings
+from gateway.web import load_api_keys
+from tests.conftest import Stack, encode, free_port, scene
+
+SMALL = encode(scene(48, 32))
+
+
+def test_api_keys_are_kept_only_as_digests(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# operators\nfile-key-1\n\nfile-key-2\n")
+    stored = load_api_keys(Settings(api_keys="env-key", api_keys_file=str(keys_file)))
+    assert len(stored) == 3
+    assert not any(k in json.dumps(stored) for k in ("env-key", "file-key-1", "file-key-2"))
+
+
+def test_keys_from_a_file_guard_every_route_but_health(stack: Stack, tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("only-key\n")
+    guarded = Stack(stack.redis, stack.torchserve, stack.env, log_dir=stack.log_dir)
+    guarded.start_gateway(SEGSERVE_API_KEYS_FILE=str(keys_file))
+    try:
+        with httpx.Client(base_url=guarded.url, timeout=60) as client:
+            for method, path in (("GET", "/v1/models"), ("GET", "/v1/queue"), ("GET", "/openapi.json"),
+                                 ("GET", "/v1/jobs/j_" + "0" * 32), ("POST", "/predict"), ("GET", "/job_status/x")):  # fmt: skip
+                assert client.request(method, path).status_code == 401, path
+            for path in ("/healthz", "/readyz", "/metrics"):
+                assert client.get(path).status_code == 200, path
+            headers = {"Authorization": "Bearer only-key", "Content-Type": "image/jpeg", "Prefer": "wait=30"}
+            assert client.post("/v1/jobs", content=SMALL, headers=headers).json()["status"] == "succeeded"
+    finally:
+        guarded.stop()
+
+
+def test_no_pickle_in_redis(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.url, timeout=60) as client:
+        ids = [
+            client.post("/v1/jobs", content=SMALL, headers={"Content-Type": "image/jpeg"}).json()["id"]
+            for _ in range(3)
+        ]
+        client.post("/v1/jobs", content=SMALL, headers={"Content-Type": "image/jpeg", "Prefer": "wait=30"})
+    with stack.redis.client() as redis:
+        keys = redis.keys("arq:job:*") + redis.keys("arq:result:*")
+        assert keys, ids
+        for key in keys:
+            value = redis.get(key)
+            if value is None:
+                continue  # finished between KEYS and GET
+            assert not value.startswith(b"\x80"), key  # pickle's protocol marker
+            json.loads(value)
+
+
+def test_worker_picks_up_a_rotated_torchserve_token(stack: Stack) -> None:
+    old = stack.torchserve.key("inference")
+    api = {"Authorization": f"Bearer {stack.torchserve.key('API')}"}
+    rotated = httpx.get(f"{stack.torchserve.management_url}/token", params={"type": "inference"}, headers=api)
+    assert rotated.status_code == 200
+    assert stack.torchserve.key("inference") != old
+    with httpx.Client(base_url=stack.url, timeout=60) as client:
+        job = client.post(
+            "/v1/jobs", content=SMALL, headers={"Content-Type": "image/jpeg", "Prefer": "wait=30"}
+        ).json()
+    assert job["status"] == "succeeded" and job["attempts"] == 1
+
+
+def test_answers_reveal_nothing_internal(stack: Stack) -> None:
+    redis_port = free_port()
+    blind = Stack(stack.redis, stack.torchserve, stack.env, log_dir=stack.log_dir)
+    blind.start_gateway(SEGSERVE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0")
+    try:
+        answers = [
+            httpx.get(f"{blind.url}/v1/jobs/j_" + "0" * 32),
+            httpx.post(f"{blind.url}/v1/jobs", content=SMALL, headers={"Content-Type": "image/jpeg"}),
+            httpx.get(f"{blind.url}/readyz"),
+            httpx.get(f"{stack.url}/v1/jobs/nope"),
+        ]
+    finally:
+        blind.stop()
+    for answer in answers:
+        assert "Traceback" not in answer.text and str(redis_port) not in answer.text
+        assert str(stack.torchserve.inference) not in answer.text
+
+
+def test_job_ids_are_unguessable() -> None:
+    ids = {new_job_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(len(i) == 34 and i.startswith("j_") for i in ids)
+    digits = "".join(i[2:] for i in ids)
+    counts = [digits.count(c) for c in "0123456789abcdef"]
+    assert max(counts) / min(counts) < 1.1  # uniform over all 16 hex digits: 128 random bits per id
