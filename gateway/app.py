@@ -282,6 +282,7 @@ async def prometheus(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
+    authenticate(request)
     return JSONResponse(services(request).openapi)
 
 

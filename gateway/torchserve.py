@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 TRANSIENT_STATUSES = {500, 502, 503, 504, 507}
 
 
+def token_refused(response: httpx.Response) -> bool:
+    # TorchServe answers a missing, wrong or expired token with 400 and this exception's name.
+    return response.status_code in (400, 401) and b"InvalidKeyException" in response.content
+
+
 class BackendUnavailable(Exception):
     """TorchServe cannot answer now (down, restarting, overloaded, timed out)."""
 
@@ -117,11 +122,12 @@ class TorchServe:
                 response = await self.client.request(method, url, headers={**base_headers, **auth}, **kwargs)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
                 raise BackendUnavailable(f"{type(exc).__name__}: {exc}") from exc
-            if response.status_code == 401 and attempt == 0:
+            if not token_refused(response):
+                return response
+            if attempt == 0:
                 await self.tokens.refresh(kind, auth, self.client, self.management_url)
-                continue
-            return response
-        return response
+        # Still refused: TorchServe is (re)starting and has not written its new keys yet, or they are not ours.
+        raise BackendUnavailable("TorchServe refused our token")
 
     async def predict(
         self, model: str, image: bytes, classes: list[int] | None, threshold: float, content_type: str
@@ -132,7 +138,7 @@ class TorchServe:
         response = await self._request(
             "inference", "POST", f"{self.inference_url}/predictions/{model}", content=image, headers=headers
         )
-        if response.status_code in TRANSIENT_STATUSES or response.status_code == 401:
+        if response.status_code in TRANSIENT_STATUSES:
             raise BackendUnavailable(f"TorchServe answered {response.status_code}: {response.text[:200]}")
         if response.status_code == 404:
             raise ModelNotFound(model)

@@ -119,10 +119,10 @@ class RedisServer:
         if self.process is not None:
             stop_process(self.process)
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self, db: int = 0):  # type: ignore[no-untyped-def]
         import redis
 
-        return redis.Redis(port=self.port, socket_connect_timeout=1)
+        return redis.Redis(port=self.port, db=db, socket_connect_timeout=1)
 
 
 @pytest.fixture(scope="session")
@@ -295,6 +295,33 @@ def stack(
     running.wait_ready()
     yield running
     running.stop()
+
+
+_databases = iter(range(2, 16))  # 0: the session's stack, 1: test_arq_check_tells_the_truth
+
+
+def isolated_db(stack: Stack) -> str:
+    """The session Redis's URL with a database no other test uses."""
+    return stack.redis.url.rsplit("/", 1)[0] + f"/{next(_databases)}"
+
+
+@pytest.fixture
+def isolated(stack: Stack) -> Iterator[Stack]:
+    """A gateway and one worker on a fresh Redis database, with quick retries and a tight job timeout."""
+    env = {
+        **stack.env,
+        "SEGSERVE_REDIS_URL": isolated_db(stack),
+        "SEGSERVE_INFERENCE_TIMEOUT": "5",  # job timeout 10 s: a killed worker's job runs again 20 s later
+        "SEGSERVE_MAX_ATTEMPTS": "60",
+        "SEGSERVE_RETRY_DELAY": "0.2",
+        "SEGSERVE_RETRY_MAX_DELAY": "1",
+    }
+    own = Stack(stack.redis, stack.torchserve, env, log_dir=stack.log_dir)
+    own.start_gateway()
+    own.start_worker()
+    wait_until(lambda: httpx.get(f"{own.url}/v1/queue").json()["workers"], 30, "the worker's heartbeat")
+    yield own
+    own.stop()
 
 
 @pytest.fixture

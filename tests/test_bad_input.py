@@ -114,12 +114,10 @@ def test_parameters_and_headers(api: httpx.Client) -> None:
                   "?classes=99", "?model=%00", "?classes=" + "cat," * 5000):  # fmt: skip
         response = api.post(f"/v1/jobs{query}", content=GOOD, headers={"Content-Type": "image/jpeg"})
         assert response.status_code in (404, 414, 422), (query[:40], response.text)
-    long_wait = post(api, GOOD, headers={"Prefer": "wait=99999"})
     clamped = api.post(
         "/v1/jobs", content=GOOD, headers={"Content-Type": "image/jpeg", "Prefer": "wait=99999"}
     )
     assert clamped.status_code == 200 and clamped.headers["preference-applied"] == "wait=60"
-    assert long_wait.status_code == 200
     for job_id in ("☃", "j_" + "0" * 10_000, "../../etc/passwd", "j_ZZZZ"):
         response = api.get(f"/v1/jobs/{job_id}")
         assert response.status_code in (404, 414), job_id

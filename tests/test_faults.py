@@ -6,40 +6,16 @@ and puts back whatever shared process (Redis, TorchServe) it breaks.
 
 from __future__ import annotations
 
-import itertools
 import signal
 import threading
 import time
-from collections.abc import Iterator
-
 import httpx
 import psutil
-import pytest
 
 from gateway.client import Client
-from tests.conftest import Stack, encode, scene, stop_process, wait_until
+from tests.conftest import Stack, encode, isolated_db, scene, stop_process, wait_until
 
 SMALL = encode(scene(64, 48))
-databases = itertools.count(2)
-
-
-@pytest.fixture
-def isolated(stack: Stack) -> Iterator[Stack]:
-    """A gateway and one worker on a fresh Redis database, with quick retries and a tight job timeout."""
-    env = {
-        **stack.env,
-        "SEGSERVE_REDIS_URL": stack.redis.url.rsplit("/", 1)[0] + f"/{next(databases)}",
-        "SEGSERVE_INFERENCE_TIMEOUT": "5",  # job timeout 10 s: a killed worker's job runs again 20 s later
-        "SEGSERVE_MAX_ATTEMPTS": "60",
-        "SEGSERVE_RETRY_DELAY": "0.2",
-        "SEGSERVE_RETRY_MAX_DELAY": "1",
-    }
-    own = Stack(stack.redis, stack.torchserve, env, log_dir=stack.log_dir)
-    own.start_gateway()
-    own.start_worker()
-    wait_until(lambda: httpx.get(f"{own.url}/v1/queue").json()["workers"], 30, "the worker's heartbeat")
-    yield own
-    own.stop()
 
 
 def submit_many(url: str, n: int) -> list[str]:
@@ -101,7 +77,7 @@ def test_torchserve_outage_then_recovery(isolated: Stack, stack: Stack) -> None:
 
 
 def test_backend_unavailable_past_the_retry_bound(stack: Stack) -> None:
-    env = {**stack.env, "SEGSERVE_REDIS_URL": stack.redis.url.rsplit("/", 1)[0] + f"/{next(databases)}",
+    env = {**stack.env, "SEGSERVE_REDIS_URL": isolated_db(stack),
            "SEGSERVE_TORCHSERVE_URL": "http://127.0.0.1:9", "SEGSERVE_MAX_ATTEMPTS": "3"}  # fmt: skip
     nowhere = Stack(stack.redis, stack.torchserve, env, log_dir=stack.log_dir)
     nowhere.start_gateway()
