@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -225,6 +226,29 @@ async def pipeline(
         return await closed_loop(clients, seconds, one)
 
 
+async def paired_overhead(stack: Stack, body: bytes, pairs: int) -> list[float]:
+    """Latency the pipeline adds at one client: one TorchServe-direct request, then one `Prefer: wait`
+    job, alternately, and the difference of each pair (pairs cancel the drift that separate runs see)."""
+    headers = {"Authorization": f"Bearer {stack.key('inference')}", "Content-Type": "image/jpeg"}
+    differences = []
+    async with httpx.AsyncClient(timeout=120) as client:
+        for _ in range(pairs):
+            start = time.perf_counter()
+            await client.post(
+                f"http://127.0.0.1:{stack.ts}/predictions/deeplabv3", content=body, headers=headers
+            )
+            direct = time.perf_counter() - start
+            start = time.perf_counter()
+            response = await client.post(
+                f"{stack.url}/v1/jobs",
+                content=body,
+                headers={"Content-Type": "image/jpeg", "Prefer": "wait=60"},
+            )
+            assert response.json()["status"] == "succeeded"
+            differences.append((time.perf_counter() - start - direct) * 1000)
+    return differences
+
+
 class InProcess:
     """The handler's own code path, called directly in this process on the archive's weights."""
 
@@ -241,6 +265,9 @@ class InProcess:
         handler = load_handler_module().DeepLabV3Handler()
         self.context = _Context(workdir, manifest, config)
         handler.initialize(self.context)
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)  # the limit: one process with every core
         self.handler = handler
 
     def run(self, body: bytes, seconds: float) -> tuple[int, list[float], int, float]:
@@ -340,7 +367,9 @@ async def _python_load(url: str, body: bytes, seconds: float) -> tuple[int, floa
     return done, elapsed
 
 
-def table(results: dict[str, Result], clients: int, submit: dict[str, Any]) -> str:
+def table(
+    results: dict[str, Result], clients: int, submit: dict[str, Any], added: dict[str, list[float]]
+) -> str:
     lines = [
         f"{'image':<8} {'config':<22} {'clients':>7} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}  CPU s/image by process",
     ]
@@ -357,11 +386,12 @@ def table(results: dict[str, Result], clients: int, submit: dict[str, Any]) -> s
 
         a, b, c = get("a in-process", 1), get("b torchserve", clients), get("c pipeline wait", clients)
         poll = get("c pipeline poll", clients)
-        added = get("c pipeline wait", 1).percentile(0.5) - get("b torchserve", 1).percentile(0.5)
+        p50_gap = get("c pipeline wait", 1).percentile(0.5) - get("b torchserve", 1).percentile(0.5)
         lines.append(
             f"{image}: c/b = {c.throughput / b.throughput:.3f} (poll {poll.throughput / b.throughput:.3f}), "
-            f"c/a = {c.throughput / a.throughput:.3f} at {clients} clients; "
-            f"pipeline adds {added:+.1f} ms p50 at 1 client"
+            f"c/a = {c.throughput / a.throughput:.3f} at {clients} clients; at 1 client the pipeline adds "
+            f"{statistics.median(added[image]):+.1f} ms (median of {len(added[image])} pairs; "
+            f"p50 gap of the runs above {p50_gap:+.1f} ms)"
         )
     lines.append(
         f"submit path: {submit['jobs_per_s']:.0f} jobs/s accepted by one gateway ({submit['load_tool']}), "
@@ -380,10 +410,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=8, help="clients, N (default: %(default)s)")
     parser.add_argument(
+        "--pairs", type=int, default=40, help="direct/pipeline pairs at 1 client (default: %(default)s)"
+    )
+    parser.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results" / "latest.json"), help="JSON results"
     )
     args = parser.parse_args()
 
+    if not shutil.which("wrk") and shutil.which("apt-get") and os.geteuid() == 0:
+        print("installing wrk, the load generator for the submit path …", flush=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, capture_output=True)
     images = {"640x480": picture(640, 480), "128x128": picture(128, 128)}
     with tempfile.TemporaryDirectory(prefix="segserve-bench-") as tmp:
         workdir = Path(tmp)
@@ -414,13 +450,17 @@ def main() -> int:
                         lambda body, n=n: asyncio.run(pipeline(stack, body, n, args.seconds, False)),
                     ),
                 ]
+            print("warming up …", flush=True)
+            for body in images.values():
+                in_process.run(body, 0.5)
+                asyncio.run(torchserve_direct(stack, body, 1, 1))
+                asyncio.run(pipeline(stack, body, 1, 1, True))
             results: dict[str, Result] = {}
             for round_no in range(args.rounds):
                 order = configs[round_no % len(configs) :] + configs[: round_no % len(configs)]  # rotate
                 for image, body in images.items():
                     for name, n, run in order:
                         label = f"{image}/{name}/{n}"
-                        run(body, n) if round_no == 0 and name.startswith("a") else None  # warm caches once
                         roles = stack.processes()
                         before = cpu_seconds(roles)
                         done, latencies, errors, elapsed = run(body, n)
@@ -432,11 +472,15 @@ def main() -> int:
                             f"round {round_no + 1}/{args.rounds} {label:<32} {measured.throughput:6.2f} images/s",
                             flush=True,
                         )
+            print("measuring the latency the pipeline adds, in pairs …", flush=True)
+            added = {
+                image: asyncio.run(paired_overhead(stack, body, args.pairs)) for image, body in images.items()
+            }
             print("measuring the submit path …", flush=True)
             submit = submit_path(stack, args.seconds, workdir)
         finally:
             stack.stop()
-    report = table(results, args.concurrency, submit)
+    report = table(results, args.concurrency, submit, added)
     print("\n" + report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -445,7 +489,16 @@ def main() -> int:
     for v in summary.values():
         v.pop("latencies_ms")
     out.write_text(
-        json.dumps({"args": vars(args), "results": summary, "submit_path": submit, "table": report}, indent=2)
+        json.dumps(
+            {
+                "args": vars(args),
+                "results": summary,
+                "added_latency_ms": added,
+                "submit_path": submit,
+                "table": report,
+            },
+            indent=2,
+        )
     )
     print(f"\nwrote {out}")
     return 0

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 QUEUE = default_queue_name
 FUNCTION = "segment"
 DONE_CHANNEL = "segserve:done"
+ENQUEUED_CHANNEL = "segserve:enqueued"  # wakes idle workers at once instead of at their next poll
 RUNNING = "segserve:running"  # sorted set: job id -> deadline (ms); stale entries age out
 WORKERS = "segserve:workers"  # sorted set: worker id -> last heartbeat (ms)
 STATS = "segserve:stats"  # hash of counters and histogram buckets, shared by all workers
@@ -116,6 +117,7 @@ redis.call('PEXPIRE', KEYS[4], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('HINCRBY', KEYS[5], 'submitted', 1)
+redis.call('PUBLISH', ARGV[8], '1')
 local running = redis.call('ZCOUNT', KEYS[6], ARGV[2], '+inf')
 return math.max(0, ahead - running)
 """
@@ -197,7 +199,16 @@ class JobStore:
         flat = [item for pair in meta.items() for item in pair]
         position = await self._submit(
             keys=[QUEUE, job_key_prefix + job_id, input_key(job_id), meta_key(job_id), STATS, RUNNING],
-            args=[job_id, int(created), self.ttl_ms, self.max_queued, job, sub.image, json.dumps(flat)],
+            args=[
+                job_id,
+                int(created),
+                self.ttl_ms,
+                self.max_queued,
+                job,
+                sub.image,
+                json.dumps(flat),
+                ENQUEUED_CHANNEL,
+            ],
         )
         if position < 0:
             if idempotency:

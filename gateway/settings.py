@@ -31,8 +31,8 @@ class Settings:
     max_queued: int = 1000
     # The worker: jobs in flight per worker process (enough to fill TorchServe's batches).
     worker_concurrency: int = 8
-    # Seconds between the worker's looks at the queue; it bounds the latency a job waits to be picked.
-    worker_poll_delay: float = 0.005
+    # Workers are woken when a job is enqueued; this bounds how late a deferred retry starts.
+    worker_poll_delay: float = 0.1
     # Seconds one TorchServe request may take before it counts as a transient failure.
     inference_timeout: float = 60.0
     # Tries per job against an unavailable backend before the job fails with backend_unavailable.

@@ -181,6 +181,10 @@ class DeepLabV3Handler(BaseHandler):
         self.variant = config.get("variant", "mobilenet_v3_large")
         self.weights_label = config.get("weights", "unknown")
         self.random_weights = bool(config.get("random_weights", False))
+        # Threads per worker: the cores shared among the archive's TorchServe workers (OMP_NUM_THREADS wins).
+        # More threads than cores makes OpenMP spin against each other and the rest of the stack.
+        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(config.get("workers", 1)))))
         self.max_pixels = int(
             os.environ.get("SEGSERVE_MAX_PIXELS", config.get("max_pixels", DEFAULT_MAX_PIXELS))
         )

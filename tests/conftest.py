@@ -136,10 +136,12 @@ def redis_server(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weights archive, built by the project's own builder, as `segserve build-model` does."""
-    from gateway.archive import build_archive
+    from gateway.archive import ServingConfig, build_archive
 
     store = tmp_path_factory.mktemp("model_store")
-    build_archive(random_seed=SEED, store=store, log=lambda *a: None)
+    # One worker taking batches of up to 4, whatever the machine, so the tests see TorchServe batch.
+    serving = ServingConfig(batch_size=4, workers=1)
+    build_archive(random_seed=SEED, store=store, serving=serving, log=lambda *a: None)
     return store
 
 

@@ -124,6 +124,8 @@ def test_web_page_in_a_real_browser(stack: Stack, tmp_path: Path) -> None:
         try:
             page = browser.new_page()
             page.goto(stack.url + "/")
+            page.wait_for_selector("#warning:not([hidden])", timeout=10_000)
+            assert "random weights" in page.inner_text("#warning")
             page.fill("#classes", "")
             page.set_input_files("#file", str(image))
             page.wait_for_selector("#overlay", timeout=60_000)

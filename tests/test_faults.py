@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+
 import httpx
 import psutil
 

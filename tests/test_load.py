@@ -62,6 +62,8 @@ def test_mixed_load(isolated: Stack) -> None:
         inputs = len(redis.keys("segserve:input:*"))
         queue = redis.zcard("arq:queue")
         used = int(redis.info("memory")["used_memory"])
-    assert inputs == 500, "inputs of failed jobs must be freed; succeeded ones stay for overlay.png until they expire"
+    assert inputs == 500, (
+        "inputs of failed jobs must be freed; succeeded ones stay for overlay.png until they expire"
+    )
     assert queue == 0
     assert used < 64 << 20, f"Redis holds {used / 2**20:.0f} MB after the load"
