@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from gateway.params import VOC_CLASSES
-from tests.conftest import BIN, ROOT, Stack, encode, free_port, scene, wait_until
+from tests.conftest import BIN, ROOT, Stack, encode, free_port, isolated_db, scene, wait_until
 
 SMALL = encode(scene(64, 48))
 
@@ -375,13 +375,32 @@ def test_200_jobs_from_20_clients_each_succeed_once(client: httpx.Client, stack:
     assert set(masks) == {200}
 
 
-def test_position_counts_jobs_ahead(client: httpx.Client) -> None:
-    ids = [submit(client).json()["id"] for _ in range(8)]
-    positions = [client.get(f"/v1/jobs/{i}").json().get("position") for i in ids]
-    queued = [p for p in positions if p is not None]
-    assert queued == sorted(queued) and len(set(queued)) == len(queued)
-    for job_id in ids:
-        wait_done(client, job_id)
+def test_position_counts_jobs_ahead(stack: Stack) -> None:
+    idle = Stack(
+        stack.redis,
+        stack.torchserve,
+        {**stack.env, "SEGSERVE_REDIS_URL": isolated_db(stack)},
+        log_dir=stack.log_dir,
+    )
+    idle.start_gateway()  # no worker yet: the queue stands still
+    try:
+        with httpx.Client(base_url=idle.url, timeout=60) as c:
+            accepted = [submit(c).json() for _ in range(5)]
+            assert [job["position"] for job in accepted] == [0, 1, 2, 3, 4]
+            assert [c.get(f"/v1/jobs/{job['id']}").json()["position"] for job in accepted] == [0, 1, 2, 3, 4]
+            assert c.post(f"/v1/jobs/{accepted[1]['id']}/cancel").json()["status"] == "canceled"
+            assert [c.get(f"/v1/jobs/{job['id']}").json().get("position") for job in accepted] == [
+                0,
+                None,
+                1,
+                2,
+                3,
+            ]
+            idle.start_worker()
+            for job in accepted[:1] + accepted[2:]:
+                assert wait_done(c, job["id"])["status"] == "succeeded"
+    finally:
+        idle.stop()
 
 
 def test_compatibility_routes(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
