@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncGenerator
 from typing import Any, ClassVar
 
@@ -154,6 +155,7 @@ async def segment(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
         await pipe.execute()
     meta["started_at"] = repr(started)
     params = json.loads(meta["params"])
+    request_started = time.perf_counter()
     try:
         prediction = await ctx["torchserve"].predict(
             meta["model"], image, params.get("classes"), params.get("threshold", 0.0), meta["content_type"]
@@ -178,7 +180,10 @@ async def segment(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
     outcome = {
         "status": "succeeded",
         "result": result,
-        "inference_ms": prediction.timings_ms.get("inference"),
+        "timings_ms": {
+            "backend": round((time.perf_counter() - request_started) * 1000, 1),  # the TorchServe request
+            "inference": round(prediction.timings_ms.get("inference", 0.0), 1),  # its forward pass
+        },
     }
     return await finish(ctx, job_id, meta, outcome, mask=prediction.mask_png)
 
@@ -199,10 +204,7 @@ async def finish(
     status = outcome["status"]
     created = float(meta.get("created_at", finished))
     started = float(meta["started_at"]) if "started_at" in meta else None
-    timings = {"total": round(finished - created, 1)}
-    inference = outcome.pop("inference_ms", None)
-    if inference is not None:
-        timings["inference"] = round(inference, 1)
+    timings = {**outcome.pop("timings_ms", {}), "total": round(finished - created, 1)}
     async with redis.pipeline(transaction=True) as pipe:
         if mask is not None:
             pipe.set(jobs.mask_key(job_id), mask, px=ttl_ms)

@@ -88,7 +88,7 @@ def test_submit_poll_and_fetch_mask(client: httpx.Client) -> None:
     assert job["status"] == "succeeded", job
     assert job["attempts"] == 1
     assert "position" not in job and "error" not in job
-    assert {"queued", "inference", "total"} <= set(job["timings_ms"])
+    assert {"queued", "backend", "inference", "total"} <= set(job["timings_ms"])
     assert job["started_at"] and job["finished_at"] and job["expires_at"]
     result = job["result"]
     assert (result["width"], result["height"]) == (200, 150)
