@@ -405,7 +405,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=8, help="clients, N (default: %(default)s)")
     parser.add_argument(
-        "--pairs", type=int, default=40, help="direct/pipeline pairs at 1 client (default: %(default)s)"
+        "--jobs", type=int, default=40, help="jobs timed for the added latency (default: %(default)s)"
     )
     parser.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results" / "latest.json"), help="JSON results"
