@@ -1,6 +1,6 @@
-"""Every setting of the gateway, the worker and the launcher, read from ``SEGSERVE_*`` environment variables.
+"""Every setting of the gateway and the worker, read from ``SEGSERVE_*`` environment variables.
 
-The table in the README is generated from nothing: keep it in step with ``FIELDS`` below.
+The README's table lists each one with its default; tests/test_project.py holds the two in step.
 """
 
 from __future__ import annotations
