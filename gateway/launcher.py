@@ -285,12 +285,17 @@ def up(host: str, port: int, workers: int, model: str) -> int:
             return 0
         print(f"\n  segserve is ready: {url}   (API docs: {url}/docs; Ctrl-C stops everything)\n", flush=True)
         while not interrupted.is_set():
-            if dead := supervisor.dead():
-                for child in dead:
-                    code = child.process.returncode if child.process else "?"
-                    print(f"{child.name} exited with status {code}; stopping the stack", flush=True)
+            for child in supervisor.dead():
+                code = child.process.returncode if child.process else "?"
+                # Workers hold no state, and arq's loop can exit when Redis restarts under it: start
+                # them again. Any other child gone means the stack is broken: stop it all.
+                if child.name.startswith("worker"):
+                    print(f"{child.name} exited with status {code}; starting it again", flush=True)
+                    supervisor.start(child)
+                    continue
+                print(f"{child.name} exited with status {code}; stopping the stack", flush=True)
                 return 1
-            interrupted.wait(0.5)
+            interrupted.wait(1.0)
         return 0
     finally:
         print("stopping …", flush=True)
