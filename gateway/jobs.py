@@ -122,16 +122,23 @@ local running = redis.call('ZCOUNT', KEYS[6], ARGV[2], '+inf')
 return math.max(0, ahead - running)
 """
 
-# Jobs ahead of this one that no worker has started yet.
-POSITION = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score then return -1 end
-local ahead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. score)
-local n = 0
-for _, id in ipairs(ahead) do
-  if redis.call('EXISTS', ARGV[2] .. id) == 0 then n = n + 1 end
+# Everything a job's state is derived from, read in one atomic step: read apart, a job that ends between
+# the reads would look neither queued, running nor finished. Returns nil for an unknown job, else
+# {metadata, arq's result or nil, 1 if running, jobs ahead that no worker has started or -1}.
+LOAD = """
+local meta = redis.call('HGETALL', KEYS[1])
+if #meta == 0 then return false end
+local result = redis.call('GET', KEYS[2])
+local running = redis.call('EXISTS', KEYS[3])
+local position = -1
+local score = (not result and running == 0) and redis.call('ZSCORE', KEYS[4], ARGV[1])
+if score then
+  position = 0
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. score)) do
+    if redis.call('EXISTS', ARGV[2] .. id) == 0 then position = position + 1 end
+  end
 end
-return n
+return {meta, result, running, position}
 """
 
 # A queued job leaves the queue and never runs; a running one is flagged, and its worker discards the result.
@@ -171,7 +178,7 @@ class JobStore:
         self.ttl_ms = result_ttl * 1000
         self.max_queued = max_queued
         self._submit = redis.register_script(SUBMIT)
-        self._position = redis.register_script(POSITION)
+        self._load = redis.register_script(LOAD)
         self._cancel = redis.register_script(CANCEL)
 
     async def submit(self, sub: Submission, idempotency: str | None = None) -> tuple[dict[str, Any], bool]:
@@ -218,20 +225,15 @@ class JobStore:
 
     async def load(self, job_id: str, owner: str = "") -> dict[str, Any] | None:
         """The job as the API shows it; None when unknown, expired, deleted or another key's."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(meta_key(job_id))
-            pipe.get(result_key_prefix + job_id)
-            pipe.exists(in_progress_key_prefix + job_id)
-            raw_meta, raw_result, in_progress = await pipe.execute()
-        if not raw_meta:
+        keys = [meta_key(job_id), result_key_prefix + job_id, in_progress_key_prefix + job_id, QUEUE]
+        state = await self._load(keys=keys, args=[job_id, in_progress_key_prefix])
+        if not state:
             return None
-        meta = {k.decode(): v.decode() for k, v in raw_meta.items()}
+        raw_meta, raw_result, in_progress, position = state
+        meta = {k.decode(): v.decode() for k, v in zip(raw_meta[::2], raw_meta[1::2], strict=True)}
         if meta.get("owner", "") != owner:
             return None
         outcome = _outcome(raw_result)
-        position = None
-        if "canceled_at" not in meta and outcome is None and not in_progress:
-            position = await self._position(keys=[QUEUE], args=[job_id, in_progress_key_prefix])
         return self.render(job_id, meta, outcome, bool(in_progress), position)
 
     def render(
