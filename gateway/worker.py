@@ -29,7 +29,7 @@ from gateway import jobs, metrics
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, InputRejected, ModelNotFound, TorchServe
 
-logger = logging.getLogger("segserve.worker")
+logger = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 2.0
 # Set when a job may be waiting: a gateway enqueued one, or a slot of ours came free.
 _wake: asyncio.Event | None = None
@@ -74,7 +74,17 @@ async def listen_for_jobs(redis: Any) -> None:
             await asyncio.sleep(0.5)
 
 
+def show_logs_like_arq() -> None:
+    """arq's CLI sets up only arq's logger: ours (retries, token refreshes) go beside its job lines."""
+    ours, arqs = logging.getLogger("gateway"), logging.getLogger("arq")
+    if not ours.handlers:
+        for handler in arqs.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(arqs.level)
+
+
 async def startup(ctx: dict[str, Any]) -> None:
+    show_logs_like_arq()
     settings = Settings.from_env()
     ctx["settings"] = settings
     ctx["torchserve"] = TorchServe(
