@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 TRANSIENT_STATUSES = {500, 502, 503, 504, 507}
 
 
+def one_line(text: str, limit: int = 200) -> str:
+    """TorchServe's error bodies are indented JSON: one line of them reads better in a log or a job."""
+    return " ".join(text.split())[:limit]
+
+
 def token_refused(response: httpx.Response) -> bool:
     # TorchServe answers a missing, wrong or expired token with 400 and this exception's name.
     return response.status_code in (400, 401) and b"InvalidKeyException" in response.content
@@ -121,7 +126,7 @@ class TorchServe:
             try:
                 response = await self.client.request(method, url, headers={**base_headers, **auth}, **kwargs)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
-                raise BackendUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                raise BackendUnavailable(f"{type(exc).__name__}: {exc or 'no answer in time'}") from exc
             if not token_refused(response):
                 return response
             if attempt == 0:
@@ -139,7 +144,7 @@ class TorchServe:
             "inference", "POST", f"{self.inference_url}/predictions/{model}", content=image, headers=headers
         )
         if response.status_code in TRANSIENT_STATUSES:
-            raise BackendUnavailable(f"TorchServe answered {response.status_code}: {response.text[:200]}")
+            raise BackendUnavailable(f"TorchServe answered {response.status_code}: {one_line(response.text)}")
         if response.status_code == 404:
             raise ModelNotFound(model)
         try:
@@ -149,7 +154,7 @@ class TorchServe:
         if response.status_code != 200 or "error" in body:
             error = body.get("error") if isinstance(body.get("error"), dict) else {}
             code = error.get("code") or ("too_large" if response.status_code == 413 else "backend_error")
-            raise InputRejected(code, error.get("message") or body.get("message") or response.text[:200])
+            raise InputRejected(code, error.get("message") or body.get("message") or one_line(response.text))
         return Prediction(
             width=body["width"],
             height=body["height"],
