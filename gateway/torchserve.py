@@ -126,7 +126,7 @@ class TorchServe:
             try:
                 response = await self.client.request(method, url, headers={**base_headers, **auth}, **kwargs)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
-                raise BackendUnavailable(f"{type(exc).__name__}: {exc or 'no answer in time'}") from exc
+                raise BackendUnavailable(f"{type(exc).__name__}: {str(exc) or 'no answer in time'}") from exc
             if not token_refused(response):
                 return response
             if attempt == 0:
