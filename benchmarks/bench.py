@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,14 +36,11 @@ import psutil
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: the helpers that start stacks are the test suite's
+from tests.conftest import free_port, side_by_side_env  # noqa: E402
+
 BIN = Path(sys.executable).parent
 POLL_INTERVAL = 0.05  # what a sensible polling client does: 20 looks a second
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def picture(width: int, height: int) -> bytes:
@@ -93,18 +89,7 @@ class Stack:
     def __init__(self, home: Path) -> None:
         self.home = home
         self.port = free_port()
-        self.ts = free_port()
-        self.env = {
-            **os.environ,
-            "SEGSERVE_HOME": str(home),
-            "SEGSERVE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-            "SEGSERVE_TORCHSERVE_URL": f"http://127.0.0.1:{self.ts}",
-            "SEGSERVE_TORCHSERVE_MANAGEMENT_URL": f"http://127.0.0.1:{free_port()}",
-            "TS_METRICS_ADDRESS": f"http://127.0.0.1:{free_port()}",
-            "TS_GRPC_INFERENCE_PORT": str(free_port()),
-            "TS_GRPC_MANAGEMENT_PORT": str(free_port()),
-            "TS_INITIAL_WORKER_PORT": str(free_port()),
-        }
+        self.env = side_by_side_env(home)
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -198,7 +183,7 @@ async def torchserve_direct(
     stack: Stack, body: bytes, clients: int, seconds: float
 ) -> tuple[int, list[float], int, float]:
     headers = {"Authorization": f"Bearer {stack.key('inference')}", "Content-Type": "image/jpeg"}
-    url = f"http://127.0.0.1:{stack.ts}/predictions/deeplabv3"
+    url = f"{stack.env['SEGSERVE_TORCHSERVE_URL']}/predictions/deeplabv3"
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as client:
 
         async def one() -> bool:

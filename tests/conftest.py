@@ -33,6 +33,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def side_by_side_env(home: Path) -> dict[str, str]:
+    """The environment of a `segserve up` beside another stack: its own state directory and free ports,
+    TorchServe's own (metrics, gRPC, backend workers) included, which the other one's TorchServe may hold."""
+    return {
+        **os.environ,
+        "SEGSERVE_HOME": str(home),
+        "SEGSERVE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "SEGSERVE_TORCHSERVE_URL": f"http://127.0.0.1:{free_port()}",
+        "SEGSERVE_TORCHSERVE_MANAGEMENT_URL": f"http://127.0.0.1:{free_port()}",
+        "TS_METRICS_ADDRESS": f"http://127.0.0.1:{free_port()}",
+        "TS_GRPC_INFERENCE_PORT": str(free_port()),
+        "TS_GRPC_MANAGEMENT_PORT": str(free_port()),
+        "TS_INITIAL_WORKER_PORT": str(free_port()),
+    }
+
+
 def wait_until(check, timeout: float, what: str, interval: float = 0.2):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -17,23 +17,12 @@ import yaml
 from gateway.archive import BuildError, build_archive, check_published_hash
 from gateway.launcher import stack
 from gateway.settings import Settings, env_table
-from tests.conftest import BIN, ROOT, encode, free_port, scene, wait_until
+from tests.conftest import BIN, ROOT, encode, free_port, scene, side_by_side_env, wait_until
 
 
 def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path, model_store: Path) -> None:
     port = free_port()
-    env = {
-        **os.environ,
-        "SEGSERVE_HOME": str(tmp_path / "home"),
-        "SEGSERVE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-        "SEGSERVE_TORCHSERVE_URL": f"http://127.0.0.1:{free_port()}",
-        "SEGSERVE_TORCHSERVE_MANAGEMENT_URL": f"http://127.0.0.1:{free_port()}",
-        # Ports of TorchServe's own that the session's other TorchServe may hold.
-        "TS_METRICS_ADDRESS": f"http://127.0.0.1:{free_port()}",
-        "TS_GRPC_INFERENCE_PORT": str(free_port()),
-        "TS_GRPC_MANAGEMENT_PORT": str(free_port()),
-        "TS_INITIAL_WORKER_PORT": str(free_port()),
-    }
+    env = side_by_side_env(tmp_path / "home")
     # The archive the tests built stands in for model_store/deeplabv3.mar, so nothing is downloaded.
     archive = ROOT / "model_store" / "deeplabv3.mar"
     built_here = not archive.exists()
