@@ -234,7 +234,7 @@ class InProcess:
 
     def __init__(self, archive: Path, workdir: Path) -> None:
         sys.path.insert(0, str(ROOT))
-        from gateway.archive import load_handler_module
+        from gateway.ops.archive import load_handler_module
 
         with zipfile.ZipFile(archive) as mar:
             mar.extractall(workdir)

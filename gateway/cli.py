@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-from typing import Any
 
+from gateway.client.commands import client_options, queue, submit, with_client
 from gateway.settings import env_table
 
 EPILOG = "environment variables (defaults):\n" + "\n".join(
@@ -16,7 +15,7 @@ EPILOG = "environment variables (defaults):\n" + "\n".join(
 
 
 def build_model(args: argparse.Namespace) -> int:
-    from gateway.archive import BuildError, ServingConfig, build_archive
+    from gateway.ops.archive import BuildError, ServingConfig, build_archive
 
     serving = ServingConfig(
         batch_size=args.batch_size,
@@ -31,7 +30,7 @@ def build_model(args: argparse.Namespace) -> int:
             version=args.version,
             weights=args.weights,
             random_seed=args.seed if args.random_weights else None,
-            store=Path(args.model_store),
+            store=Path(args.model_store) if args.model_store else None,
             serving=serving,
         )
     except BuildError as exc:
@@ -41,8 +40,8 @@ def build_model(args: argparse.Namespace) -> int:
 
 
 def setup(args: argparse.Namespace) -> int:
-    from gateway.launcher import SetupError
-    from gateway.launcher import setup as install
+    from gateway.ops.setup import SetupError
+    from gateway.ops.setup import setup as install
 
     try:
         install(with_browser=args.with_browser)
@@ -54,9 +53,9 @@ def setup(args: argparse.Namespace) -> int:
 
 
 def up(args: argparse.Namespace) -> int:
-    from gateway.archive import BuildError
-    from gateway.launcher import SetupError
-    from gateway.launcher import up as run
+    from gateway.ops.archive import BuildError
+    from gateway.ops.launcher import up as run
+    from gateway.ops.setup import SetupError
 
     try:
         return run(args.host, args.port, args.workers, args.model)
@@ -65,105 +64,15 @@ def up(args: argparse.Namespace) -> int:
         return 1
 
 
-def client_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=os.environ.get("SEGSERVE_URL", "http://127.0.0.1:8000"),
-                   help="the gateway (default: $SEGSERVE_URL or %(default)s)")  # fmt: skip
-    p.add_argument(
-        "--api-key", default=os.environ.get("SEGSERVE_API_KEY"), help="API key (default: $SEGSERVE_API_KEY)"
-    )
+def worker(args: argparse.Namespace) -> int:
+    from gateway.worker import main as run
 
-
-def submit(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from gateway.batch import find_images, submit_all
-    from gateway.client import AsyncClient
-
-    try:
-        images = find_images(args.inputs)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    params = {"classes": args.classes.split(",") if args.classes else None, "threshold": args.threshold}
-
-    async def run() -> dict[str, Any]:
-        async with AsyncClient(args.url, args.api_key) as client:
-            return await submit_all(
-                client, images, Path(args.out), concurrency=args.concurrency, params=params
-            )
-
-    outcome = asyncio.run(run())
-    print(f"{outcome['succeeded']} succeeded, {outcome['failed']} failed, {outcome['skipped']} skipped "
-          f"(masks exist); summary in {outcome['summary']}")  # fmt: skip
-    return 1 if outcome["failed"] else 0
-
-
-def with_client(call: str) -> object:
-    """A command that prints one API answer as JSON; exit 1 on an API error."""
-
-    def command(args: argparse.Namespace) -> int:
-        import json
-
-        from gateway.client import Client, SegserveError
-
-        try:
-            with Client(args.url, args.api_key) as client:
-                answer = (
-                    client.get(args.job_id, wait=args.wait) if call == "status" else getattr(client, call)()
-                )
-        except SegserveError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(json.dumps(answer, indent=2))
-        return 0 if call != "status" or answer["status"] != "failed" else 1
-
-    return command
-
-
-def queue(args: argparse.Namespace) -> int:
-    import time
-
-    from rich.console import Console
-    from rich.live import Live
-    from rich.table import Table
-
-    from gateway.client import Client, SegserveError
-
-    def view(state: dict[str, Any]) -> Table:
-        table = Table(title=f"segserve queue at {args.url}")
-        for name in ("queued", "running", "succeeded", "failed", "canceled"):
-            table.add_column(name, justify="right")
-        table.add_row(
-            *(str(state.get(k, 0)) for k in ("queued", "running", "succeeded", "failed", "canceled"))
-        )
-        workers = Table(title=f"{len(state['workers'])} workers")
-        for name in ("id", "started", "last seen", "concurrency"):
-            workers.add_column(name)
-        for w in state["workers"]:
-            workers.add_row(w["id"], w["started_at"], w["last_seen"], str(w.get("concurrency", "")))
-        outer = Table.grid()
-        outer.add_row(table)
-        outer.add_row(workers)
-        return outer
-
-    try:
-        with Client(args.url, args.api_key, retries=0) as client:
-            if args.once:
-                Console().print(view(client.queue()))
-                return 0
-            with Live(view(client.queue()), refresh_per_second=2) as live:
-                while True:
-                    time.sleep(args.interval)
-                    live.update(view(client.queue()))
-    except SegserveError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
+    run()
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
-    from gateway.archive import DEFAULT_STORE, VARIANTS, ServingConfig
+    from gateway.ops.archive import VARIANTS, ServingConfig
 
     defaults = ServingConfig()
     root = argparse.ArgumentParser(
@@ -183,6 +92,9 @@ def parser() -> argparse.ArgumentParser:
         "--model", default="deeplabv3", help="model archive to serve, built if missing (default: %(default)s)"
     )
     p.set_defaults(run=up)
+
+    p = commands.add_parser("worker", help="one arq worker process, woken at once when a job is enqueued")
+    p.set_defaults(run=worker)
 
     p = commands.add_parser("submit", help="segment images and folders of images, writing mask PNGs")
     p.add_argument(
@@ -235,9 +147,7 @@ def parser() -> argparse.ArgumentParser:
         help="seeded random weights: meaningless masks, for tests and demos",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default: %(default)s)")
-    p.add_argument(
-        "--model-store", default=str(DEFAULT_STORE), help="output directory (default: %(default)s)"
-    )
+    p.add_argument("--model-store", help="output directory (default: $SEGSERVE_MODEL_STORE or ./model_store)")
     p.add_argument(
         "--batch-size",
         type=int,

@@ -101,6 +101,17 @@ def encode(image: Image.Image, fmt: str = "JPEG", **kwargs: object) -> bytes:
     return buffer.getvalue()
 
 
+# Tests that start TorchServe (directly or through a stack) are the slow tier: `pytest -m "not slow"` skips
+# them and runs what needs only Redis, in-process where it can.
+SLOW_FIXTURES = {"model_store", "torchserve", "stack", "isolated", "client", "gateway", "api", "handler"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def redis_binary() -> str:
     path = shutil.which("redis-server")
@@ -152,7 +163,7 @@ def redis_server(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weights archive, built by the project's own builder, as `segserve build-model` does."""
-    from gateway.archive import ServingConfig, build_archive
+    from gateway.ops.archive import ServingConfig, build_archive
 
     store = tmp_path_factory.mktemp("model_store")
     # One worker taking batches of up to 4, whatever the machine, so the tests see TorchServe batch.
@@ -267,10 +278,12 @@ class Stack:
         )
         wait_until(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, 30, "the gateway")
 
-    def start_worker(self, **extra_env: str) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, command: tuple[str, ...] = ("segserve", "worker"), **extra_env: str
+    ) -> subprocess.Popen[bytes]:
         n = len(self.workers)
         worker = spawn(
-            [str(BIN / "arq"), "gateway.worker.WorkerSettings"],
+            [str(BIN / command[0]), *command[1:]],
             self.log_dir / f"worker-{n}.log",
             cwd=ROOT,
             env={**self.env, **extra_env},

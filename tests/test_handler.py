@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gateway.archive import calibrate_batch_norm, load_handler_module
-from gateway.params import VOC_CLASSES
+from gateway.app.params import VOC_CLASSES
+from gateway.ops.archive import calibrate_batch_norm, load_handler_module
 from tests.conftest import encode, scene
 
 handler_module = load_handler_module()
@@ -103,14 +103,28 @@ def test_mask_matches_torchvision_at_original_size(handler: Any) -> None:
     assert all(c["name"] == VOC_CLASSES[c["id"]] for c in answer["classes"])
 
 
-def test_batch_gives_the_masks_each_image_gives_alone(handler: Any) -> None:
+def test_a_batch_agrees_with_each_image_alone(handler: Any) -> None:
+    """Batched floats differ from single ones in the last bits (other kernels, other summation order), so a
+    pixel whose top two classes are nearly tied may flip. What holds: the masks agree on at least 99.99% of
+    pixels, and exactly wherever the top-two margin is clear."""
     images = [scene(320, 240, seed=i) for i in range(3)] + [scene(200, 300, seed=5)]
     alone = [mask_of(run(handler, [{"body": encode(im)}])[0][0]) for im in images]
     together, context = run(handler, [{"body": encode(im)} for im in images])
     assert context.status == {}
     assert [a["timings_ms"]["batch_size"] for a in together] == [3, 3, 3, 1]  # equal shapes share a pass
     for single, batched in zip(alone, together, strict=True):
-        assert np.array_equal(single, mask_of(batched))
+        assert np.mean(single == mask_of(batched)) >= 0.9999
+
+    tensors = torch.stack([handler.transforms(im) for im in images[:3]])
+    with torch.inference_mode():
+        batch_logits = handler.model(tensors)["out"]
+        single_logits = torch.cat([handler.model(t[None])["out"] for t in tensors])
+    top_two = single_logits.topk(2, dim=1).values
+    clear = (top_two[:, 0] - top_two[:, 1]) > 1e-3
+    assert clear.float().mean() > 0.9, "the margin test must cover most pixels to mean anything"
+    batch_labels, single_labels = batch_logits.argmax(1), single_logits.argmax(1)
+    assert torch.equal(batch_labels[clear], single_labels[clear])
+    assert (batch_labels == single_labels).float().mean() >= 0.9999
 
 
 def test_bad_images_fail_alone(handler: Any) -> None:

@@ -1,14 +1,18 @@
-"""2,000 jobs from 50 concurrent clients, good and bad images mixed: every good one succeeds, every bad
-one is refused or fails with its code, nothing answers 5xx, and Redis keeps no input it no longer needs.
+"""Mixed load from 50 concurrent clients for a fixed time, good and bad images interleaved: every good job
+succeeds, every bad one is refused or fails with its code, nothing answers 5xx, and Redis keeps no input it
+no longer needs.
 
-A quarter of the jobs are good: each costs a full forward pass on this 2-core CPU, and the rest are what
-the load is about (bad input interleaved with good)."""
+The load is bounded by time, not count, so it means the same on a slow machine: it sends for SECONDS, and
+each client then waits for its own last job (generously bounded by the per-test timeout)."""
 
 from __future__ import annotations
 
 import itertools
 import random
+import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,7 +20,8 @@ from PIL import Image
 
 from tests.conftest import Stack, encode, scene
 
-JOBS, CLIENTS = 2000, 50
+SECONDS, CLIENTS = 45, 50
+Kind = tuple[str, Callable[[int], tuple[bytes, str]], int, str | None]
 
 
 def test_mixed_load(isolated: Stack) -> None:
@@ -24,45 +29,56 @@ def test_mixed_load(isolated: Stack) -> None:
     larger = [encode(scene(300, 200, seed=i)) for i in range(8)]
     truncated = [whole[: len(whole) * 2 // 3] for whole in larger]  # the header survives, the pixels do not
     bomb = encode(Image.new("1", (30000, 30000)), "PNG")
-    kinds = (
-        [("good", lambda i: (good[i % 8], ""), 200, None)] * 500
-        + [("not an image", lambda i: (b"%PDF-1.4 " + bytes([i % 256]) * 64, ""), 415, "not_an_image")] * 500
-        + [("truncated", lambda i: (truncated[i % 8], ""), 200, "invalid_image")] * 500
-        + [("bomb", lambda i: (bomb, ""), 422, "too_many_pixels")] * 250
-        + [("bad threshold", lambda i: (good[0], "?threshold=7"), 422, "invalid_parameter")] * 250
+    # (name, body and query for the i-th job, expected submission status, expected code)
+    kinds: list[Kind] = (
+        [("good", lambda i: (good[i % 8], ""), 202, None)] * 2
+        + [("not an image", lambda i: (b"%PDF-1.4 " + bytes([i % 256]) * 64, ""), 415, "not_an_image")] * 2
+        + [("truncated", lambda i: (truncated[i % 8], ""), 202, "invalid_image")] * 2
+        + [("bomb", lambda i: (bomb, ""), 422, "too_many_pixels")]
+        + [("bad threshold", lambda i: (good[0], "?threshold=7"), 422, "invalid_parameter")]
     )
-    assert len(kinds) == JOBS
     random.Random(0).shuffle(kinds)
     counter = itertools.count()
+    lock = threading.Lock()
+    deadline = time.monotonic() + SECONDS
 
-    def one(kind: tuple) -> tuple[str, int, str | None]:  # type: ignore[type-arg]
-        name, make, _, _ = kind
-        body, query = make(next(counter))
+    def one_client(_: int) -> list[tuple[str, int, str | None]]:
+        outcomes = []
         with httpx.Client(base_url=isolated.url, timeout=120) as client:
-            response = client.post(f"/v1/jobs{query}", content=body, headers={"Content-Type": "image/jpeg"})
-            if response.status_code != 202:
-                return name, response.status_code, response.json().get("code")
-            job = response.json()
-            while job["status"] in ("queued", "running"):
-                job = client.get(f"/v1/jobs/{job['id']}", headers={"Prefer": "wait=30"}).json()
-            return name, 200, job["status"] if job["status"] == "succeeded" else job["error"]["code"]
+            while time.monotonic() < deadline:
+                with lock:
+                    n = next(counter)
+                name, make, _, _ = kinds[n % len(kinds)]
+                body, query = make(n)
+                response = client.post(
+                    f"/v1/jobs{query}", content=body, headers={"Content-Type": "image/jpeg"}
+                )
+                if response.status_code != 202:
+                    outcomes.append((name, response.status_code, response.json().get("code")))
+                    continue
+                job = response.json()
+                while job["status"] in ("queued", "running"):
+                    job = client.get(f"/v1/jobs/{job['id']}", headers={"Prefer": "wait=30"}).json()
+                code = job["status"] if job["status"] == "succeeded" else job["error"]["code"]
+                outcomes.append((name, 202, code))
+        return outcomes
 
     with ThreadPoolExecutor(CLIENTS) as pool:
-        outcomes = list(pool.map(one, kinds))
+        outcomes = [o for client_outcomes in pool.map(one_client, range(CLIENTS)) for o in client_outcomes]
 
     tally = Counter(outcomes)
+    expected = {name: (status, code or "succeeded") for name, _, status, code in kinds}
     assert not [o for o in outcomes if o[1] >= 500], tally
-    for (name, _, _, code), (status, got) in zip(kinds, ((o[1], o[2]) for o in outcomes), strict=True):
-        expected_status = next(k[2] for k in kinds if k[0] == name)
-        assert status == expected_status, (name, status, got)
-        assert got == (code or "succeeded"), (name, got)
-    assert tally[("good", 200, "succeeded")] == 500
+    for name, status, code in outcomes:
+        assert (status, code) == expected[name], (name, status, code, tally)
+    succeeded = tally[("good", 202, "succeeded")]
+    assert succeeded >= 10 and len(tally) == len(expected), tally  # every kind was sent, good ones ran
 
     with isolated.redis.client(db=int(isolated.env["SEGSERVE_REDIS_URL"].rsplit("/", 1)[1])) as redis:
         inputs = len(redis.keys("segserve:input:*"))
         queue = redis.zcard("arq:queue")
         used = int(redis.info("memory")["used_memory"])
-    assert inputs == 500, (
+    assert inputs == succeeded, (
         "inputs of failed jobs must be freed; succeeded ones stay for overlay.png until they expire"
     )
     assert queue == 0

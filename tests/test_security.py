@@ -8,9 +8,9 @@ from pathlib import Path
 
 import httpx
 
-from gateway.jobs import new_job_id
+from gateway.app.web import load_api_keys
+from gateway.jobs.store import new_job_id
 from gateway.settings import Settings
-from gateway.web import load_api_keys
 from tests.conftest import Stack, encode, free_port, scene
 
 SMALL = encode(scene(48, 32))

@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from gateway.archive import load_handler_module
+from gateway.ops.archive import load_handler_module
 from tests.conftest import Stack, TorchServeServer, encode, scene, wait_until
 
 handler_module = load_handler_module()

@@ -8,7 +8,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from gateway.errors import Problem
+from gateway.app.errors import Problem
 
 CONTENT_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff"}
 # PIL format names of those types (MPO is how PIL names many camera JPEGs).

@@ -6,7 +6,7 @@ import math
 import re
 from typing import Any
 
-from gateway.errors import Problem
+from gateway.app.errors import Problem
 
 # torchvision's VOC category names, in class-id order (COCO_WITH_VOC_LABELS_V1's meta["categories"]).
 VOC_CLASSES = (

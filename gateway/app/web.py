@@ -11,8 +11,8 @@ from typing import Any
 from arq.connections import ArqRedis
 from starlette.requests import Request
 
-from gateway import jobs
-from gateway.errors import Problem, unauthorized
+from gateway.app.errors import Problem, unauthorized
+from gateway.jobs import JobStore, Waiters
 from gateway.settings import Settings
 from gateway.torchserve import ModelCatalog, TorchServe
 
@@ -21,8 +21,8 @@ from gateway.torchserve import ModelCatalog, TorchServe
 class Services:
     settings: Settings
     redis: ArqRedis
-    store: jobs.JobStore
-    waiters: jobs.Waiters
+    store: JobStore
+    waiters: Waiters
     torchserve: TorchServe
     catalog: ModelCatalog
     api_keys: dict[str, str]  # sha256(key) -> owner id

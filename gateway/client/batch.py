@@ -19,7 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from gateway.client import CONTENT_TYPES, AsyncClient, SegserveError
+from gateway.client.sdk import CONTENT_TYPES, AsyncClient, SegserveError
 
 SUMMARY = "summary.json"
 

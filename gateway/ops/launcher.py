@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,66 +23,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from gateway.archive import DEFAULT_STORE, PROJECT_ROOT, BuildError, build_archive
+from gateway.ops.archive import BuildError, build_archive, model_store
+from gateway.ops.setup import SetupError, setup
 from gateway.settings import Settings
 
-# Redis data, TorchServe's keys and logs, every child's log. SEGSERVE_HOME moves it.
-STATE_DIR = Path(os.environ.get("SEGSERVE_HOME", PROJECT_ROOT / ".segserve")).resolve()
-TS_CONFIG = PROJECT_ROOT / "config.properties"
 READY_TIMEOUT_S = 300
 
 
-class SetupError(RuntimeError):
-    """Something this machine lacks; the message says exactly what to install."""
+def state_dir() -> Path:
+    """Redis data, TorchServe's keys and logs, every child's log: ``.segserve`` here, or SEGSERVE_HOME."""
+    return Path(os.environ.get("SEGSERVE_HOME", ".segserve")).resolve()
 
 
-def java_version(java: str) -> int:
-    out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False).stderr
-    match = re.search(r'version "(\d+)', out)
-    return int(match.group(1)) if match else 0
-
-
-def missing_system_packages(with_browser: bool = False) -> list[str]:
-    """Debian package names for what the stack (and, with_browser, its web page test) needs and this machine lacks."""
-    missing = []
-    if with_browser and not shutil.which("chromium"):
-        missing.append("chromium")
-    if not shutil.which("redis-server"):
-        missing.append("redis-server")
-    java = shutil.which("java")
-    if not java or java_version(java) < 17:
-        missing.append("openjdk-17-jre-headless")
-    return missing
-
-
-def setup(with_browser: bool = False) -> None:
-    """Install redis-server and Java 17+ when missing and possible (root on Debian/Ubuntu), else explain."""
-    missing = missing_system_packages(with_browser)
-    if not missing:
-        return
-    apt = shutil.which("apt-get")
-    can_install = apt and (os.geteuid() == 0 or shutil.which("sudo"))
-    if not can_install:
-        mac = "brew install redis openjdk@17" if sys.platform == "darwin" else ""
+def torchserve_config() -> Path:
+    """TorchServe's configuration: the checkout's ``config.properties``, or SEGSERVE_TORCHSERVE_CONFIG."""
+    path = Path(os.environ.get("SEGSERVE_TORCHSERVE_CONFIG", "config.properties")).resolve()
+    if not path.is_file():
         raise SetupError(
-            f"segserve needs {', '.join(missing)}. Install "
-            + (
-                f"them with: {mac}"
-                if mac
-                else f"them with your package manager (Debian: apt-get install {' '.join(missing)})"
-            )
+            f"TorchServe's configuration {path} does not exist: run `segserve up` in a checkout of segserve, "
+            "or point SEGSERVE_TORCHSERVE_CONFIG at a config.properties"
         )
-    prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    print(f"installing {', '.join(missing)} with apt-get …", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
-        if subprocess.run(prefix + command, env=env, check=False).returncode != 0:
-            raise SetupError(f"`{' '.join(command)}` failed; install {' '.join(missing)} yourself and retry")
-    if still := missing_system_packages(with_browser):
-        raise SetupError(f"still missing after apt-get: {', '.join(still)}")
+    return path
 
 
-def ensure_archive(model: str, store: Path = DEFAULT_STORE) -> Path:
+def ensure_archive(model: str, store: Path) -> Path:
     """The model's archive, built on first use: published weights online, else random with a warning."""
     archive = store / f"{model}.mar"
     if archive.exists():
@@ -113,18 +76,20 @@ def ensure_archive(model: str, store: Path = DEFAULT_STORE) -> Path:
 class Child:
     name: str
     command: list[str]
-    cwd: Path = PROJECT_ROOT
+    cwd: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     # Lines matching this are kept out of the console (still in the child's log file).
     quiet: re.Pattern[str] | None = None
     process: subprocess.Popen[str] | None = None
 
 
-def stack(settings: Settings, model: str, workers: int, host: str, port: int) -> list[Child]:
+def stack(
+    settings: Settings, home: Path, store: Path, model: str, workers: int, host: str, port: int
+) -> list[Child]:
     """The processes of the stack, in start order."""
     redis = urlparse(settings.redis_url)
-    redis_dir = STATE_DIR / "redis"
-    ts_dir = STATE_DIR / "torchserve"
+    redis_dir = home / "redis"
+    ts_dir = home / "torchserve"
     redis_dir.mkdir(parents=True, exist_ok=True)
     ts_dir.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
@@ -136,8 +101,8 @@ def stack(settings: Settings, model: str, workers: int, host: str, port: int) ->
         ),
         Child(
             "torchserve",
-            [str(bin_dir / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", str(TS_CONFIG),
-             "--model-store", str(DEFAULT_STORE), "--models", f"{model}={model}.mar"],
+            [str(bin_dir / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", str(torchserve_config()),
+             "--model-store", str(store), "--models", f"{model}={model}.mar"],
             cwd=ts_dir,  # TorchServe writes key_file.json and logs/ into its working directory
             # TorchServe refuses to start while another one's pid file sits in the temp dir: use our own.
             env={
@@ -152,7 +117,7 @@ def stack(settings: Settings, model: str, workers: int, host: str, port: int) ->
         ),
     ]  # fmt: skip
     for i in range(workers):
-        children.append(Child(f"worker{i + 1}", [str(bin_dir / "arq"), "gateway.worker.WorkerSettings"]))
+        children.append(Child(f"worker{i + 1}", [str(bin_dir / "segserve"), "worker"]))
     children.append(
         Child("gateway", [str(bin_dir / "uvicorn"), "gateway.app:app", "--host", host, "--port", str(port)])
     )
@@ -166,11 +131,11 @@ def port_busy(host: str, port: int) -> bool:
 
 
 class Supervisor:
-    def __init__(self, children: list[Child], env: dict[str, str]) -> None:
+    def __init__(self, children: list[Child], env: dict[str, str], log_dir: Path) -> None:
         self.children = children
         self.env = env
         self.stopping = threading.Event()
-        self.log_dir = STATE_DIR / "logs"
+        self.log_dir = log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.width = max(len(c.name) for c in children)
 
@@ -248,7 +213,8 @@ def wait_ready(url: str, supervisor: Supervisor, timeout: float = READY_TIMEOUT_
 def up(host: str, port: int, workers: int, model: str) -> int:
     settings = Settings.from_env()
     setup()
-    ensure_archive(model)
+    home, store = state_dir(), model_store()
+    ensure_archive(model, store)
     redis = urlparse(settings.redis_url)
     ts_urls = (settings.torchserve_url, settings.torchserve_management_url)
     for name, h, p in (
@@ -260,12 +226,12 @@ def up(host: str, port: int, workers: int, model: str) -> int:
             raise SetupError(f"port {p} on {h} is in use, so {name} cannot start there; stop what holds it")
     env = {
         **os.environ,
-        "SEGSERVE_TORCHSERVE_KEY_FILE": str(STATE_DIR / "torchserve" / "key_file.json"),
+        "SEGSERVE_TORCHSERVE_KEY_FILE": str(home / "torchserve" / "key_file.json"),
         "SEGSERVE_DEFAULT_MODEL": model,
         "PYTHONUNBUFFERED": "1",
     }
-    children = stack(settings, model, workers, host, port)
-    supervisor = Supervisor(children, env)
+    children = stack(settings, home, store, model, workers, host, port)
+    supervisor = Supervisor(children, env, home / "logs")
     interrupted = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -18,18 +18,23 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-HANDLER_FILE = PROJECT_ROOT / "handlers" / "deeplabv3.py"
-DEFAULT_STORE = PROJECT_ROOT / "model_store"
+# The handler ships inside the package (gateway.handlers is the checkout's handlers/ directory).
+HANDLER_FILE = Path(str(files("gateway.handlers").joinpath("deeplabv3.py")))
 VARIANTS = ("mobilenet_v3_large", "resnet50", "resnet101")
 # torch.hub names published checkpoints <name>-<first 8+ hex digits of their SHA-256>.pth
 PUBLISHED_NAME = re.compile(r"^(?P<stem>.+)-(?P<prefix>[0-9a-f]{8,})\.pth$")
+
+
+def model_store() -> Path:
+    """Where archives go and TorchServe finds them: ``model_store`` here, or SEGSERVE_MODEL_STORE."""
+    return Path(os.environ.get("SEGSERVE_MODEL_STORE", "model_store")).resolve()
 
 
 class BuildError(RuntimeError):
@@ -158,7 +163,7 @@ def build_archive(
     version: str = "1.0",
     weights: str | None = None,
     random_seed: int | None = None,
-    store: Path = DEFAULT_STORE,
+    store: Path | None = None,
     serving: ServingConfig = ServingConfig(),
     log: Any = print,
 ) -> Path:
@@ -167,6 +172,7 @@ def build_archive(
         raise BuildError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if weights and random_seed is not None:
         raise BuildError("--weights and --random-weights exclude each other")
+    store = store or model_store()
     store.mkdir(parents=True, exist_ok=True)
     serving = serving.resolved()
     with tempfile.TemporaryDirectory(prefix="segserve-build-") as tmp:

@@ -188,7 +188,8 @@ class Client:
         self._stack.close()
 
     def _call(self, method: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
-        return self._portal.call(functools.partial(method, *args, **kwargs))
+        result: T = self._portal.call(functools.partial(method, *args, **kwargs))
+        return result
 
     def submit(self, image: str | Path | bytes, **params: Any) -> dict[str, Any]:
         return self._call(self._async.submit, image, **params)

@@ -12,18 +12,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway import images, jobs
-from gateway.errors import Problem
-from gateway.params import parse_classes, parse_threshold, parse_wait
-from gateway.web import authenticate, read_body, services
+from gateway.app import images
+from gateway.app.errors import Problem
+from gateway.app.params import parse_classes, parse_threshold, parse_wait
+from gateway.app.web import authenticate, read_body, services
+from gateway.jobs import Job, JobStatus, QueueFull, Submission
 
 DEFAULT_CLASS_IDS = [8, 17]  # cat and sheep: what the original service counted when asked for nothing
 RQ_STATUS = {
-    "queued": "queued",
-    "running": "started",
-    "succeeded": "finished",
-    "failed": "failed",
-    "canceled": "failed",
+    JobStatus.QUEUED: "queued",
+    JobStatus.RUNNING: "started",
+    JobStatus.SUCCEEDED: "finished",
+    JobStatus.FAILED: "failed",
+    JobStatus.CANCELED: "failed",
 }
 
 
@@ -64,65 +65,61 @@ async def predict(request: Request) -> Response:
         )
     image = await run_in_threadpool(path.read_bytes)
     content_type, _, _ = images.check_image(image, svc.settings.max_pixels)
-    extra = {"image_path": payload["image_path"], "target_class_ids": json.dumps(class_ids)}
-    submission = jobs.Submission(svc.settings.default_model, params, image, content_type, owner, extra)
+    submission = Submission(svc.settings.default_model, params, image, content_type, owner,
+                            image_path=payload["image_path"], target_class_ids=class_ids)  # fmt: skip
     try:
         job, _ = await svc.store.submit(submission)
-    except jobs.QueueFull:
+    except QueueFull:
         raise Problem(429, "queue_full", "the queue is full; try again later", {"Retry-After": "5"}) from None
-    job_id = job["id"]
     wait = parse_wait(None, request.headers.get("async_mode"))
     if wait > 0:
-        done = await jobs.wait_for_end(svc.store, svc.waiters, job_id, owner, wait)
-        if done is not None and jobs.JobStatus(done["status"]).is_terminal():
-            return JSONResponse({"job_id": job_id, **rq_result(done)})
+        done = await svc.waiters.wait_for_end(svc.store, job.id, owner, wait)
+        if done is not None and done.status.is_terminal():
+            return JSONResponse({"job_id": job.id, **rq_result(done)})
     return JSONResponse(
         {
             "success": True,
-            "job_id": job_id,
-            "status": f"/job_status/{job_id}",
-            "position_in_queue": job.get("position", 0),
+            "job_id": job.id,
+            "status": f"/job_status/{job.id}",
+            "position_in_queue": job.position or 0,
         }
     )
 
 
-def rq_result(job: dict[str, Any]) -> dict[str, Any]:
+def rq_result(job: Job) -> dict[str, Any]:
     """The original's result object for a finished job."""
-    meta = job.get("_meta", {})
-    requested = json.loads(meta.get("target_class_ids", "null")) or job["params"].get("classes") or []
-    succeeded = job["status"] == "succeeded"
-    pixels = {c["id"]: c["pixels"] for c in job.get("result", {}).get("classes", [])}
-    error = job.get("error", {}).get("message") if job["status"] == "failed" else None
-    if job["status"] == "canceled":
+    requested = job.target_class_ids or job.params.get("classes") or []
+    succeeded = job.status is JobStatus.SUCCEEDED
+    pixels = {c["id"]: c["pixels"] for c in job.result.classes} if job.result else {}
+    error = job.error.message if job.error and job.status is JobStatus.FAILED else None
+    if job.status is JobStatus.CANCELED:
         error = "the job was canceled"
     return {
-        "image_path": meta.get("image_path"),
-        "model_name": job["model"],
+        "image_path": job.image_path,
+        "model_name": job.model,
         "predictions": [{"class_id": c, "pix_count": pixels.get(c, 0)} for c in requested]
         if succeeded
         else [],
-        "processing_time_ms": job.get("timings_ms", {}).get("total"),
+        "processing_time_ms": job.timings_ms.get("total"),
         "success": succeeded,
         "error_message": error,
     }
 
 
-async def load(request: Request) -> dict[str, Any] | None:
+async def load(request: Request) -> Job | None:
     owner = authenticate(request)
-    job_id = request.path_params["job_id"]
-    return await services(request).store.load(job_id, owner) if jobs.valid_id(job_id) else None
+    return await services(request).store.load(request.path_params["job_id"], owner)
 
 
 async def job_status(request: Request) -> Response:
     job = await load(request)
     if job is None:
         return JSONResponse({"error": "Job not found."}, status_code=404)
-    terminal = jobs.JobStatus(job["status"]).is_terminal()
-    result = rq_result(job) if terminal else None
+    result = rq_result(job) if job.status.is_terminal() else None
     return JSONResponse(
         {
-            "job_id": job["id"],
-            "status": RQ_STATUS[job["status"]],
+            "job_id": job.id,
+            "status": RQ_STATUS[job.status],
             "result": result,
             "error_message": result["error_message"] if result else None,
         }
@@ -133,7 +130,7 @@ async def prediction(request: Request) -> Response:
     job = await load(request)
     if job is None:
         return JSONResponse({"error": "Prediction ID not found."}, status_code=404)
-    if not jobs.JobStatus(job["status"]).is_terminal():
+    if not job.status.is_terminal():
         return JSONResponse({"error": "Prediction is still being processed."}, status_code=202)
     return JSONResponse(rq_result(job))
 

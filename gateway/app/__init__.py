@@ -1,0 +1,78 @@
+"""The HTTP gateway: validates, stores the input, enqueues, answers. It never imports torch.
+
+Run: ``uvicorn gateway.app:app``. The contract is docs/api.md, described at ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from importlib.resources import files
+from typing import Any
+
+import yaml
+from arq.connections import ArqRedis
+from redis.asyncio import ConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.app import compat, routes, service
+from gateway.app.errors import EXCEPTION_HANDLERS, problem_response
+from gateway.app.web import Services, load_api_keys
+from gateway.jobs import JobStore, Waiters, deserialize, serialize
+from gateway.settings import Settings
+from gateway.torchserve import ModelCatalog, TorchServe
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+    settings = Settings.from_env()
+    # No ping here: the gateway starts, and answers 503, while Redis is still coming up.
+    redis = ArqRedis(
+        connection_pool=ConnectionPool.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=10
+        ),
+        job_serializer=serialize,
+        job_deserializer=deserialize,
+    )
+    torchserve = TorchServe(
+        settings.torchserve_url, settings.torchserve_management_url, settings.key_file, timeout=10.0
+    )
+    services = Services(
+        settings=settings,
+        redis=redis,
+        store=JobStore(redis, settings.result_ttl, settings.max_queued),
+        # Its own connection, with no read timeout: the subscription is quiet for as long as no job ends.
+        waiters=Waiters(ArqRedis.from_url(settings.redis_url, socket_connect_timeout=2)),
+        torchserve=torchserve,
+        catalog=ModelCatalog(torchserve, settings.models_cache_seconds),
+        api_keys=load_api_keys(settings),
+        openapi=yaml.safe_load(files("gateway.app").joinpath("static", "openapi.yaml").read_text()),
+    )
+    await services.waiters.start()
+    try:
+        yield {"services": services}
+    finally:
+        await services.waiters.stop()
+        await torchserve.aclose()
+        await redis.aclose()
+
+
+async def redis_down(request: Request, exc: Exception) -> Response:
+    return problem_response(
+        503, "redis_unavailable", "the job store (Redis) does not answer; try again shortly"
+    )
+
+
+app = Starlette(
+    routes=[*routes.routes, *service.routes, *compat.routes],
+    lifespan=lifespan,
+    exception_handlers={
+        **EXCEPTION_HANDLERS,
+        RedisConnectionError: redis_down,
+        RedisTimeoutError: redis_down,
+    },
+)

@@ -1,0 +1,174 @@
+"""The job routes of ``/v1``: submit, read, wait, mask and overlay, cancel, delete."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.app import images
+from gateway.app.errors import Problem, job_not_found
+from gateway.app.params import parse_classes, parse_model, parse_threshold, parse_wait
+from gateway.app.web import Services, authenticate, read_body, services
+from gateway.jobs import Job, JobStatus, QueueFull, Submission
+from gateway.settings import Settings
+
+
+async def parse_submission(request: Request, settings: Settings) -> tuple[bytes, dict[str, Any]]:
+    """The image and the raw parameters, from raw bytes, multipart form or JSON."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        body = await read_body(request, settings.max_body_bytes * 4 // 3 + 65536)
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise Problem(422, "invalid_body", "the body is not valid JSON") from exc
+        if not isinstance(payload, dict) or not isinstance(payload.get("image"), str):
+            raise Problem(422, "invalid_body", 'expected {"image": "<base64>", ...}')
+        try:
+            image = base64.b64decode(payload["image"], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise Problem(422, "invalid_base64", "image is not valid base64") from exc
+        if len(image) > settings.max_body_bytes:
+            raise Problem(
+                413, "body_too_large", f"the image is over the limit of {settings.max_body_bytes} bytes"
+            )
+        return image, payload
+    if content_type == "multipart/form-data":
+        await read_body(request, settings.max_body_bytes + 65536)
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except Exception as exc:  # python-multipart's errors for malformed bodies have no common base
+            raise Problem(422, "invalid_body", "the multipart body cannot be parsed") from exc
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise Problem(422, "missing_image", "the form has no file field named 'image'")
+        image = await upload.read()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        await form.close()
+        return image, {**dict(request.query_params), **fields}
+    if content_type in images.CONTENT_TYPES or content_type == "application/octet-stream":
+        return await read_body(request, settings.max_body_bytes), dict(request.query_params)
+    raise Problem(
+        415,
+        "unsupported_media_type",
+        f"unsupported content type {content_type or '(none)'!r}; send image bytes, multipart/form-data "
+        "with a file field 'image', or JSON with base64 'image'",
+    )
+
+
+async def check_model(svc: Services, model: str) -> None:
+    if await svc.catalog.known(model) is False:
+        raise Problem(404, "model_not_found", f"unknown model {model!r}; see GET /v1/models")
+
+
+def job_response(job: Job, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(job.to_api(), status_code=status, headers=headers)
+
+
+async def submit_job(request: Request) -> Response:
+    svc = services(request)
+    owner = authenticate(request)
+    wait = parse_wait(request.headers.get("prefer"), request.headers.get("async_mode"))
+    image, raw = await parse_submission(request, svc.settings)
+    params = {
+        "classes": parse_classes(raw.get("classes")),
+        "threshold": parse_threshold(raw.get("threshold")),
+    }
+    model = parse_model(raw.get("model"), svc.settings.default_model)
+    content_type, _, _ = images.check_image(image, svc.settings.max_pixels)
+    await check_model(svc, model)
+    idempotency = request.headers.get("idempotency-key")
+    if idempotency is not None and not 0 < len(idempotency) <= 255:
+        raise Problem(422, "invalid_parameter", "Idempotency-Key must be 1 to 255 characters")
+    try:
+        job, created = await svc.store.submit(
+            Submission(model, params, image, content_type, owner), idempotency
+        )
+    except QueueFull:
+        raise Problem(429, "queue_full", "the queue is full; try again later", {"Retry-After": "5"}) from None
+    headers = {"Location": f"/v1/jobs/{job.id}"}
+    if wait > 0:
+        headers["Preference-Applied"] = f"wait={wait:g}"
+        ended = await svc.waiters.wait_for_end(svc.store, job.id, owner, wait)
+        if ended is None:  # deleted in the meantime
+            raise job_not_found()
+        job = ended
+    finished = job.status.is_terminal()
+    return job_response(job, 200 if (finished and wait > 0) or not created else 202, headers)
+
+
+async def load_job(request: Request) -> tuple[Services, Job]:
+    svc = services(request)
+    job = await svc.store.load(request.path_params["job_id"], authenticate(request))
+    if job is None:
+        raise job_not_found()
+    return svc, job
+
+
+async def get_job(request: Request) -> Response:
+    svc, job = await load_job(request)
+    wait = parse_wait(request.headers.get("prefer"), None)
+    if wait > 0 and not job.status.is_terminal():  # long polling, as on submission
+        job = await svc.waiters.wait_for_end(svc.store, job.id, job.owner, wait) or job
+    return job_response(job)
+
+
+def not_succeeded(job: Job) -> Problem:
+    return Problem(
+        409, "job_not_succeeded", f"the job is {job.status.value}; its mask exists once it has succeeded"
+    )
+
+
+async def get_mask(request: Request) -> Response:
+    svc, job = await load_job(request)
+    mask = await svc.store.mask(job.id) if job.status is JobStatus.SUCCEEDED else None
+    if mask is None:
+        raise not_succeeded(job)
+    return Response(mask, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+async def get_overlay(request: Request) -> Response:
+    svc, job = await load_job(request)
+    mask = await svc.store.mask(job.id) if job.status is JobStatus.SUCCEEDED else None
+    image = await svc.store.image(job.id) if mask is not None else None
+    if mask is None or image is None:
+        raise not_succeeded(job)
+    picture = await run_in_threadpool(images.overlay, image, mask)
+    return Response(picture, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+async def cancel_job(request: Request) -> Response:
+    svc, job = await load_job(request)
+    status = await svc.store.cancel(job.id)
+    if status is None:
+        raise job_not_found()
+    if status is not JobStatus.CANCELED:
+        raise Problem(409, "job_finished", f"the job has already {status.value}")
+    canceled = await svc.store.load(job.id, job.owner)
+    if canceled is None:
+        raise job_not_found()
+    return job_response(canceled)
+
+
+async def delete_job(request: Request) -> Response:
+    svc, job = await load_job(request)
+    await svc.store.delete(job.id)
+    return Response(status_code=204)
+
+
+routes = [
+    Route("/v1/jobs", submit_job, methods=["POST"]),
+    Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
+    Route("/v1/jobs/{job_id}", delete_job, methods=["DELETE"]),
+    Route("/v1/jobs/{job_id}/mask.png", get_mask, methods=["GET"]),
+    Route("/v1/jobs/{job_id}/overlay.png", get_overlay, methods=["GET"]),
+    Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+]

@@ -1,0 +1,5 @@
+"""Talking to a segserve server: the Python SDK (``Client``, ``AsyncClient``), and the CLI commands built on it."""
+
+from gateway.client.sdk import AsyncClient, Client, SegserveError
+
+__all__ = ["AsyncClient", "Client", "SegserveError"]

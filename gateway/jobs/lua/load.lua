@@ -1,0 +1,17 @@
+-- Everything a job's state is derived from, read in one atomic step: read apart, a job that ends between
+-- the reads would look neither queued, running nor ended.
+-- KEYS: 1 metadata, 2 arq's in-progress key, 3 arq's queue
+-- ARGV: 1 job id, 2 arq's in-progress key prefix
+-- Returns false for an unknown job, else {metadata, 1 if running else 0, jobs ahead or -1 when not queued}
+local meta = redis.call('HGETALL', KEYS[1])
+if #meta == 0 then return false end
+local running = redis.call('EXISTS', KEYS[2])
+local position = -1
+local score = running == 0 and redis.call('ZSCORE', KEYS[3], ARGV[1])
+if score then
+  position = 0
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. score)) do
+    if redis.call('EXISTS', ARGV[2] .. id) == 0 then position = position + 1 end
+  end
+end
+return {meta, running, position}

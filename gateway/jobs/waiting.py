@@ -1,0 +1,84 @@
+"""Waiting for jobs to end: one pub/sub subscription per gateway wakes every request that waits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from arq.connections import ArqRedis
+
+from gateway.jobs.records import Job
+from gateway.jobs.store import DONE_CHANNEL, JobStore
+
+logger = logging.getLogger(__name__)
+
+
+class Waiters:
+    """Wakes requests that wait for jobs to end, from one subscription to the done channel."""
+
+    def __init__(self, redis: ArqRedis) -> None:
+        self.redis = redis  # its own connection: a subscription holds it
+        self._events: dict[str, set[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.redis.aclose()
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(DONE_CHANNEL)
+                    self._wake_all()  # anything that ended while we were not listening
+                    async for message in pubsub.listen():
+                        for event in self._events.get(message["data"].decode(), ()):
+                            event.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis went away: wake everyone (they re-read), then reconnect
+                logger.warning("job notifications interrupted (%s); reconnecting", exc)
+                self._wake_all()
+                await asyncio.sleep(0.5)
+
+    def _wake_all(self) -> None:
+        for events in self._events.values():
+            for event in events:
+                event.set()
+
+    @contextlib.asynccontextmanager
+    async def watch(self, job_id: str) -> AsyncIterator[asyncio.Event]:
+        """An event set when the job may have ended; register before reading the state to miss nothing."""
+        event = asyncio.Event()
+        self._events.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            events = self._events.get(job_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._events[job_id]
+
+    async def wait_for_end(self, store: JobStore, job_id: str, owner: str, timeout: float) -> Job | None:
+        """The job once it has ended, or as it stands after ``timeout`` seconds; None once it is gone."""
+        deadline = time.monotonic() + timeout
+        async with self.watch(job_id) as event:
+            while True:
+                event.clear()  # before reading, so a notification during the read is not lost
+                job = await store.load(job_id, owner)
+                remaining = deadline - time.monotonic()
+                if job is None or job.status.is_terminal() or remaining <= 0:
+                    return job
+                # The notification is what wakes us; the 5 s bound only guards against a lost message.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(remaining, 5.0))

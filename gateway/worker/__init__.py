@@ -1,0 +1,10 @@
+"""The arq worker: takes jobs from Redis and sends many at once to TorchServe, which batches them.
+
+Run ``segserve worker`` (woken at once by each enqueue), or arq's own CLI, ``arq
+gateway.worker.WorkerSettings`` (which looks at the queue every ``SEGSERVE_WORKER_POLL_DELAY``);
+``arq gateway.worker.WorkerSettings --check`` tells whether one is alive.
+"""
+
+from gateway.worker.runner import SegserveWorker, WorkerSettings, main
+
+__all__ = ["SegserveWorker", "WorkerSettings", "main"]

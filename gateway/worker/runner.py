@@ -1,0 +1,173 @@
+"""The arq worker process: settings for arq's CLI, the hooks that build each worker's clients, and a
+Worker that wakes when there is work instead of looking at the queue on a timer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import logging.config
+import os
+import socket
+from typing import Any, ClassVar
+
+from arq.connections import RedisSettings
+from arq.typing import WorkerCoroutine
+from arq.worker import Function, Worker, func, get_kwargs
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.jobs import ENQUEUED_CHANNEL, FUNCTION, JobStore, WorkerInfo, deserialize, iso, now_ms, serialize
+from gateway.settings import Settings
+from gateway.torchserve import TorchServe
+from gateway.worker.segment import segment
+
+logger = logging.getLogger(__name__)
+HEARTBEAT_SECONDS = 2.0
+
+
+def show_logs_like_arq() -> None:
+    """arq's CLI sets up only arq's logger: ours (retries, token refreshes) go beside its job lines."""
+    ours, arqs = logging.getLogger("gateway"), logging.getLogger("arq")
+    if not ours.handlers:
+        for handler in arqs.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(arqs.level)
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    show_logs_like_arq()
+    settings = Settings.from_env()
+    ctx["settings"] = settings
+    ctx["store"] = JobStore(ctx["redis"], settings.result_ttl)
+    ctx["torchserve"] = TorchServe(
+        settings.torchserve_url,
+        settings.torchserve_management_url,
+        settings.key_file,
+        timeout=settings.inference_timeout,
+        max_connections=settings.worker_concurrency * 2,
+    )
+    worker = WorkerInfo(
+        id=f"{socket.gethostname()}:{os.getpid()}",
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        started_at=iso(now_ms()) or "",
+        last_seen="",
+        concurrency=settings.worker_concurrency,
+    )
+    ctx["heartbeat"] = asyncio.create_task(heartbeat(ctx["store"], worker))
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    heartbeat_task: asyncio.Task[None] = ctx["heartbeat"]
+    heartbeat_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await heartbeat_task
+    store: JobStore = ctx["store"]
+    with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+        await store.forget_worker(f"{socket.gethostname()}:{os.getpid()}")
+    await ctx["torchserve"].aclose()
+
+
+async def heartbeat(store: JobStore, worker: WorkerInfo) -> None:
+    """Each worker says it is alive every few seconds, for ``/v1/queue`` and ``/readyz``."""
+    while True:
+        now = now_ms()
+        try:
+            await store.heartbeat(dataclasses.replace(worker, last_seen=iso(now) or ""), now)
+        except Exception as exc:  # Redis restarting: say so, keep beating
+            logger.warning("heartbeat failed: %s", exc)
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+
+
+class SegserveWorker(Worker):
+    """arq's Worker, woken when a gateway enqueues a job or one of its own job slots frees.
+
+    arq's worker sleeps ``poll_delay`` between looks at the queue. A short delay costs CPU that the model on
+    the same machine needs (measured: 20 ms more per inference at 2 ms), a long one adds latency to every
+    job. Gateways publish on ``segserve:enqueued``; ``poll_delay`` stays as the bound for deferred retries.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.look_every = self.poll_delay_s
+        self.poll_delay_s = 0  # arq's loop then goes straight on; _poll_iteration waits instead
+        self.work_may_wait = asyncio.Event()
+        self.work_may_wait.set()
+        self._listener: asyncio.Task[None] | None = None
+
+    async def _poll_iteration(self) -> None:
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.work_may_wait.wait(), self.look_every)
+        self.work_may_wait.clear()
+        await super()._poll_iteration()
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self.work_may_wait.set()  # a slot is free: take the next job now
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self.pool.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(ENQUEUED_CHANNEL)
+                    self.work_may_wait.set()  # whatever arrived while we were not listening
+                    async for _ in pubsub.listen():
+                        self.work_may_wait.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis restarting: look on the timer meanwhile
+                logger.warning("job notifications interrupted (%s); reconnecting", exc)
+                await asyncio.sleep(0.5)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        await super().close()
+
+
+_settings = (
+    Settings.from_env()
+)  # arq's CLI reads WorkerSettings' class attributes, so these are read at import
+
+
+class WorkerSettings:
+    """For ``arq gateway.worker.WorkerSettings`` (and ``--check``), and for ``segserve worker``."""
+
+    functions: ClassVar[list[Function | WorkerCoroutine]] = [
+        func(segment, name=FUNCTION, max_tries=_settings.max_attempts + 3)
+    ]
+    on_startup = startup
+    on_shutdown = shutdown
+    # Ride out a Redis restart: commands retry with backoff for ~30 s instead of ending the worker.
+    redis_settings = dataclasses.replace(
+        RedisSettings.from_dsn(_settings.redis_url),
+        conn_retries=30,
+        retry=RedisRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=20),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    max_jobs = _settings.worker_concurrency
+    # One try: the model call's own timeout plus a margin. After a SIGKILL the job runs again once
+    # arq's in-progress key expires, job_timeout + 10 s later, so this stays tight.
+    job_timeout = int(_settings.inference_timeout) + 5
+    keep_result = 0  # outcomes live in the job store (gateway.jobs)
+    poll_delay = _settings.worker_poll_delay
+    health_check_interval = 2  # `arq ... --check` then fails within ~3 s of the last worker stopping
+    job_serializer = staticmethod(serialize)
+    job_deserializer = staticmethod(deserialize)
+    expires_extra_ms = _settings.result_ttl * 1000
+
+
+def main() -> None:
+    """``segserve worker``: one worker process, with arq's logging, until SIGINT or SIGTERM."""
+    from arq.logs import default_log_config
+
+    logging.config.dictConfig(default_log_config(verbose=True))
+    SegserveWorker(**get_kwargs(dict(vars(WorkerSettings)))).run()

@@ -1,0 +1,72 @@
+"""One job, one try: take it, send its image to the model server, complete it with the outcome."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from arq import Retry
+
+from gateway.jobs import JobStore, Outcome, Result, now_ms
+from gateway.settings import Settings
+from gateway.torchserve import BackendUnavailable, InputRejected, ModelNotFound, TorchServe
+
+logger = logging.getLogger(__name__)
+
+
+def backoff(settings: Settings, attempt: int) -> float:
+    return float(min(settings.retry_delay * 2 ** (attempt - 1), settings.retry_max_delay))
+
+
+async def segment(ctx: dict[str, Any], job_id: str) -> None:
+    """arq's job function. The outcome goes into the job store; arq keeps no result of its own."""
+    store: JobStore = ctx["store"]
+    settings: Settings = ctx["settings"]
+    attempt: int = ctx["job_try"]
+    deadline = now_ms() + (settings.inference_timeout + 10) * 1000
+    started = await store.start(job_id, attempt, deadline)
+    if started is None:  # deleted, canceled or already ended: nothing to do
+        return
+    if started.image is None:
+        outcome = Outcome.failed("expired", "the job's input expired before it ran")
+    else:
+        try:
+            outcome = await predict(ctx["torchserve"], started.job.model, started.job.params,
+                                    started.image, started.job.content_type)  # fmt: skip
+        except BackendUnavailable as exc:
+            if attempt >= settings.max_attempts:
+                message = f"model server unavailable after {attempt} tries ({exc})"
+                outcome = Outcome.failed("backend_unavailable", message)
+            else:
+                delay = backoff(settings, attempt)
+                logger.info(
+                    "%s: backend unavailable (%s), try %d again in %.1fs", job_id, exc, attempt, delay
+                )
+                await store.release(job_id)
+                raise Retry(defer=delay) from exc
+        except Exception:  # a bug of ours must fail this job, not lose it
+            logger.exception("%s: unexpected error", job_id)
+            outcome = Outcome.failed("internal_error", "the worker failed to process this job")
+    await store.complete(started.job, outcome)
+
+
+async def predict(
+    torchserve: TorchServe, model: str, params: dict[str, Any], image: bytes, content_type: str
+) -> Outcome:
+    """The model server's answer as an outcome; BackendUnavailable when it is worth trying again."""
+    request_started = time.perf_counter()
+    try:
+        prediction = await torchserve.predict(
+            model, image, params.get("classes"), params.get("threshold", 0.0), content_type
+        )
+    except ModelNotFound:
+        return Outcome.failed("model_not_found", f"model {model!r} is not served")
+    except InputRejected as exc:
+        return Outcome.failed(exc.code, exc.message)
+    timings = {
+        "backend": round((time.perf_counter() - request_started) * 1000, 1),  # the TorchServe request
+        "inference": round(prediction.timings_ms.get("inference", 0.0), 1),  # its forward pass
+    }
+    result = Result(prediction.width, prediction.height, prediction.classes)
+    return Outcome.succeeded(result, prediction.mask_png, timings)
