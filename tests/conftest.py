@@ -161,6 +161,22 @@ def redis_server(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
+def job_redis(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A Redis of the fast tier's own, flushed by each test that uses it."""
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("job-redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_redis(job_redis: RedisServer) -> RedisServer:
+    with job_redis.client() as redis:
+        redis.flushall()
+    return job_redis
+
+
+@pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weights archive, built by the project's own builder, as `segserve build-model` does."""
     from gateway.ops.archive import ServingConfig, build_archive

@@ -1,4 +1,4 @@
-"""The job API over HTTP, held to ../shared/API.md: uvicorn, arq workers, Redis and TorchServe, all real."""
+"""The job API over HTTP, held to docs/api.md: uvicorn, arq workers, Redis and TorchServe, all real."""
 
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def test_compose_runs_what_the_launcher_runs(tmp_path: Path) -> None:
 
     launched = {
         child.name.rstrip("0123456789"): child.command
-        for child in stack(Settings(), tmp_path, tmp_path, "deeplabv3", 1, "127.0.0.1", 8000)
+        for child in stack(Settings(), tmp_path, tmp_path / "model_store", "deeplabv3", 1, "127.0.0.1", 8000)
     }
 
     def program(command: list[str]) -> list[str]:

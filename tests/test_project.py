@@ -32,3 +32,40 @@ def test_ruff_and_mypy_are_clean() -> None:
             [str(BIN / command[0]), *command[1:]], cwd=ROOT, capture_output=True, text=True
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def documented_routes() -> set[tuple[str, str]]:
+    """(method, path) of every route the gateway serves, from its route table."""
+    from starlette.routing import Route
+
+    from gateway.app import app
+
+    return {
+        (method, route.path)
+        for route in app.routes
+        if isinstance(route, Route)
+        for method in (route.methods or ()) - {"HEAD"}
+    }
+
+
+def test_every_route_is_in_the_openapi_and_the_docs() -> None:
+    import yaml
+
+    openapi = yaml.safe_load((ROOT / "gateway" / "app" / "static" / "openapi.yaml").read_text())
+    described = {(m.upper(), p) for p, ops in openapi["paths"].items() for m in ops if m != "parameters"}
+    pages = {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/")}  # the description and the pages
+    assert documented_routes() - pages == described
+    api_page = (ROOT / "docs" / "api.md").read_text()
+    for method, path in documented_routes():
+        route = f"{method} {path.replace('{job_id}', '{id}')}"
+        assert route in api_page, f"docs/api.md does not describe {route}"
+
+
+def test_readme_links_only_into_the_repository() -> None:
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    for target in re.findall(r"\]\(([^)]+)\)", readme):
+        if target.startswith(("http://", "https://", "#")):
+            continue
+        assert (ROOT / target).exists(), f"README links to {target}, which a clone does not have"

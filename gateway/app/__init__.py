@@ -58,7 +58,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     finally:
         await services.waiters.stop()
         await torchserve.aclose()
-        await redis.aclose()
+        await redis.aclose(close_connection_pool=True)  # a pool passed in is not closed by default
 
 
 async def redis_down(request: Request, exc: Exception) -> Response:

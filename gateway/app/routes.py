@@ -36,10 +36,6 @@ async def parse_submission(request: Request, settings: Settings) -> tuple[bytes,
             image = base64.b64decode(payload["image"], validate=True)
         except (binascii.Error, ValueError) as exc:
             raise Problem(422, "invalid_base64", "image is not valid base64") from exc
-        if len(image) > settings.max_body_bytes:
-            raise Problem(
-                413, "body_too_large", f"the image is over the limit of {settings.max_body_bytes} bytes"
-            )
         return image, payload
     if content_type == "multipart/form-data":
         await read_body(request, settings.max_body_bytes + 65536)
@@ -78,6 +74,9 @@ async def submit_job(request: Request) -> Response:
     owner = authenticate(request)
     wait = parse_wait(request.headers.get("prefer"), request.headers.get("async_mode"))
     image, raw = await parse_submission(request, svc.settings)
+    if len(image) > svc.settings.max_body_bytes:  # a JSON or multipart body holds more than its image
+        limit = svc.settings.max_body_bytes
+        raise Problem(413, "body_too_large", f"the image is over the limit of {limit} bytes")
     params = {
         "classes": parse_classes(raw.get("classes")),
         "threshold": parse_threshold(raw.get("threshold")),

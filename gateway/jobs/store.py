@@ -195,7 +195,7 @@ class JobStore:
         keys = [meta_key(job_id), QUEUE, job_key_prefix + job_id, in_progress_key_prefix + job_id,
                 input_key(job_id), STATS]  # fmt: skip
         answer = (
-            await self._scripts["cancel"](keys=keys, args=[job_id, repr(now_ms()), DONE_CHANNEL])
+            await self._scripts["cancel"](keys=keys, args=[job_id, repr(now_ms()), DONE_CHANNEL, self.ttl_ms])
         ).decode()
         return None if answer == "missing" else JobStatus(answer)
 

@@ -3,7 +3,7 @@
 ``up`` is a small supervisor: it starts Redis (own data dir, AOF on, loopback), TorchServe, the arq
 workers and the gateway, each in its own process group; shows their logs with a prefix; waits until
 ``/readyz`` is green; reports a child that dies; and on Ctrl-C stops them all, leaving nothing behind.
-compose.yaml runs the same commands; tests/test_compose.py keeps the two in step.
+compose.yaml runs the same commands; tests/test_launcher.py keeps the two in step.
 """
 
 from __future__ import annotations

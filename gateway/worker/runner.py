@@ -169,5 +169,5 @@ def main() -> None:
     """``segserve worker``: one worker process, with arq's logging, until SIGINT or SIGTERM."""
     from arq.logs import default_log_config
 
-    logging.config.dictConfig(default_log_config(verbose=True))
+    logging.config.dictConfig(default_log_config(verbose=False))
     SegserveWorker(**get_kwargs(dict(vars(WorkerSettings)))).run()

@@ -1,0 +1,214 @@
+"""The gateway in-process (Starlette's TestClient runs its lifespan) against a real Redis, with no model
+server: submissions, reads, errors, cancel, delete, the compatibility routes and the service routes. A job is
+completed here through the job store, as a worker would complete it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from collections.abc import Iterator
+
+import pytest
+from arq.connections import ArqRedis
+from PIL import Image
+from starlette.testclient import TestClient
+
+from gateway.jobs import JobStore, Outcome, Result
+from tests.conftest import RedisServer, encode, free_port, scene
+
+IMAGE = encode(scene(32, 24))
+JPEG = {"Content-Type": "image/jpeg"}
+
+
+@pytest.fixture
+def env(fresh_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> RedisServer:
+    monkeypatch.setenv("SEGSERVE_REDIS_URL", fresh_redis.url)
+    nowhere = f"http://127.0.0.1:{free_port()}"  # no model server: the fast tier has none
+    monkeypatch.setenv("SEGSERVE_TORCHSERVE_URL", nowhere)
+    monkeypatch.setenv("SEGSERVE_TORCHSERVE_MANAGEMENT_URL", nowhere)
+    return fresh_redis
+
+
+@pytest.fixture
+def api(env: RedisServer) -> Iterator[TestClient]:
+    from gateway.app import app
+
+    with TestClient(app) as client:
+        yield client
+
+
+def complete(redis: RedisServer, job_id: str, mask: Image.Image) -> None:
+    """Take and complete the job as a worker would, through the job store."""
+
+    async def run() -> None:
+        store = JobStore(ArqRedis.from_url(redis.url), result_ttl=3600)
+        started = await store.start(job_id, 1, deadline_ms=4e12)
+        assert started is not None
+        classes = [{"id": 0, "name": "__background__", "pixels": 768, "fraction": 1.0}]
+        png = encode(mask, "PNG")
+        await store.complete(started.job, Outcome.succeeded(Result(32, 24, classes), png, {"inference": 3.0}))
+        await store.redis.aclose()
+
+    asyncio.run(run())
+
+
+def assert_problem(response, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert {"type", "title", "status", "detail", "code"} <= set(body) and body["code"] == code
+
+
+def test_three_ways_in(api: TestClient) -> None:
+    raw = api.post("/v1/jobs?classes=cat,dog&threshold=0.5", content=IMAGE, headers=JPEG)
+    assert raw.status_code == 202 and raw.headers["location"] == f"/v1/jobs/{raw.json()['id']}"
+    assert raw.json()["params"] == {"classes": [8, 12], "threshold": 0.5}
+    assert raw.json()["status"] == "queued" and raw.json()["position"] == 0
+    form = api.post("/v1/jobs", files={"image": ("a.jpg", IMAGE, "image/jpeg")}, data={"classes": "person"})
+    assert form.status_code == 202 and form.json()["params"]["classes"] == [15]
+    as_json = api.post("/v1/jobs", json={"image": base64.b64encode(IMAGE).decode(), "threshold": 0.25})
+    assert as_json.status_code == 202 and as_json.json()["position"] == 2
+    assert api.get(f"/v1/jobs/{raw.json()['id']}").json()["status"] == "queued"
+
+
+def test_bad_submissions_are_problems(api: TestClient) -> None:
+    assert_problem(api.post("/v1/jobs", content=b"%PDF-1.4", headers=JPEG), 415, "not_an_image")
+    assert_problem(
+        api.post("/v1/jobs", content=IMAGE, headers={"Content-Type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    )
+    assert_problem(api.post("/v1/jobs?threshold=7", content=IMAGE, headers=JPEG), 422, "invalid_parameter")
+    assert_problem(api.post("/v1/jobs?classes=unicorn", content=IMAGE, headers=JPEG), 422, "unknown_class")
+    assert_problem(api.post("/v1/jobs", json={"image": "***"}), 422, "invalid_base64")
+    assert_problem(
+        api.post("/v1/jobs", content=b"{", headers={"Content-Type": "application/json"}), 422, "invalid_body"
+    )
+    bomb = encode(Image.new("1", (30000, 30000)), "PNG")
+    assert_problem(
+        api.post("/v1/jobs", content=bomb, headers={"Content-Type": "image/png"}), 422, "too_many_pixels"
+    )
+    assert_problem(api.get("/v1/jobs/j_" + "0" * 32), 404, "job_not_found")
+    assert_problem(api.get("/v1/jobs/nonsense"), 404, "job_not_found")
+
+
+def test_body_limit_and_queue_bound(env: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEGSERVE_MAX_BODY_BYTES", "1000")
+    monkeypatch.setenv("SEGSERVE_MAX_QUEUED", "1")
+    from gateway.app import app
+
+    with TestClient(app) as api:
+        assert_problem(api.post("/v1/jobs", content=b"x" * 2000, headers=JPEG), 413, "body_too_large")
+        in_a_form = {"image": ("big.jpg", b"x" * 1500, "image/jpeg")}  # the form's own limit has headroom
+        assert_problem(api.post("/v1/jobs", files=in_a_form), 413, "body_too_large")
+        assert api.post("/v1/jobs", content=IMAGE, headers=JPEG).status_code == 202
+        full = api.post("/v1/jobs", content=IMAGE, headers=JPEG)
+        assert_problem(full, 429, "queue_full")
+        assert full.headers["retry-after"].isdigit()
+
+
+def test_idempotency_key(api: TestClient) -> None:
+    first = api.post("/v1/jobs", content=IMAGE, headers={**JPEG, "Idempotency-Key": "k1"})
+    again = api.post("/v1/jobs", content=IMAGE, headers={**JPEG, "Idempotency-Key": "k1"})
+    assert (first.status_code, again.status_code) == (202, 200) and first.json()["id"] == again.json()["id"]
+    assert_problem(
+        api.post("/v1/jobs", content=IMAGE, headers={**JPEG, "Idempotency-Key": "x" * 300}),
+        422,
+        "invalid_parameter",
+    )
+
+
+def test_a_completed_job_serves_its_mask_and_overlay(api: TestClient, env: RedisServer) -> None:
+    job = api.post("/v1/jobs", content=IMAGE, headers=JPEG).json()
+    assert_problem(api.get(f"/v1/jobs/{job['id']}/mask.png"), 409, "job_not_succeeded")
+    complete(env, job["id"], Image.new("P", (32, 24)))
+    done = api.get(f"/v1/jobs/{job['id']}").json()
+    assert done["status"] == "succeeded" and done["result"]["mask_url"] == f"/v1/jobs/{job['id']}/mask.png"
+    mask = api.get(done["result"]["mask_url"])
+    assert mask.status_code == 200 and Image.open(io.BytesIO(mask.content)).size == (32, 24)
+    overlay = api.get(f"/v1/jobs/{job['id']}/overlay.png")
+    assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
+    assert_problem(api.post(f"/v1/jobs/{job['id']}/cancel"), 409, "job_finished")
+    waited = api.get(f"/v1/jobs/{job['id']}", headers={"Prefer": "wait=5"})
+    assert waited.json()["status"] == "succeeded"
+
+
+def test_cancel_and_delete(api: TestClient) -> None:
+    job = api.post("/v1/jobs", content=IMAGE, headers=JPEG).json()
+    canceled = api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+    assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
+    assert api.delete(f"/v1/jobs/{job['id']}").status_code == 204
+    assert_problem(api.get(f"/v1/jobs/{job['id']}"), 404, "job_not_found")
+    assert_problem(api.delete(f"/v1/jobs/{job['id']}"), 404, "job_not_found")
+
+
+def test_prefer_wait_answers_202_when_the_job_does_not_end(api: TestClient) -> None:
+    response = api.post("/v1/jobs", content=IMAGE, headers={**JPEG, "Prefer": "wait=0.3"})
+    assert response.status_code == 202 and response.headers["preference-applied"] == "wait=0.3"
+
+
+def test_api_keys_keep_jobs_apart(env: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEGSERVE_API_KEYS", "alice-key,bob-key")
+    from gateway.app import app
+
+    with TestClient(app) as api:
+        assert_problem(api.post("/v1/jobs", content=IMAGE, headers=JPEG), 401, "unauthorized")
+        alice = {**JPEG, "Authorization": "Bearer alice-key"}
+        job = api.post("/v1/jobs", content=IMAGE, headers=alice).json()
+        assert api.get(f"/v1/jobs/{job['id']}", headers=alice).status_code == 200
+        assert_problem(
+            api.get(f"/v1/jobs/{job['id']}", headers={"Authorization": "Bearer bob-key"}),
+            404,
+            "job_not_found",
+        )
+        assert api.get("/healthz").status_code == 200
+
+
+def test_compatibility_routes(
+    api: TestClient, env: RedisServer, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "cat.jpg").write_bytes(IMAGE)
+    monkeypatch.setenv("SEGSERVE_IMAGE_ROOT", str(tmp_path))
+    from gateway.app import app
+
+    with TestClient(app) as compat:
+        answer = compat.post("/predict", json={"image_path": "cat.jpg", "target_class_ids": [15, 0]}).json()
+        assert answer["success"] is True and answer["status"] == f"/job_status/{answer['job_id']}"
+        assert compat.get(f"/job_status/{answer['job_id']}").json()["status"] == "queued"
+        assert compat.get(f"/predict/{answer['job_id']}").status_code == 202
+        complete(env, answer["job_id"], Image.new("P", (32, 24)))
+        status = compat.get(f"/job_status/{answer['job_id']}").json()
+        assert status["status"] == "finished"
+        assert status["result"]["predictions"] == [
+            {"class_id": 15, "pix_count": 0},
+            {"class_id": 0, "pix_count": 768},
+        ]
+        assert status["result"]["image_path"] == "cat.jpg"
+        assert compat.get("/predict/j_" + "0" * 32).json() == {"error": "Prediction ID not found."}
+        assert compat.post("/predict", json={"image_path": "../etc/passwd"}).status_code == 403
+
+
+def test_service_routes(api: TestClient) -> None:
+    api.post("/v1/jobs", content=IMAGE, headers=JPEG)
+    queue = api.get("/v1/queue").json()
+    assert queue["queued"] == 1 and queue["workers"] == []
+    metrics = api.get("/metrics").text
+    assert "segserve_jobs_submitted_total 1.0" in metrics and "segserve_queue_depth 1.0" in metrics
+    ready = api.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["redis"] == "ok"
+    assert ready.json()["checks"]["torchserve"] == "down"
+    assert_problem(api.get("/v1/models"), 503, "backend_unavailable")
+    paths = api.get("/openapi.json").json()["paths"]
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/predict"} <= set(paths)
+    assert api.get("/").status_code == 200 and api.get("/docs").status_code == 200
+
+
+def test_redis_down_is_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEGSERVE_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    from gateway.app import app
+
+    with TestClient(app) as api:
+        assert_problem(api.post("/v1/jobs", content=IMAGE, headers=JPEG), 503, "redis_unavailable")
+        assert_problem(api.get("/readyz"), 503, "not_ready")

@@ -1,0 +1,265 @@
+"""The job protocol (gateway.jobs) against a real Redis: each Lua script, the records, and the races the
+scripts exist for. arq's own part (its in-progress key while a worker runs a try, and the removal of its
+records when the try ends) is done here by hand, as arq does it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix, job_key_prefix
+
+from gateway.jobs import Job, JobStatus, JobStore, Outcome, QueueFull, Result, Submission
+from gateway.jobs.store import input_key
+from tests.conftest import BIN, ROOT, RedisServer, encode, free_port, scene, spawn, stop_process, wait_until
+
+IMAGE = encode(scene(32, 24))
+RESULT = Result(32, 24, [{"id": 0, "name": "__background__", "pixels": 768, "fraction": 1.0}])
+
+
+@pytest.fixture
+async def store(fresh_redis: RedisServer) -> AsyncIterator[JobStore]:
+    redis = ArqRedis.from_url(fresh_redis.url)
+    yield JobStore(redis, result_ttl=60, max_queued=100)
+    await redis.aclose()
+
+
+async def submit(store: JobStore, owner: str = "", key: str | None = None) -> Job:
+    job, _ = await store.submit(
+        Submission("deeplabv3", {"classes": None, "threshold": 0.0}, IMAGE, "image/jpeg", owner), key
+    )
+    return job
+
+
+async def take(store: JobStore, job: Job, attempt: int = 1) -> Job:
+    """What arq and the worker do when a try begins: arq's in-progress key, then the store's start."""
+    await store.redis.set(in_progress_key_prefix + job.id, b"1", px=60_000)
+    started = await store.start(job.id, attempt, deadline_ms=4e12)
+    assert started is not None and started.image == IMAGE
+    return started.job
+
+
+async def end_try(store: JobStore, job_id: str) -> None:
+    """What arq does when a try ends for good (finish_job with keep_result = 0)."""
+    async with store.redis.pipeline(transaction=True) as pipe:
+        pipe.delete(in_progress_key_prefix + job_id, job_key_prefix + job_id, f"arq:retry:{job_id}")
+        pipe.zrem("arq:queue", job_id)
+        await pipe.execute()
+
+
+async def keys_of(store: JobStore, job_id: str) -> list[bytes]:
+    return sorted(await store.redis.keys(f"*{job_id}*"))
+
+
+async def test_submit_then_load_shows_queue_positions(store: JobStore) -> None:
+    jobs = [await submit(store) for _ in range(3)]
+    assert [j.position for j in jobs] == [0, 1, 2]
+    loaded = await store.load(jobs[2].id)
+    assert loaded is not None and loaded.status is JobStatus.QUEUED and loaded.position == 2
+    await take(store, jobs[0])  # running jobs are not ahead of anyone
+    loaded = await store.load(jobs[2].id)
+    assert loaded is not None and loaded.position == 1
+    assert (await store.load(jobs[0].id)).status is JobStatus.RUNNING  # type: ignore[union-attr]
+
+
+async def test_another_owners_job_is_unknown(store: JobStore) -> None:
+    job = await submit(store, owner="alice")
+    assert await store.load(job.id, "bob") is None
+    assert await store.load(job.id, "alice") is not None
+    assert await store.load("j_" + "0" * 32) is None
+    assert await store.load("not-an-id") is None
+
+
+async def test_idempotency_is_decided_inside_the_submit(store: JobStore) -> None:
+    jobs = await asyncio.gather(*(submit(store, key="order-17") for _ in range(50)))
+    assert len({j.id for j in jobs}) == 1
+    assert await store.redis.zcard("arq:queue") == 1
+    assert len(await store.redis.keys("segserve:job:*")) == 1
+    other = await submit(store, owner="someone else", key="order-17")  # keys are per API key
+    assert other.id != jobs[0].id
+
+
+async def test_queue_bound(fresh_redis: RedisServer) -> None:
+    redis = ArqRedis.from_url(fresh_redis.url)
+    small = JobStore(redis, result_ttl=60, max_queued=2)
+    await submit(small)
+    await submit(small)
+    with pytest.raises(QueueFull):
+        await submit(small)
+    await redis.aclose()
+
+
+async def test_complete_keeps_result_mask_and_input_for_the_overlay(store: JobStore) -> None:
+    job = await take(store, await submit(store))
+    status = await store.complete(job, Outcome.succeeded(RESULT, b"PNG", {"inference": 12.5}))
+    await end_try(store, job.id)
+    assert status is JobStatus.SUCCEEDED
+    done = await store.load(job.id)
+    assert done is not None and done.status is JobStatus.SUCCEEDED and done.result == RESULT
+    assert done.timings_ms["inference"] == 12.5 and "total" in done.timings_ms
+    assert done.attempts == 1 and done.started_at is not None and done.finished_at is not None
+    assert await store.mask(job.id) == b"PNG" and await store.image(job.id) == IMAGE
+    assert 0 < await store.redis.pttl(input_key(job.id)) <= 60_000
+    stats = await store.queue_stats()
+    assert (stats.succeeded, stats.running, stats.queued) == (1, 0, 0)
+    counters, _, _ = await store.counters()
+    assert counters["finished:succeeded"] == 1 and counters["total:sum"] > 0
+
+
+async def test_a_failed_job_frees_its_input(store: JobStore) -> None:
+    job = await take(store, await submit(store))
+    assert await store.complete(job, Outcome.failed("invalid_image", "broken")) is JobStatus.FAILED
+    done = await store.load(job.id)
+    assert done is not None and done.error is not None and done.error.code == "invalid_image"
+    assert await store.image(job.id) is None and await store.mask(job.id) is None
+
+
+async def test_cancel_a_queued_job_and_it_never_starts(store: JobStore) -> None:
+    job = await submit(store)
+    assert await store.cancel(job.id) is JobStatus.CANCELED
+    assert await store.cancel(job.id) is JobStatus.CANCELED  # again: the same answer
+    assert await store.start(job.id, 1, deadline_ms=4e12) is None
+    assert await store.redis.zcard("arq:queue") == 0
+    assert await keys_of(store, job.id) == [f"segserve:job:{job.id}".encode()]
+    canceled = await store.load(job.id)
+    assert canceled is not None and canceled.status is JobStatus.CANCELED and canceled.attempts == 0
+    assert canceled.finished_at is not None and canceled.expires_at == canceled.finished_at + 60_000
+    assert 59_000 < await store.redis.pttl(f"segserve:job:{job.id}") <= 60_000  # kept as expires_at says
+
+
+async def test_a_cancel_before_completion_wins(store: JobStore) -> None:
+    job = await take(store, await submit(store))
+    assert await store.cancel(job.id) is JobStatus.CANCELED
+    assert await store.complete(job, Outcome.succeeded(RESULT, b"PNG", {})) is JobStatus.CANCELED
+    assert await store.mask(job.id) is None and await store.image(job.id) is None
+    assert (await store.queue_stats()).canceled == 1 and (await store.queue_stats()).succeeded == 0
+
+
+async def test_cancel_after_the_end_is_refused(store: JobStore) -> None:
+    job = await take(store, await submit(store))
+    await store.complete(job, Outcome.succeeded(RESULT, b"PNG", {}))
+    assert await store.cancel(job.id) is JobStatus.SUCCEEDED
+    assert await store.cancel("j_" + "0" * 32) is None
+
+
+@pytest.mark.parametrize(
+    "delete_first", [True, False], ids=["delete, then complete", "complete, then delete"]
+)
+async def test_delete_while_the_job_completes_leaves_nothing(store: JobStore, delete_first: bool) -> None:
+    job = await take(store, await submit(store))
+    steps = [store.delete(job.id), store.complete(job, Outcome.succeeded(RESULT, b"PNG", {}))]
+    for step in steps if delete_first else reversed(steps):
+        await step
+    await end_try(store, job.id)
+    assert await keys_of(store, job.id) == []
+    assert await store.load(job.id) is None
+
+
+async def test_deletes_racing_completions_leave_nothing(store: JobStore) -> None:
+    jobs = [await take(store, await submit(store)) for _ in range(30)]
+    await asyncio.gather(
+        *(store.complete(j, Outcome.succeeded(RESULT, b"PNG", {})) for j in jobs),
+        *(store.delete(j.id) for j in jobs),
+    )
+    for job in jobs:
+        await end_try(store, job.id)
+    assert await store.redis.keys("segserve:job:*") == []
+    assert (
+        await store.redis.keys("segserve:input:*") == [] and await store.redis.keys("segserve:mask:*") == []
+    )
+
+
+async def test_delete_a_queued_job(store: JobStore) -> None:
+    job = await submit(store)
+    await store.delete(job.id)
+    assert await keys_of(store, job.id) == [] and await store.redis.zcard("arq:queue") == 0
+
+
+async def test_a_retried_try_starts_again_and_counts_attempts(store: JobStore) -> None:
+    job = await take(store, await submit(store))
+    await store.release(job.id)  # the try ended without an outcome (raise Retry)
+    await store.redis.delete(in_progress_key_prefix + job.id)
+    assert (await store.queue_stats()).running == 0
+    again = await take(store, job, attempt=2)
+    assert again.attempts == 2
+
+
+async def test_expired_input_and_lost_jobs_fail_with_a_code(store: JobStore) -> None:
+    job = await submit(store)
+    await store.redis.delete(input_key(job.id))
+    started = await store.start(job.id, 1, deadline_ms=4e12)
+    assert started is not None and started.image is None
+    lost = await submit(store)
+    await end_try(store, lost.id)  # arq dropped it (expired in the queue, or too many tries)
+    shown = await store.load(lost.id)
+    assert shown is not None and shown.status is JobStatus.FAILED and shown.error is not None
+    assert shown.error.code == "expired"
+
+
+async def test_the_api_object_never_shows_the_owner(store: JobStore) -> None:
+    job = await take(store, await submit(store, owner="secret-owner"))
+    await store.complete(job, Outcome.succeeded(RESULT, b"PNG", {"inference": 1.0}))
+    shown = (await store.load(job.id, "secret-owner")).to_api()  # type: ignore[union-attr]
+    assert "secret-owner" not in json.dumps(shown) and "owner" not in shown
+    assert shown["result"]["mask_url"] == f"/v1/jobs/{job.id}/mask.png"
+    assert shown["status"] == "succeeded" and "position" not in shown and "error" not in shown
+    assert shown["timings_ms"]["queued"] >= 0 and shown["expires_at"] > shown["finished_at"]
+
+
+def test_two_gateways_and_one_idempotency_key_make_one_job(fresh_redis: RedisServer, tmp_path: Path) -> None:
+    env = {
+        "SEGSERVE_REDIS_URL": fresh_redis.url,
+        "SEGSERVE_TORCHSERVE_MANAGEMENT_URL": f"http://127.0.0.1:{free_port()}",
+    }
+    ports = [free_port(), free_port()]
+    gateways = [
+        spawn([str(BIN / "uvicorn"), "gateway.app:app", "--port", str(p), "--log-level", "warning"],
+              tmp_path / f"gateway-{p}.log", cwd=ROOT, env={**os.environ, **env})
+        for p in ports
+    ]  # fmt: skip
+    try:
+        for p in ports:
+            wait_until(
+                lambda p=p: httpx.get(f"http://127.0.0.1:{p}/healthz").status_code == 200, 30, "a gateway"
+            )
+
+        def post(n: int) -> httpx.Response:
+            return httpx.post(
+                f"http://127.0.0.1:{ports[n % 2]}/v1/jobs", content=IMAGE, timeout=30,
+                headers={"Content-Type": "image/jpeg", "Idempotency-Key": "one-order"},
+            )  # fmt: skip
+
+        with ThreadPoolExecutor(50) as pool:
+            answers = list(pool.map(post, range(50)))
+    finally:
+        for gateway in gateways:
+            stop_process(gateway)
+    assert sorted({a.status_code for a in answers}) in ([200, 202], [202]), [a.text for a in answers]
+    assert [a.status_code for a in answers].count(202) == 1
+    assert len({a.json()["id"] for a in answers}) == 1
+    with fresh_redis.client() as redis:
+        assert len(redis.keys("segserve:job:*")) == 1 and redis.zcard("arq:queue") == 1
+
+
+def test_lua_scripts_ship_with_the_package() -> None:
+    from importlib.resources import files
+
+    shipped = {p.name for p in files("gateway.jobs").joinpath("lua").iterdir()}
+    assert shipped == {"submit.lua", "load.lua", "start.lua", "complete.lua", "cancel.lua", "delete.lua"}
+
+
+def test_only_the_job_store_writes_job_keys() -> None:
+    """Nothing outside gateway/jobs names a job's keys: one owner of the protocol."""
+    hits = subprocess.run(
+        ["grep", "-rlE", "segserve:(job|input|mask|stats|running)|arq:(queue|in-progress)", "gateway"],
+        cwd=ROOT, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    assert sorted(hits) == ["gateway/jobs/store.py"], hits
