@@ -97,7 +97,7 @@ class Stack:
         log = (self.home / "up.log").open("wb")
         self.process = subprocess.Popen(
             [str(BIN / "segserve"), "up", "--port", str(self.port)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         log.close()
         deadline = time.monotonic() + 300
@@ -131,7 +131,7 @@ class Stack:
                 continue
             if "gateway.app:app" in line:
                 roles["gateway"].append(p)
-            elif "gateway.worker" in line:
+            elif "segserve worker" in line:
                 roles["worker"].append(p)
             elif "redis-server" in line:
                 roles["redis"].append(p)

@@ -50,16 +50,20 @@ def side_by_side_env(home: Path) -> dict[str, str]:
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 0.2):  # type: ignore[no-untyped-def]
+    """Poll ``check`` until it returns something true; on timeout, say what it last raised or returned."""
     deadline = time.monotonic() + timeout
+    last: object = None
     while time.monotonic() < deadline:
         try:
             value = check()
-        except Exception:
-            value = None
+        except Exception as exc:
+            value, last = None, exc
+        else:
+            last = value
         if value:
             return value
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
 
 
 def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> None:

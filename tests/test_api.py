@@ -135,7 +135,8 @@ def test_prefer_wait_answers_when_the_job_ends(client: httpx.Client) -> None:
         assert response.headers["preference-applied"] == "wait=30"
         lags.append(received - parse_time(job["finished_at"]))
     assert min(lags) >= 0
-    assert sorted(lags)[len(lags) // 2] < 0.05, f"answers came {lags} s after the jobs ended"
+    # Woken by the job's end, not by the 5 s re-read that guards against a lost notification.
+    assert sorted(lags)[len(lags) // 2] < 2.5, f"answers came {lags} s after the jobs ended"
 
 
 def test_prefer_wait_times_out_with_202(client: httpx.Client) -> None:

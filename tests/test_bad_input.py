@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -137,11 +136,9 @@ def test_100_mb_body_is_refused_while_streaming(api: httpx.Client, stack: Stack)
         for _ in range(100):
             yield chunk
 
-    started = time.monotonic()
     try:
         response = api.post("/v1/jobs", content=body(), headers={"Content-Type": "image/jpeg"})
         assert response.status_code == 413
     except httpx.TransportError:
         pass  # the gateway may close the connection while we are still sending: refused either way
-    assert time.monotonic() - started < 30
     assert gateway.memory_info().rss - before < 40 << 20, "the gateway's memory grew with the body"

@@ -70,6 +70,14 @@ async def test_submit_then_load_shows_queue_positions(store: JobStore) -> None:
     assert (await store.load(jobs[0].id)).status is JobStatus.RUNNING  # type: ignore[union-attr]
 
 
+async def test_jobs_with_one_score_still_have_distinct_positions(store: JobStore) -> None:
+    """Two gateways can enqueue in the same instant: arq then orders by id, and positions follow it."""
+    first, second = await submit(store), await submit(store)
+    await store.redis.zadd("arq:queue", {first.id: 1000, second.id: 1000})
+    positions = {(await store.load(j.id)).position for j in (first, second)}  # type: ignore[union-attr]
+    assert positions == {0, 1}
+
+
 async def test_another_owners_job_is_unknown(store: JobStore) -> None:
     job = await submit(store, owner="alice")
     assert await store.load(job.id, "bob") is None

@@ -163,7 +163,7 @@ class JobStore:
         keys = [QUEUE, job_key_prefix + job_id, input_key(job_id), meta_key(job_id), STATS, RUNNING]
         if idempotency:
             keys.append(idempotency_key(sub.owner, idempotency))
-        args: list[EncodableT] = [job_id, int(created), self.ttl_ms, self.max_queued, arq_job, sub.image, _flat(fields),
+        args: list[EncodableT] = [job_id, repr(created), self.ttl_ms, self.max_queued, arq_job, sub.image, _flat(fields),
                 ENQUEUED_CHANNEL, META_PREFIX]  # fmt: skip
         answer = await self._scripts["submit"](keys=keys, args=args)
         kind = answer[0].decode()

@@ -7,11 +7,14 @@ local meta = redis.call('HGETALL', KEYS[1])
 if #meta == 0 then return false end
 local running = redis.call('EXISTS', KEYS[2])
 local position = -1
-local score = running == 0 and redis.call('ZSCORE', KEYS[3], ARGV[1])
-if score then
+-- The jobs ahead are those before it in arq's order (score, then id), less those already running.
+local rank = running == 0 and redis.call('ZRANK', KEYS[3], ARGV[1])
+if rank then
   position = 0
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. score)) do
-    if redis.call('EXISTS', ARGV[2] .. id) == 0 then position = position + 1 end
+  if rank > 0 then
+    for _, id in ipairs(redis.call('ZRANGE', KEYS[3], 0, rank - 1)) do
+      if redis.call('EXISTS', ARGV[2] .. id) == 0 then position = position + 1 end
+    end
   end
 end
 return {meta, running, position}
