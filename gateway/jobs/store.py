@@ -10,6 +10,7 @@ their own keys with a TTL, never as arq job arguments. Each step that writes is 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import re
 import secrets
@@ -163,8 +164,10 @@ class JobStore:
         keys = [QUEUE, job_key_prefix + job_id, input_key(job_id), meta_key(job_id), STATS, RUNNING]
         if idempotency:
             keys.append(idempotency_key(sub.owner, idempotency))
-        args: list[EncodableT] = [job_id, repr(created), self.ttl_ms, self.max_queued, arq_job, sub.image, _flat(fields),
-                ENQUEUED_CHANNEL, META_PREFIX]  # fmt: skip
+        args: list[EncodableT] = [
+            job_id, repr(created), self.ttl_ms, self.max_queued, arq_job, sub.image, _flat(fields),
+            ENQUEUED_CHANNEL, META_PREFIX,
+        ]  # fmt: skip
         answer = await self._scripts["submit"](keys=keys, args=args)
         kind = answer[0].decode()
         if kind == "full":
@@ -173,7 +176,7 @@ class JobStore:
             first = await self.load(answer[1].decode(), sub.owner)
             if first is not None:
                 return first, False
-            return await self.submit(sub)  # the first job ended its life in between: start afresh
+            return await self.submit(sub, idempotency)  # the first job was deleted in between: start afresh
         return self._job(job_id, fields, running=False, position=int(answer[1])), True
 
     async def load(self, job_id: str, owner: str = "") -> Job | None:
@@ -235,9 +238,9 @@ class JobStore:
         timings = {**outcome.timings_ms, "total": round(finished - job.created_at, 1)}
         fields = {"timings_ms": json.dumps(timings)}
         if outcome.result is not None:
-            fields["result"] = json.dumps(outcome.result.__dict__)
+            fields["result"] = json.dumps(dataclasses.asdict(outcome.result))
         if outcome.error is not None:
-            fields["error"] = json.dumps(outcome.error.__dict__)
+            fields["error"] = json.dumps(dataclasses.asdict(outcome.error))
         seconds = {"total": timings["total"] / 1000}
         if job.started_at is not None:
             seconds["queue_wait"] = (job.started_at - job.created_at) / 1000
@@ -245,8 +248,10 @@ class JobStore:
             seconds["inference"] = timings["inference"] / 1000
         status = outcome.status.value
         keys = [meta_key(job.id), input_key(job.id), mask_key(job.id), RUNNING, STATS]
-        args: list[EncodableT] = [job.id, repr(finished), self.ttl_ms, status, _flat(fields), outcome.mask_png or b"",
-                json.dumps(counter_increments(status, seconds)), DONE_CHANNEL]  # fmt: skip
+        args: list[EncodableT] = [
+            job.id, repr(finished), self.ttl_ms, status, _flat(fields), outcome.mask_png or b"",
+            json.dumps(counter_increments(status, seconds)), DONE_CHANNEL,
+        ]  # fmt: skip
         answer = (await self._scripts["complete"](keys=keys, args=args)).decode()
         return None if answer == "gone" else JobStatus(answer)
 

@@ -50,7 +50,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         timeout=settings.inference_timeout,
         max_connections=settings.worker_concurrency * 2,
     )
-    worker = WorkerInfo(
+    ctx["worker"] = worker = WorkerInfo(
         id=f"{socket.gethostname()}:{os.getpid()}",
         host=socket.gethostname(),
         pid=os.getpid(),
@@ -68,7 +68,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await heartbeat_task
     store: JobStore = ctx["store"]
     with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
-        await store.forget_worker(f"{socket.gethostname()}:{os.getpid()}")
+        await store.forget_worker(ctx["worker"].id)
     await ctx["torchserve"].aclose()
 
 
