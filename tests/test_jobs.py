@@ -17,8 +17,8 @@ import pytest
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
 
-from gateway.jobs import Job, JobStatus, JobStore, Outcome, QueueFull, Result, Submission
-from gateway.jobs.store import input_key
+from gateway.jobs import Job, JobError, JobStatus, JobStore, Outcome, QueueFull, Result, Submission
+from gateway.jobs.store import STEPS, RetryRefused, input_key
 from tests.conftest import BIN, ROOT, RedisServer, encode, free_port, scene, spawn, stop_process, wait_until
 
 IMAGE = encode(scene(32, 24))
@@ -39,10 +39,10 @@ async def submit(store: JobStore, owner: str = "", key: str | None = None) -> Jo
     return job
 
 
-async def take(store: JobStore, job: Job, attempt: int = 1) -> Job:
+async def take(store: JobStore, job: Job) -> Job:
     """What arq and the worker do when a try begins: arq's in-progress key, then the store's start."""
     await store.redis.set(in_progress_key_prefix + job.id, b"1", px=60_000)
-    started = await store.start(job.id, attempt, deadline_ms=4e12)
+    started = await store.start(job.id, deadline_ms=4e12)
     assert started is not None and started.image == IMAGE
     return started.job
 
@@ -122,21 +122,22 @@ async def test_complete_keeps_result_mask_and_input_for_the_overlay(store: JobSt
     assert counters["finished:succeeded"] == 1 and counters["total:sum"] > 0
 
 
-async def test_a_failed_job_frees_its_input(store: JobStore) -> None:
+async def test_a_failed_job_keeps_its_input_for_a_retry(store: JobStore) -> None:
     job = await take(store, await submit(store))
     assert await store.complete(job, Outcome.failed("invalid_image", "broken")) is JobStatus.FAILED
     done = await store.load(job.id)
     assert done is not None and done.error is not None and done.error.code == "invalid_image"
-    assert await store.image(job.id) is None and await store.mask(job.id) is None
+    assert await store.image(job.id) == IMAGE and await store.mask(job.id) is None
+    assert 0 < await store.redis.pttl(input_key(job.id)) <= 60_000
 
 
 async def test_cancel_a_queued_job_and_it_never_starts(store: JobStore) -> None:
     job = await submit(store)
     assert await store.cancel(job.id) is JobStatus.CANCELED
     assert await store.cancel(job.id) is JobStatus.CANCELED  # again: the same answer
-    assert await store.start(job.id, 1, deadline_ms=4e12) is None
+    assert await store.start(job.id, deadline_ms=4e12) is None
     assert await store.redis.zcard("arq:queue") == 0
-    assert await keys_of(store, job.id) == [f"segserve:job:{job.id}".encode()]
+    assert await keys_of(store, job.id) == [input_key(job.id).encode(), f"segserve:job:{job.id}".encode()]
     canceled = await store.load(job.id)
     assert canceled is not None and canceled.status is JobStatus.CANCELED and canceled.attempts == 0
     assert canceled.finished_at is not None and canceled.expires_at == canceled.finished_at + 60_000
@@ -147,7 +148,7 @@ async def test_a_cancel_before_completion_wins(store: JobStore) -> None:
     job = await take(store, await submit(store))
     assert await store.cancel(job.id) is JobStatus.CANCELED
     assert await store.complete(job, Outcome.succeeded(RESULT, b"PNG", {})) is JobStatus.CANCELED
-    assert await store.mask(job.id) is None and await store.image(job.id) is None
+    assert await store.mask(job.id) is None and await store.image(job.id) == IMAGE  # kept for a retry
     assert (await store.queue_stats()).canceled == 1 and (await store.queue_stats()).succeeded == 0
 
 
@@ -187,8 +188,39 @@ async def test_deletes_racing_completions_leave_nothing(store: JobStore) -> None
 
 async def test_delete_a_queued_job(store: JobStore) -> None:
     job = await submit(store)
+    await store.redis.set(f"arq:retry:{job.id}", 1)  # arq's count of a try that asked to run later
     await store.delete(job.id)
     assert await keys_of(store, job.id) == [] and await store.redis.zcard("arq:queue") == 0
+
+
+async def test_retry_queues_a_failed_job_again_and_keeps_its_attempts(store: JobStore) -> None:
+    job = await take(store, await submit(store))
+    await store.complete(job, Outcome.failed("backend_unavailable", "down"))
+    assert await store.retry(job.id) == RetryRefused("ending")  # arq has not ended the try yet
+    await end_try(store, job.id)
+    assert await store.retry(job.id) is None
+    again = await store.load(job.id)
+    assert again is not None and again.status is JobStatus.QUEUED and again.position == 0
+    assert again.attempts == 1 and again.error is None and again.finished_at is None
+    assert await store.redis.exists(f"arq:job:{job.id}") and await store.redis.zcard("arq:queue") == 1
+    second = await take(store, again)
+    assert second.attempts == 2
+    await store.complete(second, Outcome.succeeded(RESULT, b"PNG", {}))
+    assert (await store.load(job.id)).status is JobStatus.SUCCEEDED  # type: ignore[union-attr]
+    assert await store.retry(job.id) == RetryRefused("succeeded")
+
+
+async def test_retry_refuses_what_it_cannot_run(store: JobStore) -> None:
+    queued = await submit(store)
+    assert await store.retry(queued.id) == RetryRefused("active")
+    assert await store.retry("j_" + "0" * 32) == RetryRefused("missing")
+    assert await store.cancel(queued.id) is JobStatus.CANCELED
+    await store.redis.delete(input_key(queued.id))
+    assert await store.retry(queued.id) == RetryRefused("no_input")
+    canceled = await submit(store)
+    await store.cancel(canceled.id)
+    assert await store.retry(canceled.id) is None
+    assert (await store.load(canceled.id)).status is JobStatus.QUEUED  # type: ignore[union-attr]
 
 
 async def test_a_retried_try_starts_again_and_counts_attempts(store: JobStore) -> None:
@@ -196,14 +228,62 @@ async def test_a_retried_try_starts_again_and_counts_attempts(store: JobStore) -
     await store.release(job.id)  # the try ended without an outcome (raise Retry)
     await store.redis.delete(in_progress_key_prefix + job.id)
     assert (await store.queue_stats()).running == 0
-    again = await take(store, job, attempt=2)
+    again = await take(store, job)
     assert again.attempts == 2
+
+
+async def test_a_job_arq_ends_without_an_outcome_fails_with_a_code(store: JobStore) -> None:
+    gave_up = JobError("worker_error", "gave up")
+    job = await take(store, await submit(store))
+    assert not await store.abandon(job.id, gave_up)  # still arq's: running
+    await end_try(store, job.id)  # arq's time limit: it ends the try, and keeps nothing
+    assert await store.abandon(job.id, gave_up)
+    failed = await store.load(job.id)
+    assert failed is not None and failed.status is JobStatus.FAILED and failed.error == gave_up
+    assert failed.finished_at is not None and await store.image(job.id) == IMAGE  # kept for a retry
+    assert (await store.queue_stats()).failed == 1 and await store.redis.zcard("segserve:running") == 0
+    assert await store.cancel(job.id) is JobStatus.FAILED  # ended: a cancel is refused
+    assert not await store.abandon(job.id, gave_up)  # once
+
+
+async def test_abandon_leaves_what_is_not_lost(store: JobStore) -> None:
+    gave_up = JobError("worker_error", "gave up")
+    done = await take(store, await submit(store))
+    await store.complete(done, Outcome.succeeded(RESULT, b"PNG", {}))
+    await end_try(store, done.id)
+    retried = await take(store, await submit(store))
+    assert await store.release(retried.id)  # the try asks to run later: arq puts it back in its queue
+    await store.redis.delete(in_progress_key_prefix + retried.id)
+    for job in (done, retried):
+        assert not await store.abandon(job.id, gave_up)
+    assert not await store.abandon("j_" + "0" * 32, gave_up)
+    assert (await store.load(retried.id)).status is JobStatus.QUEUED  # type: ignore[union-attr]
+
+
+async def test_a_canceled_try_asks_for_no_next_one(store: JobStore) -> None:
+    job = await take(store, await submit(store))
+    await store.cancel(job.id)
+    assert not await store.release(job.id)
+    assert await store.redis.zcard("segserve:running") == 0
+
+
+async def test_a_lost_job_cannot_be_canceled(store: JobStore) -> None:
+    lost = await submit(store)
+    await end_try(store, lost.id)  # arq dropped it, and nobody said why
+    assert await store.cancel(lost.id) is JobStatus.FAILED
+
+
+async def test_start_forgets_tries_that_ended_without_a_word(store: JobStore) -> None:
+    await store.redis.zadd("segserve:running", {"j_killed": 1000.0})  # a try whose worker was killed
+    await take(store, await submit(store))
+    assert await store.redis.zrange("segserve:running", 0, -1) != [b"j_killed"]
+    assert await store.redis.zscore("segserve:running", "j_killed") is None
 
 
 async def test_expired_input_and_lost_jobs_fail_with_a_code(store: JobStore) -> None:
     job = await submit(store)
     await store.redis.delete(input_key(job.id))
-    started = await store.start(job.id, 1, deadline_ms=4e12)
+    started = await store.start(job.id, deadline_ms=4e12)
     assert started is not None and started.image is None
     lost = await submit(store)
     await end_try(store, lost.id)  # arq dropped it (expired in the queue, or too many tries)
@@ -257,11 +337,11 @@ def test_two_gateways_and_one_idempotency_key_make_one_job(fresh_redis: RedisSer
         assert len(redis.keys("segserve:job:*")) == 1 and redis.zcard("arq:queue") == 1
 
 
-def test_lua_scripts_ship_with_the_package() -> None:
+def test_every_step_ships_as_a_lua_script() -> None:
     from importlib.resources import files
 
     shipped = {p.name for p in files("gateway.jobs").joinpath("lua").iterdir()}
-    assert shipped == {"submit.lua", "load.lua", "start.lua", "complete.lua", "cancel.lua", "delete.lua"}
+    assert shipped == {f"{step}.lua" for step in STEPS}
 
 
 def test_only_the_job_store_writes_job_keys() -> None:

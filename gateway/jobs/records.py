@@ -100,6 +100,12 @@ class Job:
     image_path: str | None = None
     target_class_ids: list[int] | None = None
 
+    @property
+    def event_id(self) -> str:
+        """Names this state of the job (a Server-Sent Event's id): every change of state gets a new one."""
+        position = f"-{self.position}" if self.status is JobStatus.QUEUED else ""
+        return f"{self.attempts}-{self.status.value}{position}"
+
     def to_api(self) -> dict[str, Any]:
         """The API's job object: what a client may see (never the owner)."""
         timings = dict(self.timings_ms)

@@ -21,7 +21,7 @@ from importlib.resources import files
 from typing import Any
 
 from arq.connections import ArqRedis
-from arq.constants import default_queue_name, in_progress_key_prefix, job_key_prefix
+from arq.constants import default_queue_name, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.jobs import serialize_job
 from redis.commands.core import AsyncScript
 from redis.typing import EncodableT
@@ -39,13 +39,16 @@ from gateway.jobs.records import (
 
 QUEUE = default_queue_name
 FUNCTION = "segment"
-DONE_CHANNEL = "segserve:done"  # a job id, when that job may have ended
+CHANGED_CHANNEL = "segserve:changed"  # a job id, whenever that job's state changed
 ENQUEUED_CHANNEL = "segserve:enqueued"  # wakes idle workers at once instead of at their next poll
 RUNNING = "segserve:running"  # sorted set: job id -> deadline of its try (ms); stale entries age out
 WORKERS = "segserve:workers"  # sorted set: worker id -> last heartbeat (ms)
 STATS = "segserve:stats"  # hash of counters and histogram buckets, shared by all workers
 META_PREFIX = "segserve:job:"
 WORKER_TTL_MS = 10_000  # a worker whose heartbeat is older than this counts as gone
+
+# Each step of the protocol is one Lua script, lua/<step>.lua.
+STEPS = ("submit", "load", "start", "complete", "release", "abandon", "cancel", "delete", "retry")
 
 # Histogram buckets (seconds) of the job timings that /metrics exports.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -113,6 +116,14 @@ class QueueFull(Exception):
 
 
 @dataclass(frozen=True)
+class RetryRefused:
+    """Why a job cannot be queued again: 'active' (queued or running), 'succeeded', 'ending' (canceled
+    while it ran, and that try has not ended yet), 'no_input' (its input expired) or 'missing'."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Started:
     """A job a worker has taken for one try, with its input (None when the input has expired)."""
 
@@ -139,9 +150,7 @@ class JobStore:
         self.redis = redis
         self.ttl_ms = result_ttl * 1000
         self.max_queued = max_queued
-        self._scripts = {
-            name: _script(redis, name) for name in ("submit", "load", "start", "complete", "cancel", "delete")
-        }
+        self._scripts = {step: _script(redis, step) for step in STEPS}
 
     # The gateway's side.
 
@@ -196,17 +205,36 @@ class JobStore:
     async def cancel(self, job_id: str) -> JobStatus | None:
         """The job's status after the cancel: CANCELED, or how it had already ended; None when unknown."""
         keys = [meta_key(job_id), QUEUE, job_key_prefix + job_id, in_progress_key_prefix + job_id,
-                input_key(job_id), STATS]  # fmt: skip
-        answer = (
-            await self._scripts["cancel"](keys=keys, args=[job_id, repr(now_ms()), DONE_CHANNEL, self.ttl_ms])
-        ).decode()
+                retry_key_prefix + job_id, input_key(job_id), STATS]  # fmt: skip
+        args: list[EncodableT] = [job_id, repr(now_ms()), CHANGED_CHANNEL, self.ttl_ms]
+        answer = (await self._scripts["cancel"](keys=keys, args=args)).decode()
         return None if answer == "missing" else JobStatus(answer)
+
+    async def retry(self, job_id: str) -> RetryRefused | None:
+        """Queue a failed or canceled job again under its own id; None when it is queued, else why not."""
+        enqueued = now_ms()
+        arq_job = serialize_job(FUNCTION, (job_id,), {}, None, int(enqueued), serializer=serialize)
+        keys = [meta_key(job_id), input_key(job_id), QUEUE, job_key_prefix + job_id,
+                in_progress_key_prefix + job_id, retry_key_prefix + job_id]  # fmt: skip
+        args: list[EncodableT] = [
+            job_id,
+            repr(enqueued),
+            self.ttl_ms,
+            arq_job,
+            ENQUEUED_CHANNEL,
+            CHANGED_CHANNEL,
+        ]
+        answer = await self._scripts["retry"](keys=keys, args=args)
+        kind = answer[0].decode()
+        if kind == "queued":
+            return None
+        return RetryRefused(answer[1].decode() if kind == "refused" else kind)
 
     async def delete(self, job_id: str) -> None:
         """Forget everything of the job. A running one's completion then keeps nothing."""
         keys = [meta_key(job_id), input_key(job_id), mask_key(job_id), QUEUE, job_key_prefix + job_id,
-                in_progress_key_prefix + job_id]  # fmt: skip
-        await self._scripts["delete"](keys=keys, args=[job_id, DONE_CHANNEL])
+                in_progress_key_prefix + job_id, retry_key_prefix + job_id]  # fmt: skip
+        await self._scripts["delete"](keys=keys, args=[job_id, CHANGED_CHANNEL])
 
     async def mask(self, job_id: str) -> bytes | None:
         data: bytes | None = await self.redis.get(mask_key(job_id))
@@ -218,11 +246,11 @@ class JobStore:
 
     # The worker's side.
 
-    async def start(self, job_id: str, attempt: int, deadline_ms: float) -> Started | None:
+    async def start(self, job_id: str, deadline_ms: float) -> Started | None:
         """Take the job for one try; None when there is nothing to do (deleted, canceled or ended)."""
         keys = [meta_key(job_id), input_key(job_id), RUNNING]
-        now = now_ms()
-        answer = await self._scripts["start"](keys=keys, args=[job_id, repr(now), attempt, deadline_ms])
+        args: list[EncodableT] = [job_id, repr(now_ms()), deadline_ms, CHANGED_CHANNEL]
+        answer = await self._scripts["start"](keys=keys, args=args)
         kind = answer[0].decode()
         if kind in ("gone", "ended"):
             return None
@@ -250,14 +278,23 @@ class JobStore:
         keys = [meta_key(job.id), input_key(job.id), mask_key(job.id), RUNNING, STATS]
         args: list[EncodableT] = [
             job.id, repr(finished), self.ttl_ms, status, _flat(fields), outcome.mask_png or b"",
-            json.dumps(counter_increments(status, seconds)), DONE_CHANNEL,
+            json.dumps(counter_increments(status, seconds)), CHANGED_CHANNEL,
         ]  # fmt: skip
         answer = (await self._scripts["complete"](keys=keys, args=args)).decode()
         return None if answer == "gone" else JobStatus(answer)
 
-    async def release(self, job_id: str) -> None:
-        """The try ended without an outcome (the job will be tried again): it is no longer running."""
-        await self.redis.zrem(RUNNING, job_id)
+    async def release(self, job_id: str) -> bool:
+        """The try ended without an outcome: whether the job still wants another (not canceled or gone)."""
+        return bool(await self._scripts["release"](keys=[meta_key(job_id), RUNNING], args=[job_id]))
+
+    async def abandon(self, job_id: str, error: JobError) -> bool:
+        """arq has ended the job without an outcome of ours: fail it with ``error``, unless it has ended,
+        is gone, or arq will run it again. Whether it failed it."""
+        keys = [meta_key(job_id), input_key(job_id), QUEUE, in_progress_key_prefix + job_id, RUNNING, STATS]
+        args: list[EncodableT] = [
+            job_id, repr(now_ms()), self.ttl_ms, json.dumps(dataclasses.asdict(error)), CHANGED_CHANNEL,
+        ]  # fmt: skip
+        return bool(await self._scripts["abandon"](keys=keys, args=args))
 
     async def heartbeat(self, worker: WorkerInfo, at_ms: float) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:

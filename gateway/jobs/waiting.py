@@ -1,4 +1,4 @@
-"""Waiting for jobs to end: one pub/sub subscription per gateway wakes every request that waits."""
+"""Waiting for jobs to change: one pub/sub subscription per gateway wakes every request that waits."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ from collections.abc import AsyncIterator
 from arq.connections import ArqRedis
 
 from gateway.jobs.records import Job
-from gateway.jobs.store import DONE_CHANNEL, JobStore
+from gateway.jobs.store import CHANGED_CHANNEL, JobStore
 
 logger = logging.getLogger(__name__)
+QUIET_SECONDS = 15.0  # a stream of changes says it is alive at least this often
+MIN_INTERVAL = 0.1  # and re-reads a job at most this often
+
+
+ANY_JOB = "*"  # watchers of every change: a queued job's position moves when any job ahead changes
 
 
 class Waiters:
-    """Wakes requests that wait for jobs to end, from one subscription to the done channel."""
+    """Wakes requests that wait for jobs to change, from one subscription to the changed channel."""
 
     def __init__(self, redis: ArqRedis) -> None:
         self.redis = redis  # its own connection: a subscription holds it
@@ -38,11 +43,12 @@ class Waiters:
         while True:
             try:
                 async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(DONE_CHANNEL)
+                    await pubsub.subscribe(CHANGED_CHANNEL)
                     self._wake_all()  # anything that ended while we were not listening
                     async for message in pubsub.listen():
-                        for event in self._events.get(message["data"].decode(), ()):
-                            event.set()
+                        for key in (message["data"].decode(), ANY_JOB):
+                            for event in self._events.get(key, ()):
+                                event.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis went away: wake everyone (they re-read), then reconnect
@@ -57,7 +63,8 @@ class Waiters:
 
     @contextlib.asynccontextmanager
     async def watch(self, job_id: str) -> AsyncIterator[asyncio.Event]:
-        """An event set when the job may have ended; register before reading the state to miss nothing."""
+        """An event set when the job (or, for ANY_JOB, any job) may have changed; register before reading
+        the state to miss nothing."""
         event = asyncio.Event()
         self._events.setdefault(job_id, set()).add(event)
         try:
@@ -68,6 +75,20 @@ class Waiters:
                 events.discard(event)
                 if not events:
                     del self._events[job_id]
+
+    async def changes(self, store: JobStore, job_id: str, owner: str) -> AsyncIterator[Job | None]:
+        """The job now, then again whenever it may have changed (any job's change can move its queue
+        position) or QUIET_SECONDS pass, until it has ended or is gone (None)."""
+        async with self.watch(ANY_JOB) as changed:
+            while True:
+                changed.clear()  # before reading, so a change during the read is not lost
+                job = await store.load(job_id, owner)
+                yield job
+                if job is None or job.status.is_terminal():
+                    return
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), QUIET_SECONDS)
+                await asyncio.sleep(MIN_INTERVAL)  # at most this often, however busy the queue
 
     async def wait_for_end(self, store: JobStore, job_id: str, owner: str, timeout: float) -> Job | None:
         """The job once it has ended, or as it stands after ``timeout`` seconds; None once it is gone."""

@@ -25,8 +25,12 @@ from typing import Any
 
 import yaml
 
-# The handler ships inside the package (gateway.handlers is the checkout's handlers/ directory).
-HANDLER_FILE = Path(str(files("gateway.handlers").joinpath("deeplabv3.py")))
+
+def handler_file() -> Path:
+    """The TorchServe handler, shipped inside the package (gateway.handlers is the checkout's handlers/)."""
+    return Path(str(files("gateway.handlers").joinpath("deeplabv3.py")))
+
+
 VARIANTS = ("mobilenet_v3_large", "resnet50", "resnet101")
 # torch.hub names published checkpoints <name>-<first 8+ hex digits of their SHA-256>.pth
 PUBLISHED_NAME = re.compile(r"^(?P<stem>.+)-(?P<prefix>[0-9a-f]{8,})\.pth$")
@@ -67,7 +71,7 @@ class ServingConfig:
 
 def load_handler_module() -> ModuleType:
     """The handler as a module, so the architecture table has one home: the file that serves it."""
-    spec = importlib.util.spec_from_file_location("segserve_deeplabv3_handler", HANDLER_FILE)
+    spec = importlib.util.spec_from_file_location("segserve_deeplabv3_handler", handler_file())
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -197,7 +201,7 @@ def build_archive(
             sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", name,
             "--version", version,
-            "--handler", f"{HANDLER_FILE.with_suffix('')}:handle",  # the archiver adds .py back
+            "--handler", f"{handler_file().with_suffix('')}:handle",  # the archiver adds .py back
             "--serialized-file", str(weights_path),
             "--config-file", str(config_path),
             "--export-path", str(store),

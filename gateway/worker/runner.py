@@ -20,7 +20,17 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.jobs import ENQUEUED_CHANNEL, FUNCTION, JobStore, WorkerInfo, deserialize, iso, now_ms, serialize
+from gateway.jobs import (
+    ENQUEUED_CHANNEL,
+    FUNCTION,
+    JobError,
+    JobStore,
+    WorkerInfo,
+    deserialize,
+    iso,
+    now_ms,
+    serialize,
+)  # fmt: skip
 from gateway.settings import Settings
 from gateway.torchserve import TorchServe
 from gateway.worker.segment import segment
@@ -70,6 +80,20 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
         await store.forget_worker(ctx["worker"].id)
     await ctx["torchserve"].aclose()
+
+
+# What a job reads when arq ended it without an outcome of ours.
+GAVE_UP = JobError(
+    "worker_error",
+    "the worker gave up on the job (a try ran past its time limit, or its worker died too often)",
+)
+
+
+async def after_job_end(ctx: dict[str, Any]) -> None:
+    """arq has ended a try. A job it ended without our outcome fails with a code, instead of vanishing."""
+    store: JobStore = ctx["store"]
+    if await store.abandon(ctx["job_id"], GAVE_UP):
+        logger.warning("%s: arq ended the job without an outcome; it failed with worker_error", ctx["job_id"])
 
 
 async def heartbeat(store: JobStore, worker: WorkerInfo) -> None:
@@ -125,6 +149,12 @@ class SegserveWorker(Worker):
                 logger.warning("job notifications interrupted (%s); reconnecting", exc)
                 await asyncio.sleep(0.5)
 
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        """arq gives up on a job before running it (too many tries): it fails with a code, as in after_job_end."""
+        await super().finish_failed_job(job_id, result_data)
+        store: JobStore = self.ctx["store"]
+        await store.abandon(job_id, GAVE_UP)
+
     async def close(self) -> None:
         if self._listener is not None:
             self._listener.cancel()
@@ -146,6 +176,7 @@ class WorkerSettings:
     ]
     on_startup = startup
     on_shutdown = shutdown
+    after_job_end = after_job_end
     # Ride out a Redis restart: commands retry with backoff for ~30 s instead of ending the worker.
     redis_settings = dataclasses.replace(
         RedisSettings.from_dsn(_settings.redis_url),

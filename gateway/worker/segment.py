@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
 
 from arq import Retry
 
-from gateway.jobs import JobStore, Outcome, Result, now_ms
+from gateway.jobs import Job, JobStore, Outcome, Result, now_ms
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, InputRejected, ModelNotFound, TorchServe
 
@@ -25,43 +26,43 @@ async def segment(ctx: dict[str, Any], job_id: str) -> None:
     settings: Settings = ctx["settings"]
     attempt: int = ctx["job_try"]
     deadline = now_ms() + (settings.inference_timeout + 10) * 1000
-    started = await store.start(job_id, attempt, deadline)
+    started = await store.start(job_id, deadline)
     if started is None:  # deleted, canceled or already ended: nothing to do
         return
     if started.image is None:
         outcome = Outcome.failed("expired", "the job's input expired before it ran")
     else:
         try:
-            outcome = await predict(ctx["torchserve"], started.job.model, started.job.params,
-                                    started.image, started.job.content_type)  # fmt: skip
-        except BackendUnavailable as exc:
-            if attempt >= settings.max_attempts:
-                message = f"model server unavailable after {attempt} tries ({exc})"
-                outcome = Outcome.failed("backend_unavailable", message)
-            else:
+            # Our own bound, inside arq's job timeout: the outcome is ours to write, not arq's to drop.
+            outcome = await asyncio.wait_for(
+                predict(ctx["torchserve"], started.job, started.image), settings.inference_timeout
+            )
+        except (BackendUnavailable, asyncio.TimeoutError) as exc:
+            reason = str(exc) or f"no answer in {settings.inference_timeout:g} s"
+            if attempt < settings.max_attempts:
+                if not await store.release(job_id):
+                    return  # canceled or deleted meanwhile: no next try
                 delay = backoff(settings, attempt)
                 logger.info(
-                    "%s: backend unavailable (%s), try %d again in %.1fs", job_id, exc, attempt, delay
+                    "%s: backend unavailable (%s), try %d again in %.1fs", job_id, reason, attempt, delay
                 )
-                await store.release(job_id)
                 raise Retry(defer=delay) from exc
+            message = f"model server unavailable after {attempt} tries ({reason})"
+            outcome = Outcome.failed("backend_unavailable", message)
         except Exception:  # a bug of ours must fail this job, not lose it
             logger.exception("%s: unexpected error", job_id)
             outcome = Outcome.failed("internal_error", "the worker failed to process this job")
     await store.complete(started.job, outcome)
 
 
-async def predict(
-    torchserve: TorchServe, model: str, params: dict[str, Any], image: bytes, content_type: str
-) -> Outcome:
+async def predict(torchserve: TorchServe, job: Job, image: bytes) -> Outcome:
     """The model server's answer as an outcome; BackendUnavailable when it is worth trying again."""
     request_started = time.perf_counter()
+    classes, threshold = job.params.get("classes"), job.params.get("threshold", 0.0)
     try:
-        prediction = await torchserve.predict(
-            model, image, params.get("classes"), params.get("threshold", 0.0), content_type
-        )
+        prediction = await torchserve.predict(job.model, image, classes, threshold, job.content_type)
     except ModelNotFound:
-        return Outcome.failed("model_not_found", f"model {model!r} is not served")
+        return Outcome.failed("model_not_found", f"model {job.model!r} is not served")
     except InputRejected as exc:
         return Outcome.failed(exc.code, exc.message)
     timings = {
