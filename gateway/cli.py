@@ -115,6 +115,11 @@ def parser() -> argparse.ArgumentParser:
     client_options(p)
     p.set_defaults(run=with_client("status"))
 
+    p = commands.add_parser("retry", help="queue a failed or canceled job again, under its own id")
+    p.add_argument("job_id")
+    client_options(p)
+    p.set_defaults(run=with_client("retry"))
+
     p = commands.add_parser("models", help="the models TorchServe serves, as JSON")
     client_options(p)
     p.set_defaults(run=with_client("models"))

@@ -43,7 +43,7 @@ def complete(redis: RedisServer, job_id: str, mask: Image.Image) -> None:
 
     async def run() -> None:
         store = JobStore(ArqRedis.from_url(redis.url), result_ttl=3600)
-        started = await store.start(job_id, 1, deadline_ms=4e12)
+        started = await store.start(job_id, deadline_ms=4e12)
         assert started is not None
         classes = [{"id": 0, "name": "__background__", "pixels": 768, "fraction": 1.0}]
         png = encode(mask, "PNG")

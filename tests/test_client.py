@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -31,6 +32,20 @@ def test_sync_client_round_trip(stack: Stack, tmp_path: Path) -> None:
         with pytest.raises(SegserveError) as error:
             client.get(queued["id"])
         assert error.value.status == 404 and error.value.code == "job_not_found"
+
+
+async def test_async_client_follows_a_job_behind_others_live(stack: Stack) -> None:
+    async with AsyncClient(stack.url) as client:
+        ahead = [await client.submit(encode(scene(200, 150, seed=i))) for i in range(4)]
+        mine = await client.submit(encode(scene(64, 48)))
+        states = [(job["status"], job.get("position")) async for job in client.events(mine["id"])]
+        assert states[-1] == ("succeeded", None) and ("running", None) in states, states
+        queued = [position for status, position in states if status == "queued"]
+        assert queued and queued == sorted(queued, reverse=True) and len(set(queued)) == len(queued), states
+        assert states.index(("running", None)) == len(queued)  # queued, then running, then the end
+        assert (await client.wait(mine["id"], poll=True))["status"] == "succeeded"  # polling still works
+        for job in ahead:
+            assert (await client.wait(job["id"]))["status"] == "succeeded"
 
 
 async def test_async_client_honours_retry_after(stack: Stack) -> None:
@@ -123,6 +138,8 @@ def test_web_page_in_a_real_browser(stack: Stack, tmp_path: Path) -> None:
         )  # fmt: skip
         try:
             page = browser.new_page()
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
             page.goto(stack.url + "/")
             page.wait_for_selector("#warning:not([hidden])", timeout=10_000)
             assert "random weights" in page.inner_text("#warning")
@@ -130,6 +147,9 @@ def test_web_page_in_a_real_browser(stack: Stack, tmp_path: Path) -> None:
             page.set_input_files("#file", str(image))
             page.wait_for_selector("#overlay", timeout=60_000)
             assert "done in" in page.inner_text("#status")
+            # The page followed the job's live events, and never polled it.
+            assert [url for url in requested if url.endswith("/events")], requested
+            assert not [url for url in requested if re.search(r"/v1/jobs/j_[0-9a-f]{32}$", url)], requested
             legend = page.inner_text(".legend")
             assert "%" in legend
             natural_width = page.eval_on_selector("#overlay", "img => img.naturalWidth")

@@ -79,6 +79,8 @@ def test_compose_runs_what_the_launcher_runs(tmp_path: Path) -> None:
 
     assert program(services["worker"]["command"]) == program(launched["worker"])
     assert program(services["gateway"]["command"])[:2] == program(launched["gateway"])[:2]
+    for command in (services["gateway"]["command"], launched["gateway"]):
+        assert command[command.index("--timeout-graceful-shutdown") + 1] == "5"  # event streams end
     assert program(services["torchserve"]["command"]) == program(launched["torchserve"])
     redis_command = services["redis"]["command"]
     assert (

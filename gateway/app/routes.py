@@ -1,16 +1,17 @@
-"""The job routes of ``/v1``: submit, read, wait, mask and overlay, cancel, delete."""
+"""The job routes of ``/v1``: submit, read, wait, live events, mask and overlay, cancel, retry, delete."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.app import images
@@ -157,6 +158,45 @@ async def cancel_job(request: Request) -> Response:
     return job_response(canceled)
 
 
+async def retry_job(request: Request) -> Response:
+    svc, job = await load_job(request)
+    refused = await svc.store.retry(job.id)
+    if refused is None:
+        queued = await svc.store.load(job.id, job.owner)
+        if queued is None:
+            raise job_not_found()
+        return job_response(queued, 202, {"Location": f"/v1/jobs/{job.id}"})
+    if refused.reason == "missing":
+        raise job_not_found()
+    if refused.reason == "no_input":
+        raise Problem(409, "job_input_expired", "the job's input has expired, so it cannot run again")
+    if refused.reason == "ending":
+        detail = "the job was canceled while it ran, and that try is still ending; retry in a moment"
+        raise Problem(409, "job_not_retryable", detail, {"Retry-After": "1"})
+    detail = f"only a failed or canceled job can be retried; this one is {job.status.value}"
+    raise Problem(409, "job_not_retryable", detail)
+
+
+async def job_events(request: Request) -> Response:
+    """Server-Sent Events: the job at each change of its state, then the stream closes after its end."""
+    svc, job = await load_job(request)
+    resumed_after = request.headers.get("last-event-id", "")
+
+    async def stream() -> AsyncIterator[str]:
+        last = resumed_after
+        async for current in svc.waiters.changes(svc.store, job.id, job.owner):
+            if current is None:  # deleted or expired
+                return
+            if current.event_id == last:
+                yield ": nothing new\n\n"  # a comment keeps proxies from closing a quiet stream
+                continue
+            last = current.event_id
+            yield f"id: {last}\nevent: status\ndata: {json.dumps(current.to_api())}\n\n"
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
 async def delete_job(request: Request) -> Response:
     svc, job = await load_job(request)
     await svc.store.delete(job.id)
@@ -170,4 +210,6 @@ routes = [
     Route("/v1/jobs/{job_id}/mask.png", get_mask, methods=["GET"]),
     Route("/v1/jobs/{job_id}/overlay.png", get_overlay, methods=["GET"]),
     Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+    Route("/v1/jobs/{job_id}/retry", retry_job, methods=["POST"]),
+    Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
 ]

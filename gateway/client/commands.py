@@ -53,9 +53,12 @@ def with_client(call: str) -> Callable[[argparse.Namespace], int]:
 
         try:
             with Client(args.url, args.api_key) as client:
-                answer = (
-                    client.get(args.job_id, wait=args.wait) if call == "status" else getattr(client, call)()
-                )
+                if call == "status":
+                    answer = client.get(args.job_id, wait=args.wait)
+                elif call == "retry":
+                    answer = client.retry(args.job_id)
+                else:
+                    answer = getattr(client, call)()
         except SegserveError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -7,6 +7,7 @@
         open("cat-mask.png", "wb").write(segserve.mask(job["id"]))
 
 429 and 503 answers, and connection failures, are retried with backoff, honouring ``Retry-After``.
+Waiting for a job listens to its live events (Server-Sent Events); ``wait(..., poll=True)`` long-polls.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +39,29 @@ class SegserveError(Exception):
         self.status = status
         self.code = code
         self.detail = detail
+
+
+def problem(response: httpx.Response) -> SegserveError:
+    """The API's error answer (RFC 9457 problem details) as an exception."""
+    try:
+        details = response.json()
+    except ValueError:
+        details = {}
+    code, detail = details.get("code", "http_error"), details.get("detail", response.text[:200])
+    return SegserveError(response.status_code, str(code), str(detail))
+
+
+async def server_sent_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """(id, job) for each ``status`` event of a job's event stream."""
+    event_id, data = "", ""
+    async for line in response.aiter_lines():
+        if line.startswith("id:"):
+            event_id = line[3:].strip()
+        elif line.startswith("data:"):
+            data += line[5:].strip()
+        elif not line and data:  # a blank line ends an event; comments (":...") carry none
+            yield event_id, json.loads(data)
+            data = ""
 
 
 def content_type_of(path: Path) -> str:
@@ -79,15 +104,7 @@ class AsyncClient:
                 await asyncio.sleep(delay)
                 continue
             if response.status_code >= 400:
-                try:
-                    problem = response.json()
-                except ValueError:
-                    problem = {}
-                raise SegserveError(
-                    response.status_code,
-                    str(problem.get("code", "http_error")),
-                    str(problem.get("detail", response.text[:200])),
-                )
+                raise problem(response)
             return response
         raise AssertionError("unreachable")
 
@@ -129,8 +146,48 @@ class AsyncClient:
         job: dict[str, Any] = (await self._request("GET", f"/v1/jobs/{job_id}", headers=headers)).json()
         return job
 
-    async def wait(self, job_id: str, max_seconds: float | None = None) -> dict[str, Any]:
-        """The job once it has ended (long polling), or as it stands after ``max_seconds``."""
+    async def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The job at each change of its state, live from the server (Server-Sent Events), until it ends
+        or is deleted. A dropped connection is resumed where it left off, no event twice."""
+        last_event_id = ""
+        for attempt in range(self.retries + 1):
+            headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+            try:
+                async with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        raise problem(response)
+                    async for event_id, job in server_sent_events(response):
+                        last_event_id = event_id
+                        yield job
+                    return  # the server closes the stream after the end
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise SegserveError(503, "unreachable", f"{self._http.base_url}: {exc}") from exc
+                await asyncio.sleep(min(2**attempt * 0.5, 10))
+
+    async def wait(
+        self, job_id: str, max_seconds: float | None = None, *, poll: bool = False
+    ) -> dict[str, Any]:
+        """The job once it has ended, or as it stands after ``max_seconds``. It listens to the job's live
+        events; ``poll=True`` long-polls instead (for proxies that do not pass event streams)."""
+        if poll:
+            return await self._poll(job_id, max_seconds)
+
+        async def last_event() -> dict[str, Any]:
+            last: dict[str, Any] | None = None
+            async for job in self.events(job_id):
+                last = job
+            if last is None or last["status"] not in TERMINAL:  # the stream closed early: the job is gone
+                return await self.get(job_id)  # which answers 404
+            return last
+
+        try:
+            return await asyncio.wait_for(last_event(), max_seconds)
+        except asyncio.TimeoutError:
+            return await self.get(job_id)
+
+    async def _poll(self, job_id: str, max_seconds: float | None) -> dict[str, Any]:
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         job = await self.get(job_id)
         while job["status"] not in TERMINAL:
@@ -150,6 +207,11 @@ class AsyncClient:
 
     async def overlay(self, job_id: str) -> bytes:
         return (await self._request("GET", f"/v1/jobs/{job_id}/overlay.png")).content
+
+    async def retry(self, job_id: str) -> dict[str, Any]:
+        """Queue a failed or canceled job again, under its own id."""
+        job: dict[str, Any] = (await self._request("POST", f"/v1/jobs/{job_id}/retry")).json()
+        return job
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         job: dict[str, Any] = (await self._request("POST", f"/v1/jobs/{job_id}/cancel")).json()
@@ -197,8 +259,11 @@ class Client:
     def get(self, job_id: str, wait: float = 0) -> dict[str, Any]:
         return self._call(self._async.get, job_id, wait)
 
-    def wait(self, job_id: str, max_seconds: float | None = None) -> dict[str, Any]:
-        return self._call(self._async.wait, job_id, max_seconds)
+    def wait(self, job_id: str, max_seconds: float | None = None, *, poll: bool = False) -> dict[str, Any]:
+        return self._call(self._async.wait, job_id, max_seconds, poll=poll)
+
+    def retry(self, job_id: str) -> dict[str, Any]:
+        return self._call(self._async.retry, job_id)
 
     def segment(self, image: str | Path | bytes, **params: Any) -> dict[str, Any]:
         return self._call(self._async.segment, image, **params)

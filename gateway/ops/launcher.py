@@ -118,9 +118,11 @@ def stack(
     ]  # fmt: skip
     for i in range(workers):
         children.append(Child(f"worker{i + 1}", [str(bin_dir / "segserve"), "worker"]))
-    children.append(
-        Child("gateway", [str(bin_dir / "uvicorn"), "gateway.app:app", "--host", host, "--port", str(port)])
-    )
+    # Event streams stay open until their job ends: on shutdown, uvicorn closes them after 5 s (clients
+    # reconnect with Last-Event-ID) instead of waiting for them.
+    gateway = [str(bin_dir / "uvicorn"), "gateway.app:app", "--host", host, "--port", str(port),
+               "--timeout-graceful-shutdown", "5"]  # fmt: skip
+    children.append(Child("gateway", gateway))
     return children
 
 
