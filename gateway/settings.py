@@ -47,6 +47,16 @@ class Settings:
     image_root: str = ""
     # Seconds /v1/models caches TorchServe's answer.
     models_cache_seconds: float = 2.0
+    # Webhooks: the server's signing key, a ``whsec_`` key; each API key signs with its own, derived from it
+    # (GET /v1/webhooks/secret). Unset: submissions with a webhook are refused. `segserve up` makes one.
+    webhook_secret: str = ""
+    # A delivery is retried from this delay (seconds, doubling, with jitter) for up to webhook_retry_seconds.
+    webhook_retry_delay: float = 5.0
+    webhook_retry_seconds: int = 86400
+    # Hosts (or host:port) that webhook and image URLs may name though they resolve to a non-public address.
+    allowed_url_hosts: str = ""
+    # Seconds a webhook receiver or an image URL has to connect, and then to answer.
+    url_timeout: float = 10.0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -3,6 +3,7 @@ and uvicorn, each on free loopback ports, once per test session."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -13,9 +14,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -25,6 +28,9 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SEED = 7
+
+
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"the tests' webhook secret, 32 b.").decode()
 
 
 def free_port() -> int:
@@ -331,6 +337,9 @@ def stack_env(redis: RedisServer, torchserve: TorchServeServer) -> dict[str, str
         "SEGSERVE_INFERENCE_TIMEOUT": "20",
         "SEGSERVE_RETRY_DELAY": "0.2",
         "SEGSERVE_RETRY_MAX_DELAY": "1",
+        "SEGSERVE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "SEGSERVE_WEBHOOK_RETRY_DELAY": "0.1",
+        "SEGSERVE_ALLOWED_URL_HOSTS": "127.0.0.1",  # the tests' receivers
         "PYTHONUNBUFFERED": "1",
     }
 
@@ -379,3 +388,72 @@ def isolated(stack: Stack) -> Iterator[Stack]:
 def client(stack: Stack) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=stack.url, timeout=90) as c:
         yield c
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float  # time.monotonic()
+
+
+class Receiver:
+    """A real HTTP server on loopback that records what it receives and answers as the test says:
+    ``answer(n, request)`` gives the n-th request's (status, headers, body, seconds to wait first)."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.received: list[Received] = []
+        self.answer: Callable[[int, Received], tuple[int, dict[str, str], bytes, float]] = lambda n, request: (
+            200,
+            {},
+            b"",
+            0.0,
+        )
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def handle_one(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                request = Received(self.path, dict(self.headers), self.rfile.read(length), time.monotonic())
+                with lock:
+                    receiver.received.append(request)
+                    n = len(receiver.received) - 1
+                status, headers, body, wait = receiver.answer(n, request)
+                time.sleep(wait)
+                self.send_response(status)
+                for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = handle_one
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # a client that gave up on a slow answer (as the tests make it) is not an error here
+
+        lock = threading.Lock()
+        self.server = Server(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    yield server
+    server.close()

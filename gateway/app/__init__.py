@@ -19,12 +19,14 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway import urls
 from gateway.app import compat, routes, service
 from gateway.app.errors import EXCEPTION_HANDLERS, problem_response
 from gateway.app.web import Services, load_api_keys
 from gateway.jobs import JobStore, Waiters, deserialize, serialize
 from gateway.settings import Settings
 from gateway.torchserve import ModelCatalog, TorchServe
+from gateway.webhooks import signing_key
 
 
 @contextlib.asynccontextmanager
@@ -51,13 +53,18 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         catalog=ModelCatalog(torchserve, settings.models_cache_seconds),
         api_keys=load_api_keys(settings),
         openapi=yaml.safe_load(files("gateway.app").joinpath("static", "openapi.yaml").read_text()),
+        http=urls.client(settings.url_timeout),
+        allowed_url_hosts=urls.allowed_hosts(settings.allowed_url_hosts),
     )
+    if settings.webhook_secret:
+        signing_key(settings.webhook_secret, "")  # a malformed secret stops the start, with what is wrong
     await services.waiters.start()
     try:
         yield {"services": services}
     finally:
         await services.waiters.stop()
         await torchserve.aclose()
+        await services.http.aclose()
         await redis.aclose(close_connection_pool=True)  # a pool passed in is not closed by default
 
 

@@ -31,6 +31,14 @@ class StoreCollector(Collector):
         for status in ENDED:
             finished.add_metric([status.value], stats.get(f"finished:{status.value}", 0))
         yield finished
+        deliveries = CounterMetricFamily(
+            "segserve_webhook_deliveries",
+            "Webhook delivery attempts by outcome: delivered, failed (given up), retried",
+            labels=["outcome"],
+        )
+        for outcome in ("delivered", "failed", "retried"):
+            deliveries.add_metric([outcome], stats.get(f"webhooks:{outcome}", 0))
+        yield deliveries
         queued = max(0, self.in_queue - self.running)
         yield GaugeMetricFamily("segserve_queue_depth", "Jobs waiting for a worker", value=queued)
         yield GaugeMetricFamily("segserve_jobs_running", "Jobs a worker is running", value=self.running)

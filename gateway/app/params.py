@@ -83,3 +83,18 @@ def parse_wait(prefer: str | None, async_mode: str | None) -> float:
                 return 0.0
             return min(seconds, MAX_WAIT_SECONDS) if seconds > 0 else 0.0
     return 0.0
+
+
+WEBHOOK_EVENTS = ("start", "completed")
+
+
+def parse_events_filter(value: Any) -> tuple[str, ...]:
+    """``webhook_events_filter``: a list (or comma-separated string) of start and completed."""
+    if value is None or value == "" or value == []:
+        return ("completed",)
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(
+        isinstance(i, str) and i.strip() in WEBHOOK_EVENTS for i in items
+    ):
+        raise Problem(422, "invalid_parameter", "webhook_events_filter must list start and/or completed")
+    return tuple(dict.fromkeys(i.strip() for i in items))

@@ -16,6 +16,7 @@ from gateway.app import metrics
 from gateway.app.errors import Problem, problem_response
 from gateway.app.web import Services, authenticate, services
 from gateway.torchserve import BackendUnavailable, ModelNotFound
+from gateway.webhooks import signing_key
 
 STATIC = files("gateway.app").joinpath("static")
 
@@ -30,6 +31,17 @@ async def list_models(request: Request) -> Response:
             503, "backend_unavailable", "the model server's management API does not answer"
         ) from exc
     return JSONResponse({"default_model": svc.settings.default_model, "models": models})
+
+
+async def webhook_secret(request: Request) -> Response:
+    """The caller's own webhook signing key: its deliveries verify with it, and with no other."""
+    svc = services(request)
+    owner = authenticate(request)
+    if not svc.settings.webhook_secret:
+        raise Problem(
+            404, "webhooks_disabled", "this server sends no webhooks: SEGSERVE_WEBHOOK_SECRET is unset"
+        )
+    return JSONResponse({"key": signing_key(svc.settings.webhook_secret, owner)})
 
 
 async def queue(request: Request) -> Response:
@@ -102,6 +114,7 @@ def swagger_ui_dir() -> str:
 routes = [
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/queue", queue, methods=["GET"]),
+    Route("/v1/webhooks/secret", webhook_secret, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", prometheus, methods=["GET"]),

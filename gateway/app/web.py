@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from arq.connections import ArqRedis
 from starlette.requests import Request
 
@@ -27,6 +28,8 @@ class Services:
     catalog: ModelCatalog
     api_keys: dict[str, str]  # sha256(key) -> owner id
     openapi: dict[str, Any]
+    http: httpx.AsyncClient  # for the URLs clients give us (gateway.urls)
+    allowed_url_hosts: frozenset[str]
 
 
 def load_api_keys(settings: Settings) -> dict[str, str]:

@@ -76,6 +76,8 @@ class Submission:
     # Kept for the compatibility routes, which answer in the original service's shapes.
     image_path: str | None = None
     target_class_ids: list[int] | None = None
+    webhook: str | None = None  # where the job's events are POSTed
+    webhook_events: tuple[str, ...] = ("completed",)  # of "start", "completed"
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,11 @@ class Job:
     timings_ms: dict[str, float] = field(default_factory=dict)
     image_path: str | None = None
     target_class_ids: list[int] | None = None
+    webhook: str | None = None
+    webhook_events: tuple[str, ...] = ()
+    deliveries: dict[str, Any] = field(
+        default_factory=dict
+    )  # event type -> {id, state, attempts, last_status}
 
     @property
     def event_id(self) -> str:
@@ -135,6 +142,9 @@ class Job:
         if self.status is JobStatus.FAILED:
             error = self.error or JobError("internal_error", "the job failed")
             job["error"] = {"code": error.code, "message": error.message}
+        if self.webhook is not None:
+            job["webhook"] = {"url": self.webhook, "events_filter": list(self.webhook_events),
+                              "deliveries": self.deliveries}  # fmt: skip
         return job
 
 

@@ -48,7 +48,20 @@ META_PREFIX = "segserve:job:"
 WORKER_TTL_MS = 10_000  # a worker whose heartbeat is older than this counts as gone
 
 # Each step of the protocol is one Lua script, lua/<step>.lua.
-STEPS = ("submit", "load", "start", "complete", "release", "abandon", "cancel", "delete", "retry")
+STEPS = (
+    "submit",
+    "load",
+    "start",
+    "complete",
+    "release",
+    "abandon",
+    "cancel",
+    "delete",
+    "retry",
+    "claim",
+    "record",
+)
+DELIVERIES = "segserve:deliveries"  # sorted set: webhook delivery id -> when it is due (ms)
 
 # Histogram buckets (seconds) of the job timings that /metrics exports.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -111,6 +124,20 @@ def _describe(obj: Any) -> Any:
     raise TypeError(f"cannot serialize {type(obj).__name__}")
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """A webhook delivery: one event of one job, for its receiver."""
+
+    id: str  # the webhook-id, the same for every attempt
+    type: str  # job.started or job.completed
+    url: str
+    owner: str  # whose key signs it
+    created_at: float
+    attempts: int
+    job: Job  # the job as it was at the event
+    body: bytes | None  # as sent at the first attempt, and so at every later one
+
+
 class QueueFull(Exception):
     pass
 
@@ -132,7 +159,15 @@ class Started:
 
 
 def _script(redis: ArqRedis, name: str) -> AsyncScript:
-    return redis.register_script(files("gateway.jobs").joinpath("lua", f"{name}.lua").read_text())
+    lua = files("gateway.jobs").joinpath("lua")
+    # webhook.lua defines what every step may need to queue a webhook delivery.
+    return redis.register_script(
+        lua.joinpath("webhook.lua").read_text() + lua.joinpath(f"{name}.lua").read_text()
+    )
+
+
+def delivery_key(delivery_id: str) -> str:
+    return f"segserve:delivery:{delivery_id}"
 
 
 def _decode(flat: list[bytes]) -> dict[str, str]:
@@ -169,6 +204,9 @@ class JobStore:
             fields["image_path"] = sub.image_path
         if sub.target_class_ids is not None:
             fields["target_class_ids"] = json.dumps(sub.target_class_ids)
+        if sub.webhook is not None:
+            fields["webhook"] = sub.webhook
+            fields["webhook_events"] = json.dumps(list(sub.webhook_events))
         arq_job = serialize_job(FUNCTION, (job_id,), {}, None, int(created), serializer=serialize)
         keys = [QUEUE, job_key_prefix + job_id, input_key(job_id), meta_key(job_id), STATS, RUNNING]
         if idempotency:
@@ -309,6 +347,38 @@ class JobStore:
             pipe.delete(worker_key(worker_id))
             await pipe.execute()
 
+    # Webhook deliveries, made by the workers.
+
+    async def claim_deliveries(self, lease_ms: float, limit: int) -> list[Delivery]:
+        """The deliveries due now, each leased for ``lease_ms`` to the caller."""
+        claimed = await self._scripts["claim"](keys=[DELIVERIES], args=[repr(now_ms()), lease_ms, limit])
+        deliveries = []
+        for raw_id, raw_fields in claimed:
+            fields = _decode(raw_fields)
+            snapshot = _decode([item.encode() for item in json.loads(fields["snapshot"])])
+            job = self._job(fields["job_id"], snapshot, running="status" not in snapshot, position=-1)
+            body = fields.get("body")
+            deliveries.append(Delivery(raw_id.decode(), fields["type"], fields["url"], fields["owner"],
+                                       float(fields["created"]), int(fields["attempts"]), job,
+                                       body.encode() if body is not None else None))  # fmt: skip
+        return deliveries
+
+    async def record_delivery(
+        self, delivery: Delivery, state: str, status: int | None, next_ms: float, body: bytes
+    ) -> None:
+        """An attempt at ``delivery`` ended: ``state`` is 'pending' (try again at ``next_ms``), 'delivered' or
+        'failed' (given up)."""
+        keys = [delivery_key(delivery.id), DELIVERIES, STATS]
+        args: list[EncodableT] = [
+            delivery.id,
+            state,
+            "" if status is None else status,
+            next_ms,
+            body,
+            self.ttl_ms,
+        ]
+        await self._scripts["record"](keys=keys, args=args)
+
     # What operators see.
 
     async def queue_stats(self) -> QueueStats:
@@ -371,6 +441,9 @@ class JobStore:
             timings_ms=json.loads(fields.get("timings_ms", "{}")),
             image_path=fields.get("image_path"),
             target_class_ids=json.loads(target) if target else None,
+            webhook=fields.get("webhook"),
+            webhook_events=tuple(json.loads(fields.get("webhook_events", "[]"))),
+            deliveries=json.loads(fields.get("deliveries", "{}")),
         )
 
 

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 from gateway.ops.archive import BuildError, build_archive, model_store
 from gateway.ops.setup import SetupError, setup
 from gateway.settings import Settings
+from gateway.webhooks import new_secret
 
 READY_TIMEOUT_S = 300
 
@@ -124,6 +125,20 @@ def stack(
                "--timeout-graceful-shutdown", "5"]  # fmt: skip
     children.append(Child("gateway", gateway))
     return children
+
+
+def kept_webhook_secret(home: Path) -> str:
+    """The server's webhook secret, made on the first start and kept (readable by its owner only), so the
+    keys that callers verify with stay the same across restarts."""
+    path = home / "webhook_secret"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(new_secret() + "\n")
+        print(f"made a webhook signing secret: {path} (GET /v1/webhooks/secret gives each API key its own)")
+    else:
+        print(f"webhook signing secret: {path}")
+    return path.read_text().strip()
 
 
 def port_busy(host: str, port: int) -> bool:
@@ -230,6 +245,7 @@ def up(host: str, port: int, workers: int, model: str) -> int:
         **os.environ,
         "SEGSERVE_TORCHSERVE_KEY_FILE": str(home / "torchserve" / "key_file.json"),
         "SEGSERVE_DEFAULT_MODEL": model,
+        "SEGSERVE_WEBHOOK_SECRET": settings.webhook_secret or kept_webhook_secret(home),
         "PYTHONUNBUFFERED": "1",
     }
     children = stack(settings, home, store, model, workers, host, port)

@@ -33,6 +33,7 @@ from gateway.jobs import (
 )  # fmt: skip
 from gateway.settings import Settings
 from gateway.torchserve import TorchServe
+from gateway.worker.deliveries import Deliverer
 from gateway.worker.segment import segment
 
 logger = logging.getLogger(__name__)
@@ -69,13 +70,19 @@ async def startup(ctx: dict[str, Any]) -> None:
         concurrency=settings.worker_concurrency,
     )
     ctx["heartbeat"] = asyncio.create_task(heartbeat(ctx["store"], worker))
+    if settings.webhook_secret:
+        ctx["deliveries"] = asyncio.create_task(Deliverer(ctx["store"], settings).run())
+    else:
+        logger.warning("SEGSERVE_WEBHOOK_SECRET is unset: this worker delivers no webhooks")
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    heartbeat_task: asyncio.Task[None] = ctx["heartbeat"]
-    heartbeat_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await heartbeat_task
+    for name in ("heartbeat", "deliveries"):  # a delivery cut short is leased, and comes back to a worker
+        task: asyncio.Task[None] | None = ctx.get(name)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     store: JobStore = ctx["store"]
     with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
         await store.forget_worker(ctx["worker"].id)

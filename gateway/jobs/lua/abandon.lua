@@ -11,5 +11,6 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])  -- kept for a retry
 redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('HINCRBY', KEYS[6], 'finished:failed', 1)
+queue_delivery(KEYS[1], ARGV[1], 'completed', ARGV[2])
 redis.call('PUBLISH', ARGV[5], ARGV[1])
 return 'failed'

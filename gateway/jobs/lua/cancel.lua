@@ -18,5 +18,6 @@ redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])  -- kept as long as any ended job, as expires_at says
 redis.call('PEXPIRE', KEYS[6], ARGV[4])
 redis.call('HINCRBY', KEYS[7], 'finished:canceled', 1)
+queue_delivery(KEYS[1], ARGV[1], 'completed', ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[1])
 return 'canceled'

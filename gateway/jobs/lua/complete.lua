@@ -24,5 +24,6 @@ for _, increment in ipairs(cjson.decode(ARGV[7])) do
     redis.call('HINCRBY', KEYS[5], name, amount)  -- counts stay integers, as cancel.lua counts them too
   end
 end
+queue_delivery(KEYS[1], ARGV[1], 'completed', ARGV[2])
 redis.call('PUBLISH', ARGV[8], ARGV[1])
 return ARGV[4]

@@ -13,7 +13,7 @@ if status ~= 'failed' and status ~= 'canceled' then return {'refused', status or
 -- old try would take the new one out of the queue.
 if redis.call('EXISTS', KEYS[5]) == 1 then return {'refused', 'ending'} end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {'no_input'} end
-redis.call('HDEL', KEYS[1], 'status', 'finished_at', 'started_at', 'result', 'error', 'timings_ms')
+redis.call('HDEL', KEYS[1], 'status', 'finished_at', 'started_at', 'result', 'error', 'timings_ms', 'deliveries')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('DEL', KEYS[6])

@@ -12,5 +12,6 @@ redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)  -- every try counts, across retries of the job too
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[2])  -- tries that ended without a word (SIGKILL)
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+queue_delivery(KEYS[1], ARGV[1], 'start', ARGV[2])
 redis.call('PUBLISH', ARGV[4], ARGV[1])
 return {'run', redis.call('HGETALL', KEYS[1]), image}

@@ -1,0 +1,134 @@
+"""Outbound requests to URLs that clients give us (webhooks, image URLs), made so they cannot be turned
+against us or the network we run in.
+
+A URL is refused when its host resolves to a loopback, private, link-local, multicast, reserved or
+unspecified address, unless the host (``host`` or ``host:port``) is listed in SEGSERVE_ALLOWED_URL_HOSTS.
+The request then goes to the very address that was checked (the Host header and the TLS name stay the
+URL's), so a DNS answer that changes between the check and the connection cannot slip past. Redirects are
+not followed, and timeouts and a size limit apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+import httpx
+
+RESOLVE_TIMEOUT_S = 5.0
+
+
+class UrlRefused(Exception):
+    """The URL is not one we may call: wrong scheme, or a host that resolves to a non-public address."""
+
+
+class FetchFailed(Exception):
+    """The URL was allowed, but no acceptable answer came from it."""
+
+
+class TooLarge(FetchFailed):
+    """The answer was over the size limit."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: httpx.Headers
+    body: bytes
+
+
+def allowed_hosts(setting: str) -> frozenset[str]:
+    """SEGSERVE_ALLOWED_URL_HOSTS as a set: comma-separated ``host`` or ``host:port``, case-insensitive."""
+    return frozenset(entry.strip().lower() for entry in setting.split(",") if entry.strip())
+
+
+def is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 scope id is not part of the address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+    return not (
+        ip.is_loopback
+        or ip.is_private
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
+
+
+def check_syntax(url: str) -> httpx.URL:
+    """An absolute http(s) URL with a host; UrlRefused otherwise."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise UrlRefused(f"not a valid URL: {str(url)[:100]!r}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise UrlRefused(f"only absolute http and https URLs are allowed, not {str(url)[:100]!r}")
+    return parsed
+
+
+async def resolve(url: str, allowed: frozenset[str]) -> httpx.URL:
+    """The URL with its host replaced by the address to connect to, after the guard's checks."""
+    parsed = check_syntax(url)
+    host, port = parsed.host.lower(), parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        lookup = asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = await asyncio.wait_for(lookup, RESOLVE_TIMEOUT_S)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise FetchFailed(f"cannot resolve {host}: {exc or 'no answer in time'}") from exc
+    addresses = [str(info[4][0]) for info in infos]
+    if not addresses:
+        raise FetchFailed(f"{host} has no address")
+    if host not in allowed and f"{host}:{port}" not in allowed:
+        refused = [a for a in addresses if not is_public(a)]
+        if refused:
+            raise UrlRefused(
+                f"{host} resolves to a non-public address ({refused[0]}); list it in SEGSERVE_ALLOWED_URL_HOSTS "
+                "to allow it"
+            )
+    return parsed.copy_with(host=addresses[0].split("%")[0], port=port)
+
+
+def client(timeout: float) -> httpx.AsyncClient:
+    """An HTTP client for guarded requests: no redirects, no proxies from the environment, bounded waits."""
+    return httpx.AsyncClient(
+        follow_redirects=False, trust_env=False, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0))
+    )
+
+
+async def request(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    allowed: frozenset[str],
+    limit: int | None,
+    *,
+    content: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Answer:
+    """One guarded request: UrlRefused before any connection, FetchFailed (or TooLarge) after. The answer's
+    body is read up to ``limit`` bytes (TooLarge past it), or not at all for None."""
+    target = await resolve(url, allowed)
+    original = httpx.URL(url)
+    host_header = original.host if original.port is None else f"{original.host}:{original.port}"
+    extensions = {"sni_hostname": original.host} if original.scheme == "https" else {}
+    try:
+        async with http.stream(
+            method,
+            target,
+            content=content,
+            headers={**(headers or {}), "Host": host_header},
+            extensions=extensions,
+        ) as response:
+            body = bytearray()
+            if limit is not None:
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        raise TooLarge(f"the answer from {original.host} is over the limit of {limit} bytes")
+            return Answer(response.status_code, response.headers, bytes(body))
+    except httpx.HTTPError as exc:
+        reason = str(exc) or type(exc).__name__
+        raise FetchFailed(f"{original.host}: {type(exc).__name__}: {reason}") from exc

@@ -1,0 +1,119 @@
+"""Webhook deliveries: each worker process also delivers the events that the job store has queued.
+
+A delivery is a unit of work in Redis (see gateway/jobs/lua/webhook.lua), leased while an attempt runs,
+so it outlives any process and survives a Redis restart with the AOF. An attempt that times out, cannot
+connect or gets a non-2xx answer is tried again with exponential backoff and jitter (a ``Retry-After``
+answer wins), until SEGSERVE_WEBHOOK_RETRY_SECONDS have passed since the event; ``410 Gone`` stops it.
+Deliveries run beside the jobs and never delay or fail them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import random
+from datetime import datetime, timezone
+
+import httpx
+from redis.exceptions import RedisError
+
+from gateway import urls
+from gateway.jobs import Delivery, JobStore, iso, now_ms
+from gateway.settings import Settings
+from gateway.webhooks import signed_headers, signing_key
+
+logger = logging.getLogger(__name__)
+IN_FLIGHT = 16  # deliveries one process attempts at once
+MAX_DELAY_S = 3600.0  # the longest wait between two attempts
+
+
+class Deliverer:
+    def __init__(self, store: JobStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.allowed = urls.allowed_hosts(settings.allowed_url_hosts)
+        # An attempt takes at most two timeouts (connect, then answer); past its lease it is someone else's.
+        self.lease_ms = (2 * settings.url_timeout + 5) * 1000
+
+    async def run(self) -> None:
+        in_flight: set[asyncio.Task[None]] = set()
+        async with urls.client(self.settings.url_timeout) as http:
+            while True:
+                claimed: list[Delivery] = []
+                try:
+                    if len(in_flight) < IN_FLIGHT:
+                        claimed = await self.store.claim_deliveries(self.lease_ms, IN_FLIGHT - len(in_flight))
+                except RedisError as exc:  # Redis restarting: the deliveries wait there
+                    logger.warning("webhook deliveries paused: %s", exc)
+                    await asyncio.sleep(1)
+                for delivery in claimed:
+                    task = asyncio.create_task(self.attempt(http, delivery))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                await asyncio.sleep(0.05 if claimed else 0.2)
+
+    async def attempt(self, http: httpx.AsyncClient, delivery: Delivery) -> None:
+        """One attempt, recorded; whatever goes wrong here, the delivery stays leased and comes back."""
+        try:
+            body = delivery.body or render(delivery)
+            state, status, delay = await self.send(http, delivery, body)
+            if state == "pending" and now_ms() + delay * 1000 > delivery.created_at + self.give_up_after_ms:
+                state = "failed"  # retried for as long as it may be
+            if state != "delivered":
+                logger.info("webhook %s for %s: %s (HTTP %s)", delivery.id, delivery.job.id, state, status)
+            await self.store.record_delivery(delivery, state, status, now_ms() + delay * 1000, body)
+        except Exception:
+            logger.exception(
+                "webhook %s: the attempt failed unexpectedly; it will be tried again", delivery.id
+            )
+
+    @property
+    def give_up_after_ms(self) -> float:
+        return self.settings.webhook_retry_seconds * 1000
+
+    async def send(
+        self, http: httpx.AsyncClient, delivery: Delivery, body: bytes
+    ) -> tuple[str, int | None, float]:
+        """(state, the receiver's status, seconds until the next attempt if any)."""
+        key = signing_key(self.settings.webhook_secret, delivery.owner)
+        headers = signed_headers(key, delivery.id, body, datetime.now(timezone.utc))
+        try:
+            answer = await urls.request(
+                http, "POST", delivery.url, self.allowed, None, content=body, headers=headers
+            )
+        except urls.UrlRefused:
+            return "failed", None, 0.0  # its host now resolves to a refused address: never sent
+        except urls.FetchFailed:
+            return "pending", None, self.backoff(delivery.attempts + 1)
+        if 200 <= answer.status < 300:
+            return "delivered", answer.status, 0.0
+        if answer.status == 410:
+            return "failed", answer.status, 0.0  # the receiver says: stop
+        later = retry_after(answer.headers.get("retry-after"))
+        return "pending", answer.status, later if later is not None else self.backoff(delivery.attempts + 1)
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential, with jitter so that receivers coming back are not hit by every sender at once."""
+        delay = min(self.settings.webhook_retry_delay * 2 ** (attempt - 1), MAX_DELAY_S)
+        return float(delay * random.uniform(0.5, 1.0))
+
+
+def render(delivery: Delivery) -> bytes:
+    """The body: the event, when it happened, and the job as it was then."""
+    event = {"type": delivery.type, "timestamp": iso(delivery.created_at), "data": delivery.job.to_api()}
+    return json.dumps(event, separators=(",", ":")).encode()
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), bounded; None when absent or bad."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return min(float(value), MAX_DELAY_S)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return min(max(0.0, (moment - datetime.now(timezone.utc)).total_seconds()), MAX_DELAY_S)

@@ -1,0 +1,319 @@
+"""Webhooks, image URLs and the URL guard, against a real Redis and real HTTP receivers on loopback.
+
+The deliverer runs here in-process, as each worker runs it; jobs move through their states with the job
+store, as workers move them. Nothing here sends a packet beyond loopback: refused URLs are refused before
+any connection."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix, job_key_prefix
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+from starlette.testclient import TestClient
+
+from gateway import urls
+from gateway.app.web import load_api_keys
+from gateway.jobs import Job, JobStore, Outcome, Result, Submission
+from gateway.settings import Settings
+from gateway.webhooks import signing_key
+from gateway.worker.deliveries import Deliverer
+from tests.conftest import WEBHOOK_SECRET, Receiver, RedisServer, encode, free_port, scene
+
+IMAGE = encode(scene(32, 24))
+RESULT = Result(32, 24, [{"id": 0, "name": "__background__", "pixels": 768, "fraction": 1.0}])
+SETTINGS = Settings(webhook_secret=WEBHOOK_SECRET, webhook_retry_delay=0.2, allowed_url_hosts="127.0.0.1",
+                    url_timeout=1.0)  # fmt: skip
+
+
+@pytest.fixture
+async def store(fresh_redis: RedisServer) -> AsyncIterator[JobStore]:
+    redis = ArqRedis.from_url(fresh_redis.url)
+    yield JobStore(redis, result_ttl=60, max_queued=100)
+    await redis.aclose()
+
+
+@pytest.fixture
+async def deliverer(store: JobStore) -> AsyncIterator[Deliverer]:
+    running = Deliverer(store, SETTINGS)
+    task = asyncio.create_task(running.run())
+    yield running
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def submit(store: JobStore, url: str, events: tuple[str, ...] = ("completed",), owner: str = "") -> Job:
+    sub = Submission("deeplabv3", {"classes": None, "threshold": 0.0}, IMAGE, "image/jpeg", owner, webhook=url,
+                     webhook_events=events)  # fmt: skip
+    job, _ = await store.submit(sub)
+    return job
+
+
+async def run_to_the_end(store: JobStore, job: Job) -> None:
+    """A worker's try, start to end, and arq's bookkeeping around it."""
+    await store.redis.set(in_progress_key_prefix + job.id, b"1")
+    started = await store.start(job.id, deadline_ms=4e12)
+    assert started is not None
+    await store.complete(started.job, Outcome.succeeded(RESULT, b"PNG", {}))
+    await store.redis.delete(in_progress_key_prefix + job.id, job_key_prefix + job.id)
+    await store.redis.zrem("arq:queue", job.id)
+
+
+async def eventually(check, what: str, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def delivered(
+    store: JobStore, job_id: str, kind: str, owner: str = "", state: str = "delivered"
+) -> dict:  # type: ignore[type-arg]
+    """The job's delivery of ``kind`` once it has reached ``state``, as the job object shows it."""
+    deadline, last = time.monotonic() + 30, None
+    while time.monotonic() < deadline:
+        job = await store.load(job_id, owner)
+        last = job.deliveries.get(kind) if job else None
+        if last and last["state"] == state:
+            return last  # type: ignore[no-any-return]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the {kind} delivery never became {state}; last seen: {last}")
+
+
+async def test_signed_deliveries_of_start_and_end_in_order(
+    store: JobStore, deliverer: Deliverer, receiver: Receiver
+) -> None:
+    job = await submit(store, receiver.url + "/hook", ("start", "completed"), owner="alice")
+    await run_to_the_end(store, job)
+    await eventually(lambda: len(receiver.received) >= 2, "two deliveries")
+    started, completed = receiver.received[:2]
+    alice = Webhook(signing_key(WEBHOOK_SECRET, "alice"))
+    events = [alice.verify(r.body, r.headers) for r in (started, completed)]
+    assert [e["type"] for e in events] == ["job.started", "job.completed"]
+    assert [e["data"]["status"] for e in events] == ["running", "succeeded"]
+    assert events[1]["data"]["result"]["width"] == 32 and events[1]["data"]["id"] == job.id
+    assert started.headers["webhook-id"] != completed.headers["webhook-id"]
+    assert started.path == "/hook" and started.headers["Content-Type"] == "application/json"
+    with pytest.raises(WebhookVerificationError):  # another key's secret
+        Webhook(signing_key(WEBHOOK_SECRET, "bob")).verify(completed.body, completed.headers)
+    changed = bytearray(completed.body)
+    changed[10] ^= 1  # one byte
+    with pytest.raises(WebhookVerificationError):
+        alice.verify(bytes(changed), completed.headers)
+    await delivered(store, job.id, "job.completed", owner="alice")
+    shown = (await store.load(job.id, "alice")).to_api()  # type: ignore[union-attr]
+    assert shown["webhook"]["url"] == receiver.url + "/hook"
+    assert shown["webhook"]["events_filter"] == ["start", "completed"]
+    deliveries = shown["webhook"]["deliveries"]
+    assert {kind: d["state"] for kind, d in deliveries.items()} == {
+        "job.started": "delivered",
+        "job.completed": "delivered",
+    }
+    assert deliveries["job.completed"]["id"] == completed.headers["webhook-id"]
+    assert len(receiver.received) == 2, "each event once"
+
+
+async def test_only_the_events_asked_for(store: JobStore, deliverer: Deliverer, receiver: Receiver) -> None:
+    job = await submit(store, receiver.url)
+    await run_to_the_end(store, job)
+    delivery = await delivered(store, job.id, "job.completed")
+    assert [json.loads(r.body)["type"] for r in receiver.received] == ["job.completed"]
+    assert delivery["last_status"] == 200 and delivery["attempts"] == 1
+
+
+async def test_a_500_is_retried_with_growing_delays_under_one_id(
+    store: JobStore, deliverer: Deliverer, receiver: Receiver
+) -> None:
+    receiver.answer = lambda n, request: (500 if n < 3 else 200, {}, b"", 0.0)
+    job = await submit(store, receiver.url)
+    await run_to_the_end(store, job)
+    await eventually(lambda: len(receiver.received) == 4, "four attempts")
+    assert len({r.headers["webhook-id"] for r in receiver.received}) == 1
+    assert len({r.body for r in receiver.received}) == 1  # the same event every time
+    gaps = [b.at - a.at for a, b in zip(receiver.received, receiver.received[1:], strict=False)]
+    for attempt, gap in enumerate(
+        gaps, start=1
+    ):  # at least half of delay x 2^(attempt - 1): the jitter's floor
+        assert gap >= SETTINGS.webhook_retry_delay * 2 ** (attempt - 1) * 0.5 * 0.95, gaps
+    delivery = await delivered(store, job.id, "job.completed")
+    assert delivery["attempts"] == 4 and delivery["last_status"] == 200
+
+
+async def test_retry_after_is_honoured(store: JobStore, deliverer: Deliverer, receiver: Receiver) -> None:
+    receiver.answer = lambda n, request: (
+        (503, {"Retry-After": "1"}, b"", 0.0) if n == 0 else (204, {}, b"", 0.0)
+    )
+    await run_to_the_end(store, await submit(store, receiver.url))
+    await eventually(lambda: len(receiver.received) == 2, "the second attempt")
+    assert receiver.received[1].at - receiver.received[0].at >= 0.95
+
+
+async def test_410_stops_the_deliveries(store: JobStore, deliverer: Deliverer, receiver: Receiver) -> None:
+    receiver.answer = lambda n, request: (410, {}, b"", 0.0)
+    job = await submit(store, receiver.url)
+    await run_to_the_end(store, job)
+    delivery = await delivered(store, job.id, "job.completed", state="failed")
+    assert delivery["last_status"] == 410 and delivery["attempts"] == 1
+    assert await store.redis.zcard("segserve:deliveries") == 0, "nothing scheduled after a 410"
+    assert len(receiver.received) == 1
+
+
+async def test_a_receiver_that_hangs_is_timed_out_and_tried_again(
+    store: JobStore, deliverer: Deliverer, receiver: Receiver
+) -> None:
+    receiver.answer = lambda n, request: (200, {}, b"", 3.0 if n == 0 else 0.0)  # url_timeout is 1 s
+    job = await submit(store, receiver.url)
+    await run_to_the_end(store, job)
+    await eventually(lambda: len(receiver.received) == 2, "the attempt after the timeout")
+    assert receiver.received[0].headers["webhook-id"] == receiver.received[1].headers["webhook-id"]
+
+
+async def test_deliveries_survive_the_deliverer(store: JobStore, receiver: Receiver) -> None:
+    """A delivery is work in Redis: no deliverer running when the job ends, it goes out once one starts."""
+    job = await submit(store, receiver.url)
+    await run_to_the_end(store, job)
+    assert await store.redis.zcard("segserve:deliveries") == 1
+    task = asyncio.create_task(Deliverer(store, SETTINGS).run())
+    try:
+        await eventually(lambda: receiver.received, "the delivery")
+    finally:
+        task.cancel()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:9/", "http://10.0.0.1/", "http://169.254.169.254/latest/meta-data/", "http://[::1]:9/",
+     "http://localhost:9/", "http://0.0.0.0:9/", "http://[::ffff:127.0.0.1]:9/"],
+)  # fmt: skip
+async def test_the_guard_refuses_non_public_addresses(url: str) -> None:
+    with pytest.raises(urls.UrlRefused):
+        await urls.resolve(url, frozenset())
+
+
+async def test_the_guard_lets_listed_hosts_through_and_pins_the_address() -> None:
+    resolved = await urls.resolve("http://localhost:8080/x", urls.allowed_hosts("LOCALHOST:8080"))
+    assert resolved.host in ("127.0.0.1", "::1") and resolved.port == 8080 and resolved.path == "/x"
+    with pytest.raises(urls.UrlRefused):
+        await urls.resolve("http://localhost:8081/x", urls.allowed_hosts("localhost:8080"))
+    for bad in ("ftp://example.com/", "/relative", "http://", "javascript:alert(1)"):
+        with pytest.raises(urls.UrlRefused):
+            urls.check_syntax(bad)
+
+
+@pytest.fixture
+def api(fresh_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., TestClient]]:
+    """The gateway in-process, with webhooks on, two API keys, and the settings a test adds."""
+    monkeypatch.setenv("SEGSERVE_REDIS_URL", fresh_redis.url)
+    monkeypatch.setenv("SEGSERVE_TORCHSERVE_MANAGEMENT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("SEGSERVE_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    monkeypatch.setenv("SEGSERVE_API_KEYS", "alice-key,bob-key")
+    from gateway.app import app
+
+    with contextlib.ExitStack() as clients:
+
+        def start(**env: str) -> TestClient:
+            for name, value in env.items():
+                monkeypatch.setenv(name, value)
+            return clients.enter_context(TestClient(app, headers=ALICE))
+
+        yield start
+
+
+ALICE = {"Authorization": "Bearer alice-key"}
+IMAGE_B64 = base64.b64encode(IMAGE).decode()
+REFUSED = [
+    "http://127.0.0.1:9/",
+    "http://localhost:9/",
+    "http://169.254.169.254/",
+    "http://[::1]:9/",
+    "http://10.0.0.1/",
+]
+
+
+def test_webhooks_and_image_urls_to_non_public_addresses_are_refused(api: Callable[..., TestClient]) -> None:
+    client = api()
+    for url in REFUSED:
+        for body in ({"image": IMAGE_B64, "webhook": url}, {"image_url": url}):
+            refused = client.post("/v1/jobs", json=body)
+            assert refused.status_code == 422 and refused.json()["code"] == "url_not_allowed", (
+                body,
+                refused.text,
+            )
+    query = "?webhook=http%3A%2F%2F127.0.0.1%3A9%2F&webhook_events_filter=start"
+    refused = client.post(f"/v1/jobs{query}", content=IMAGE, headers={"Content-Type": "image/jpeg"})
+    assert refused.status_code == 422 and refused.json()["code"] == "url_not_allowed"
+
+
+def test_webhook_parameters_are_checked(api: Callable[..., TestClient], receiver: Receiver) -> None:
+    client = api(SEGSERVE_ALLOWED_URL_HOSTS="127.0.0.1")
+    for body, code in [
+        ({"webhook": "notaurl"}, "url_not_allowed"),
+        ({"webhook": "ftp://127.0.0.1/"}, "url_not_allowed"),
+        ({"webhook": receiver.url, "webhook_events_filter": ["end"]}, "invalid_parameter"),
+    ]:
+        answer = client.post("/v1/jobs", json={"image": IMAGE_B64, **body})
+        assert answer.status_code == 422 and answer.json()["code"] == code, (body, answer.text)
+    form = client.post("/v1/jobs", files={"image": ("a.jpg", IMAGE, "image/jpeg")},
+                       data={"webhook": receiver.url, "webhook_events_filter": "start,completed"})  # fmt: skip
+    assert form.status_code == 202, form.text
+    assert form.json()["webhook"] == {
+        "url": receiver.url,
+        "events_filter": ["start", "completed"],
+        "deliveries": {},
+    }
+    assert receiver.received == [], "a submission sends nothing to the receiver"
+
+
+def test_images_by_url(api: Callable[..., TestClient], receiver: Receiver) -> None:
+    client = api(SEGSERVE_ALLOWED_URL_HOSTS="127.0.0.1", SEGSERVE_MAX_BODY_BYTES="2000")
+    elsewhere = Receiver()  # where a redirect points
+    try:
+        answers = {
+            "/cat.jpg": (200, {}, IMAGE, 0.0),
+            "/missing.jpg": (404, {}, b"", 0.0),
+            "/moved.jpg": (302, {"Location": f"{elsewhere.url}/cat.jpg"}, b"", 0.0),
+            "/huge.jpg": (200, {}, b"\xff" * 5000, 0.0),
+        }
+        receiver.answer = lambda n, request: answers[request.path]
+        job = client.post("/v1/jobs", json={"image_url": f"{receiver.url}/cat.jpg", "classes": "cat"})
+        assert job.status_code == 202 and job.json()["params"]["classes"] == [8], job.text
+        for path, status, code in [("/missing.jpg", 422, "fetch_failed"), ("/moved.jpg", 422, "fetch_failed"),
+                                   ("/huge.jpg", 413, "body_too_large")]:  # fmt: skip
+            answer = client.post("/v1/jobs", json={"image_url": f"{receiver.url}{path}"})
+            assert answer.status_code == status and answer.json()["code"] == code, (path, answer.text)
+        assert elsewhere.received == [], "a redirect is not followed"
+        gone = client.post("/v1/jobs", json={"image_url": f"http://127.0.0.1:{free_port()}/nothing-listens"})
+        assert gone.status_code == 422 and gone.json()["code"] == "fetch_failed"
+    finally:
+        elsewhere.close()
+
+
+def test_webhook_secrets_are_per_key(api: Callable[..., TestClient]) -> None:
+    client = api()
+    alice = client.get("/v1/webhooks/secret").json()["key"]
+    bob = client.get("/v1/webhooks/secret", headers={"Authorization": "Bearer bob-key"}).json()["key"]
+    (alice_owner,) = load_api_keys(Settings(api_keys="alice-key")).values()
+    assert alice == signing_key(
+        WEBHOOK_SECRET, alice_owner
+    )  # the key the worker signs alice's deliveries with
+    assert alice.startswith("whsec_") and alice != bob and WEBHOOK_SECRET not in (alice, bob)
+    assert client.get("/v1/webhooks/secret", headers={"Authorization": ""}).status_code == 401
+
+
+def test_webhooks_off_without_a_server_secret(
+    api: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SEGSERVE_WEBHOOK_SECRET")
+    client = api()
+    assert client.get("/v1/webhooks/secret").json()["code"] == "webhooks_disabled"
+    answer = client.post("/v1/jobs", json={"image": IMAGE_B64, "webhook": "https://example.com/hook"})
+    assert answer.status_code == 422 and answer.json()["code"] == "webhooks_disabled"
