@@ -106,6 +106,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="masks", help="where masks and summary.json go (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=8, help="images in flight (default: %(default)s)")
+    p.add_argument("--webhook", metavar="URL", help="where the server POSTs each job's events, signed")
+    p.add_argument("--webhook-events", default="completed",
+                   help="which events: start, completed or start,completed (default: %(default)s)")  # fmt: skip
     client_options(p)
     p.set_defaults(run=submit)
 

@@ -15,9 +15,10 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from standardwebhooks import Webhook
 
 from gateway.app.params import VOC_CLASSES
-from tests.conftest import BIN, ROOT, Stack, encode, free_port, isolated_db, scene, wait_until
+from tests.conftest import BIN, ROOT, Receiver, Stack, encode, free_port, isolated_db, scene, wait_until
 
 SMALL = encode(scene(64, 48))
 
@@ -347,7 +348,11 @@ def test_service_routes(client: httpx.Client, stack: Stack) -> None:
     assert page.status_code == 200 and "<html" in page.text
 
 
-def test_200_jobs_from_20_clients_each_succeed_once(client: httpx.Client, stack: Stack) -> None:
+def test_200_jobs_from_20_clients_each_succeed_once(
+    client: httpx.Client, stack: Stack, receiver: Receiver
+) -> None:
+    """...and each sends its signed start and completed webhooks, once each, in order."""
+
     def succeeded() -> int:
         with stack.redis.client() as redis:
             return int(redis.hget("segserve:stats", "finished:succeeded") or 0)
@@ -357,7 +362,8 @@ def test_200_jobs_from_20_clients_each_succeed_once(client: httpx.Client, stack:
 
     def one(body: bytes) -> tuple[dict, dict]:  # type: ignore[type-arg]
         with httpx.Client(base_url=stack.url, timeout=120) as c:
-            accepted = submit(c, body)
+            query = f"?webhook={receiver.url}/hooks&webhook_events_filter=start,completed"
+            accepted = submit(c, body, query)
             assert accepted.status_code == 202, accepted.text
             return accepted.json(), wait_done(c, accepted.json()["id"], timeout=300)
 
@@ -374,6 +380,15 @@ def test_200_jobs_from_20_clients_each_succeed_once(client: httpx.Client, stack:
     with ThreadPoolExecutor(20) as pool:
         masks = list(pool.map(lambda i: client.get(f"/v1/jobs/{i}/mask.png").status_code, ids))
     assert set(masks) == {200}
+
+    wait_until(lambda: len(receiver.received) >= 400, 120, "400 webhook deliveries")
+    key = Webhook(client.get("/v1/webhooks/secret").json()["key"])
+    events: dict[str, list[str]] = {}
+    for delivery in receiver.received:
+        event = key.verify(delivery.body, delivery.headers)
+        events.setdefault(event["data"]["id"], []).append(event["type"])
+    assert events == {job_id: ["job.started", "job.completed"] for job_id in ids}
+    assert len({d.headers["webhook-id"] for d in receiver.received}) == 400
 
 
 def test_position_counts_jobs_ahead(stack: Stack) -> None:

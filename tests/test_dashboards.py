@@ -11,7 +11,7 @@ import yaml
 from tests.conftest import ROOT, Stack, encode, scene
 
 PROMQL_FUNCTIONS = {"sum", "rate", "by", "histogram_quantile", "clamp_min", "le", "status", "model_name", "job",
-                    "instance"}  # fmt: skip
+                    "instance", "outcome"}  # fmt: skip
 
 
 def test_dashboard_queries_name_real_metrics(stack: Stack) -> None:

@@ -6,6 +6,7 @@ and puts back whatever shared process (Redis, TorchServe) it breaks.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -14,7 +15,7 @@ import httpx
 import psutil
 
 from gateway.client import Client
-from tests.conftest import Stack, encode, isolated_db, scene, stop_process, wait_until
+from tests.conftest import Receiver, Stack, encode, free_port, isolated_db, scene, stop_process, wait_until
 
 SMALL = encode(scene(64, 48))
 
@@ -153,3 +154,41 @@ def test_killing_torchserves_backend_mid_batch(isolated: Stack, stack: Stack) ->
     jobs = assert_all_succeeded_once(isolated.url, ids, within=180)
     assert max(j["attempts"] for j in jobs.values()) >= 2, "no job was hit by the kill"
     wait_until(lambda: stack.torchserve.ready_workers() >= 1, 120, "TorchServe's worker back")
+
+
+def test_webhooks_outlive_a_receiver_down_and_killed_processes(isolated: Stack) -> None:
+    """The receiver is down for 20 s; meanwhile the worker is killed (SIGKILL) and the gateway restarted.
+    Once it is up, every event arrives, once, and each job's start before its end."""
+    down_since = time.monotonic()
+    port = free_port()  # nothing listens here yet: every attempt is refused
+    query = {"webhook": f"http://127.0.0.1:{port}/hook", "webhook_events_filter": "start,completed"}
+    with httpx.Client(base_url=isolated.url, timeout=30) as client:
+        ids = [
+            client.post(
+                "/v1/jobs", params=query, content=SMALL, headers={"Content-Type": "image/jpeg"}
+            ).json()["id"]
+            for _ in range(6)
+        ]
+    assert_all_succeeded_once(isolated.url, ids)
+    stop_process(isolated.workers.pop(), signal.SIGKILL)
+    isolated.start_worker()
+    assert isolated.gateway is not None
+    stop_process(isolated.gateway)
+    isolated.start_gateway(isolated.port)
+    time.sleep(max(0.0, 20 - (time.monotonic() - down_since)))
+    receiver = Receiver(port)
+    try:
+        wait_until(lambda: len(receiver.received) >= 12, 120, "every event, once the receiver is up")
+        time.sleep(1)  # anything more would arrive now
+        kinds: dict[str, list[str]] = {}
+        for delivery in receiver.received:
+            event = json.loads(delivery.body)
+            kinds.setdefault(event["data"]["id"], []).append(event["type"])
+        assert kinds == {job_id: ["job.started", "job.completed"] for job_id in ids}
+        with Client(isolated.url) as client:
+            for job_id in ids:
+                deliveries = client.get(job_id)["webhook"]["deliveries"]
+                assert {d["state"] for d in deliveries.values()} == {"delivered"}, deliveries
+                assert all(d["attempts"] > 1 for d in deliveries.values()), deliveries
+    finally:
+        receiver.close()

@@ -17,6 +17,7 @@ import yaml
 from gateway.ops.archive import BuildError, build_archive, check_published_hash
 from gateway.ops.launcher import stack
 from gateway.settings import Settings, env_table
+from gateway.webhooks import signing_key
 from tests.conftest import BIN, ROOT, encode, free_port, scene, side_by_side_env, wait_until
 
 
@@ -46,6 +47,11 @@ def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path, model_stor
             headers={"Content-Type": "image/jpeg", "Prefer": "wait=30"}, timeout=60,
         )  # fmt: skip
         assert response.json()["status"] == "succeeded", response.text
+        secret = httpx.get(f"http://127.0.0.1:{port}/v1/webhooks/secret").json()["key"]
+        kept = (tmp_path / "home" / "webhook_secret").read_text().strip()
+        assert (
+            secret == signing_key(kept, "") and f"{tmp_path / 'home' / 'webhook_secret'}" in log.read_text()
+        )
         text = log.read_text()
         for prefix in ("redis |", "torchserve |", "worker1 |", "worker2 |", "gateway |"):
             assert prefix in text, prefix

@@ -30,6 +30,8 @@ def submit(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     params = {"classes": args.classes.split(",") if args.classes else None, "threshold": args.threshold}
+    if args.webhook:
+        params |= {"webhook": args.webhook, "webhook_events": args.webhook_events.split(",")}
 
     async def run() -> dict[str, Any]:
         async with AsyncClient(args.url, args.api_key) as client:

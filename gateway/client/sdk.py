@@ -17,12 +17,13 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 from anyio.from_thread import BlockingPortal, start_blocking_portal
+from standardwebhooks import Webhook
 
 T = TypeVar("T")
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -39,6 +40,16 @@ class SegserveError(Exception):
         self.status = status
         self.code = code
         self.detail = detail
+
+
+def verify_webhook(body: bytes | str, headers: Mapping[str, str], key: str) -> dict[str, Any]:
+    """A webhook delivery's event, once its signature checks out with ``key`` (from ``webhook_secret()``).
+
+    Raises ``standardwebhooks.webhooks.WebhookVerificationError`` for a forged, altered or stale delivery.
+    The ``webhook-id`` header stays the same across retries of one event: use it to ignore repeats.
+    """
+    event: dict[str, Any] = Webhook(key).verify(body, dict(headers))
+    return event
 
 
 def problem(response: httpx.Response) -> SegserveError:
@@ -117,8 +128,11 @@ class AsyncClient:
         model: str | None = None,
         wait: float = 0,
         idempotency_key: str | None = None,
+        webhook: str | None = None,
+        webhook_events: Sequence[str] = ("completed",),
     ) -> dict[str, Any]:
-        """Submit one image (a path or its bytes); with ``wait``, hold up to that many seconds for the end."""
+        """Submit one image (a path or its bytes); with ``wait``, hold up to that many seconds for the end.
+        With ``webhook``, the server POSTs the job's events (``start``, ``completed``) there, signed."""
         if isinstance(image, bytes):
             body, content_type = image, "application/octet-stream"
         else:
@@ -132,6 +146,9 @@ class AsyncClient:
             params["threshold"] = repr(float(threshold))
         if model:
             params["model"] = model
+        if webhook:
+            params["webhook"] = webhook
+            params["webhook_events_filter"] = ",".join(webhook_events)
         headers = {"Content-Type": content_type}
         if wait > 0:
             headers["Prefer"] = f"wait={min(wait, MAX_WAIT):g}"
@@ -220,6 +237,10 @@ class AsyncClient:
     async def delete(self, job_id: str) -> None:
         await self._request("DELETE", f"/v1/jobs/{job_id}")
 
+    async def webhook_secret(self) -> str:
+        """The key this API key's webhook deliveries are signed with: give it to ``verify_webhook``."""
+        return str((await self._request("GET", "/v1/webhooks/secret")).json()["key"])
+
     async def models(self) -> dict[str, Any]:
         models: dict[str, Any] = (await self._request("GET", "/v1/models")).json()
         return models
@@ -279,6 +300,9 @@ class Client:
 
     def delete(self, job_id: str) -> None:
         self._call(self._async.delete, job_id)
+
+    def webhook_secret(self) -> str:
+        return self._call(self._async.webhook_secret)
 
     def models(self) -> dict[str, Any]:
         return self._call(self._async.models)
