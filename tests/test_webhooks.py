@@ -189,6 +189,21 @@ async def test_deliveries_survive_the_deliverer(store: JobStore, receiver: Recei
         task.cancel()
 
 
+async def test_deliveries_survive_a_redis_restart(
+    store: JobStore, fresh_redis: RedisServer, receiver: Receiver
+) -> None:
+    job = await submit(store, receiver.url)
+    await run_to_the_end(store, job)
+    fresh_redis.stop()
+    fresh_redis.start()  # from its append-only file
+    task = asyncio.create_task(Deliverer(store, SETTINGS).run())
+    try:
+        await eventually(lambda: receiver.received, "the delivery after the restart")
+    finally:
+        task.cancel()
+    assert json.loads(receiver.received[0].body)["data"]["id"] == job.id
+
+
 @pytest.mark.parametrize(
     "url",
     ["http://127.0.0.1:9/", "http://10.0.0.1/", "http://169.254.169.254/latest/meta-data/", "http://[::1]:9/",
