@@ -189,6 +189,7 @@ def test_webhooks_outlive_a_receiver_down_and_killed_processes(isolated: Stack) 
             for job_id in ids:
                 deliveries = client.get(job_id)["webhook"]["deliveries"]
                 assert {d["state"] for d in deliveries.values()} == {"delivered"}, deliveries
-                assert all(d["attempts"] > 1 for d in deliveries.values()), deliveries
+                # The start was tried while the receiver was down; the end waited for it, in order.
+                assert deliveries["job.started"]["attempts"] > 1, deliveries
     finally:
         receiver.close()
