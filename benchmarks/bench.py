@@ -105,7 +105,7 @@ class Stack:
             if self.process.poll() is not None:
                 raise RuntimeError(f"segserve up exited: see {self.home / 'up.log'}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/readyz", timeout=2).json().get("status") == "ready":
                     return
             except httpx.HTTPError:
                 pass

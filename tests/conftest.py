@@ -318,7 +318,9 @@ class Stack:
         return worker
 
     def wait_ready(self, timeout: float = 60) -> None:
-        wait_until(lambda: httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200, timeout, "/readyz")
+        wait_until(
+            lambda: httpx.get(f"{self.url}/readyz", timeout=5).json()["status"] == "ready", timeout, "/readyz"
+        )
 
     def stop(self) -> None:
         for worker in self.workers:

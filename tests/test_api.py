@@ -313,7 +313,8 @@ def test_service_routes(client: httpx.Client, stack: Stack) -> None:
 
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["checks"]["torchserve"] == "ok"
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert ready.json()["checks"]["torchserve"] == "ok" and ready.json()["checks"]["workers"].startswith("ok")
 
     submit(client, Prefer="wait=30")
     metrics = client.get("/metrics").text

@@ -12,20 +12,34 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import torch
 import yaml
 
-from gateway.ops.archive import BuildError, build_archive, check_published_hash
+from gateway.ops.archive import (
+    BuildError,
+    build_archive,
+    calibrate_batch_norm,
+    check_published_hash,
+    load_handler_module,
+)
 from gateway.ops.launcher import stack
 from gateway.settings import Settings, env_table
 from gateway.webhooks import signing_key
 from tests.conftest import BIN, ROOT, encode, free_port, scene, side_by_side_env, wait_until
 
 
-def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path, model_store: Path) -> None:
+def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path) -> None:
     port = free_port()
     env = side_by_side_env(tmp_path / "home")
-    # The archive the tests built, so nothing is downloaded; run from outside the checkout.
-    env["SEGSERVE_MODEL_STORE"] = str(model_store)
+    # Weights from a local checkpoint, so nothing is downloaded: `segserve up` builds the archive itself, into
+    # an empty model store. It runs from outside the checkout.
+    weights = tmp_path / "deeplabv3-local.pth"
+    torch.manual_seed(1)
+    torch.save(
+        calibrate_batch_norm(load_handler_module().build_model("mobilenet_v3_large")).state_dict(), weights
+    )
+    env["SEGSERVE_WEIGHTS"] = str(weights)
+    env["SEGSERVE_MODEL_STORE"] = str(tmp_path / "store")
     env["SEGSERVE_TORCHSERVE_CONFIG"] = str(ROOT / "config.properties")
     log = tmp_path / "up.log"
     with log.open("wb") as out:
@@ -52,10 +66,32 @@ def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path, model_stor
         assert (
             secret == signing_key(kept, "") and f"{tmp_path / 'home' / 'webhook_secret'}" in log.read_text()
         )
+        # The supervisor stays small: the archive is built in a process of its own, so it never holds torch.
+        assert psutil.Process(up.pid).memory_info().rss < 150 << 20
+
+        # A dependency that crashes is started again, as compose's restart policy would; the stack stays up.
+        for name in ("redis-server", "gateway.app:app"):
+            (victim,) = [p for p in psutil.Process(up.pid).children() if name in " ".join(p.cmdline())]
+            victim.kill()
+            wait_until(lambda name=name: "starting it again" in log.read_text() and any(
+                name in " ".join(p.cmdline()) for p in psutil.Process(up.pid).children()), 60, f"{name} again")  # fmt: skip
+        wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").json()["status"] == "ready",
+            120,
+            "ready again",
+        )
+        after = httpx.post(
+            f"http://127.0.0.1:{port}/v1/jobs", content=encode(scene(64, 48)),
+            headers={"Content-Type": "image/jpeg", "Prefer": "wait=30"}, timeout=60,
+        )  # fmt: skip
+        assert after.json()["status"] == "succeeded", after.text
+        assert up.poll() is None
+        descendants = psutil.Process(up.pid).children(recursive=True)
+
         text = log.read_text()
         for prefix in ("redis |", "torchserve |", "worker1 |", "worker2 |", "gateway |"):
             assert prefix in text, prefix
-        assert "RANDOM WEIGHTS" in text
+        assert "built " in text and "deeplabv3-local.pth (unverified)" in text  # the build's own report
         up.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert up.wait(timeout=60) == 0
         time.sleep(1)
@@ -96,6 +132,7 @@ def test_compose_runs_what_the_launcher_runs(tmp_path: Path) -> None:
     )
     assert "redis-data:/data" in services["redis"]["volumes"]
     assert services["worker"]["deploy"]["replicas"] >= 1
+    assert {s["restart"] for s in services.values()} == {"unless-stopped"}  # as the launcher restarts them
 
     known = {name for name, _ in env_table()}
     for name in ("worker", "gateway"):

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -148,6 +149,7 @@ def prepare_weights(
 
     _, published = handler.VARIANTS[variant]
     log(f"downloading {published.url} …")
+    socket.setdefaulttimeout(60)  # torch.hub's download has no timeout of its own
     try:
         state_dict = torch.hub.load_state_dict_from_url(published.url, progress=True, check_hash=True)
     except Exception as exc:  # offline, proxy refused, hash mismatch: all end the same way
@@ -155,6 +157,8 @@ def prepare_weights(
             f"cannot download the published weights ({exc.__class__.__name__}: {exc}). Offline? "
             "Pass --weights PATH to a local checkpoint, or --random-weights for a demo with meaningless masks."
         ) from exc
+    finally:
+        socket.setdefaulttimeout(None)
     path = workdir / Path(published.url).name
     torch.save(state_dict, path)
     return path, f"{Path(published.url).name} (published COCO_WITH_VOC_LABELS_V1, sha256 verified)", False

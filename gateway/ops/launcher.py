@@ -1,14 +1,16 @@
 """``segserve setup`` and ``segserve up``: the whole stack on one machine, from nothing to a ready URL.
 
-``up`` is a small supervisor: it starts Redis (own data dir, AOF on, loopback), TorchServe, the arq
-workers and the gateway, each in its own process group; shows their logs with a prefix; waits until
-``/readyz`` is green; reports a child that dies; and on Ctrl-C stops them all, leaving nothing behind.
-compose.yaml runs the same commands; tests/test_launcher.py keeps the two in step.
+``up`` is a small supervisor (it never imports torch: the archive is built by a process of its own): it
+starts Redis (own data dir, AOF on, loopback), TorchServe, the arq workers and the gateway, each in its own
+process group; shows their logs with a prefix; waits until ``/readyz`` says every part is ready; restarts a
+child that exits, with backoff, as compose's ``restart: unless-stopped`` does; and on Ctrl-C stops them all,
+leaving nothing behind. compose.yaml runs the same commands; tests/test_launcher.py keeps the two in step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -23,12 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from gateway.ops.archive import BuildError, build_archive, model_store
+from gateway.ops.archive import BuildError, model_store
 from gateway.ops.setup import SetupError, setup
 from gateway.settings import Settings
 from gateway.webhooks import new_secret
 
 READY_TIMEOUT_S = 300
+QUICK_EXIT_S = 10.0  # a child that exits sooner than this after its start failed "at once"
+QUICK_EXITS = 5  # so many such exits in a row, and the stack stops
 
 
 def state_dir() -> Path:
@@ -48,29 +52,27 @@ def torchserve_config() -> Path:
 
 
 def ensure_archive(model: str, store: Path) -> Path:
-    """The model's archive, built on first use: published weights online, else random with a warning."""
+    """The model's archive, built on first use by `segserve build-model` in a process of its own, so that
+    this supervisor never holds torch: published weights online, else random ones with a warning."""
     archive = store / f"{model}.mar"
     if archive.exists():
         return archive
+    build = [sys.executable, "-m", "gateway.cli", "build-model", "--name", model, "--model-store", str(store)]
     weights = os.environ.get("SEGSERVE_WEIGHTS")
+    attempt = subprocess.run(
+        [*build, "--weights", weights] if weights else build, stderr=subprocess.PIPE, text=True
+    )
+    if attempt.returncode == 0:
+        return archive
     if weights:
-        return build_archive(name=model, weights=weights, store=store)
-    socket.setdefaulttimeout(60)  # torch.hub's download has no timeout of its own
-    try:
-        return build_archive(name=model, store=store)
-    except BuildError as exc:
-        banner = "!" * 78
-        print(
-            f"{banner}\n{exc}\nWARNING: falling back to RANDOM WEIGHTS. The service works, but its masks are",
-            flush=True,
-        )
-        print(
-            f"MEANINGLESS. For real masks: SEGSERVE_WEIGHTS=/path/to/checkpoint.pth, then delete {archive}\n{banner}",
-            flush=True,
-        )
-        return build_archive(name=model, random_seed=0, store=store)
-    finally:
-        socket.setdefaulttimeout(None)
+        raise BuildError(attempt.stderr.strip().removeprefix("error: "))
+    banner = "!" * 78
+    print(f"{banner}\n{attempt.stderr.strip()}\nWARNING: falling back to RANDOM WEIGHTS. The service works, "
+          f"but its masks are\nMEANINGLESS. For real masks: SEGSERVE_WEIGHTS=/path/to/checkpoint.pth, then "
+          f"delete {archive}\n{banner}", flush=True)  # fmt: skip
+    if subprocess.run([*build, "--random-weights"]).returncode != 0:
+        raise BuildError("`segserve build-model --random-weights` failed; see above")
+    return archive
 
 
 @dataclass
@@ -82,6 +84,9 @@ class Child:
     # Lines matching this are kept out of the console (still in the child's log file).
     quiet: re.Pattern[str] | None = None
     process: subprocess.Popen[str] | None = None
+    started_at: float = 0.0
+    quick_exits: int = 0  # exits in a row, each soon after its start
+    restart_at: float | None = None
 
 
 def stack(
@@ -148,6 +153,10 @@ def port_busy(host: str, port: int) -> bool:
 
 
 class Supervisor:
+    """Starts the children, restarts one that exits (as compose's ``restart: unless-stopped`` does), and gives
+    up only on a child that exits soon after each start QUICK_EXITS times in a row: that one cannot run here.
+    The restart waits grow from 0.5 s to 30 s while a child keeps failing, and reset once it stays up."""
+
     def __init__(self, children: list[Child], env: dict[str, str], log_dir: Path) -> None:
         self.children = children
         self.env = env
@@ -157,6 +166,7 @@ class Supervisor:
         self.width = max(len(c.name) for c in children)
 
     def start(self, child: Child) -> None:
+        child.started_at = time.monotonic()
         child.process = subprocess.Popen(
             child.command,
             cwd=child.cwd,
@@ -179,8 +189,26 @@ class Supervisor:
                     sys.stdout.write(f"{child.name:>{self.width}} | {line}")
                     sys.stdout.flush()
 
-    def dead(self) -> list[Child]:
-        return [c for c in self.children if c.process is not None and c.process.poll() is not None]
+    def tend(self) -> str | None:
+        """Restart what exited, when its wait is over; why to give up, when a child cannot stay up."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    child.restart_at = None
+                    self.start(child)
+                continue
+            if child.process is None or child.process.poll() is None:
+                continue
+            quick = now - child.started_at < QUICK_EXIT_S
+            child.quick_exits = child.quick_exits + 1 if quick else 0
+            if child.quick_exits >= QUICK_EXITS:
+                return f"{child.name} exited {QUICK_EXITS} times in a row right after starting"
+            delay = min(0.5 * 2 ** max(0, child.quick_exits - 1), 30.0)
+            code = child.process.returncode
+            print(f"{child.name} exited with status {code}; starting it again in {delay:g} s", flush=True)
+            child.restart_at = now + delay
+        return None
 
     def stop(self) -> None:
         self.stopping.set()
@@ -204,27 +232,30 @@ class Supervisor:
             os.killpg(child.process.pid, sig)
 
 
-def wait_ready(url: str, supervisor: Supervisor, timeout: float = READY_TIMEOUT_S) -> bool:
+def wait_ready(url: str, supervisor: Supervisor, timeout: float = READY_TIMEOUT_S) -> str | None:
+    """None once every part is ready; else why not."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline and not supervisor.stopping.is_set():
-        if supervisor.dead():
-            return False
+        if failure := supervisor.tend():
+            return failure
         try:
             with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return True
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            match = re.search(r'"detail":"([^"]*)"', detail)
-            state = match.group(1) if match else f"HTTP {exc.code}"
-            if state != last:
-                print(f"   segserve | waiting: {state}", flush=True)
-                last = state
-        except (urllib.error.URLError, OSError):
-            pass
+                answer = json.load(response)
+        except urllib.error.HTTPError as exc:  # 503: Redis is not up yet
+            answer = json.loads(exc.read() or b"{}")
+        except (urllib.error.URLError, OSError, ValueError):
+            answer = {}
+        if answer.get("status") == "ready":
+            return None
+        state = ", ".join(
+            f"{part} {s}" for part, s in answer.get("checks", {}).items() if not s.startswith("ok")
+        )
+        if state and state != last:
+            print(f"   segserve | waiting: {state}", flush=True)
+            last = state
         time.sleep(0.5)
-    return False
+    return f"not ready after {timeout:g} s ({last or '/readyz does not answer'})"
 
 
 def up(host: str, port: int, workers: int, model: str) -> int:
@@ -250,7 +281,7 @@ def up(host: str, port: int, workers: int, model: str) -> int:
     }
     children = stack(settings, home, store, model, workers, host, port)
     supervisor = Supervisor(children, env, home / "logs")
-    interrupted = threading.Event()
+    interrupted = supervisor.stopping  # set by Ctrl-C (SIGINT) or SIGTERM, and by stop()
 
     def on_signal(signum: int, frame: object) -> None:
         interrupted.set()
@@ -261,25 +292,20 @@ def up(host: str, port: int, workers: int, model: str) -> int:
     try:
         for child in children:
             supervisor.start(child)
-        if not wait_ready(url, supervisor):
-            if not interrupted.is_set():
-                died = ", ".join(c.name for c in supervisor.dead()) or "nothing died, but /readyz stayed red"
-                print(f"segserve did not become ready ({died}); logs in {supervisor.log_dir}", flush=True)
-                return 1
-            return 0
-        print(f"\n  segserve is ready: {url}   (API docs: {url}/docs; Ctrl-C stops everything)\n", flush=True)
+        failure = wait_ready(url, supervisor)
+        if failure and not interrupted.is_set():
+            print(f"segserve did not become ready: {failure}; logs in {supervisor.log_dir}", flush=True)
+            return 1
+        if not interrupted.is_set():
+            print(
+                f"\n  segserve is ready: {url}   (API docs: {url}/docs; Ctrl-C stops everything)\n",
+                flush=True,
+            )
         while not interrupted.is_set():
-            for child in supervisor.dead():
-                code = child.process.returncode if child.process else "?"
-                # Workers hold no state, and arq's loop can exit when Redis restarts under it: start
-                # them again. Any other child gone means the stack is broken: stop it all.
-                if child.name.startswith("worker"):
-                    print(f"{child.name} exited with status {code}; starting it again", flush=True)
-                    supervisor.start(child)
-                    continue
-                print(f"{child.name} exited with status {code}; stopping the stack", flush=True)
+            if failure := supervisor.tend():
+                print(f"{failure}; stopping the stack", flush=True)
                 return 1
-            interrupted.wait(1.0)
+            interrupted.wait(0.5)
         return 0
     finally:
         print("stopping …", flush=True)
