@@ -45,17 +45,13 @@ def allowed_hosts(setting: str) -> frozenset[str]:
 
 
 def is_public(address: str) -> bool:
+    """Globally routable: not loopback, private, shared (100.64.0.0/10), link-local, reserved, unspecified or
+    multicast, and, for IPv6 addresses that carry an IPv4 one (mapped, 6to4, Teredo), neither is that."""
     ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 scope id is not part of the address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
-    return not (
-        ip.is_loopback
-        or ip.is_private
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-    )
+    inside: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        inside += [a for a in (ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())) if a is not None]
+    return all(a.is_global and not a.is_multicast for a in inside)
 
 
 def check_syntax(url: str) -> httpx.URL:
@@ -81,21 +77,28 @@ async def resolve(url: str, allowed: frozenset[str]) -> httpx.URL:
     addresses = [str(info[4][0]) for info in infos]
     if not addresses:
         raise FetchFailed(f"{host} has no address")
-    if host not in allowed and f"{host}:{port}" not in allowed:
-        refused = [a for a in addresses if not is_public(a)]
-        if refused:
-            raise UrlRefused(
-                f"{host} resolves to a non-public address ({refused[0]}); list it in SEGSERVE_ALLOWED_URL_HOSTS "
-                "to allow it"
-            )
+    listed = host in allowed or f"{host}:{port}" in allowed
+    if not listed and not all(is_public(a) for a in addresses):  # which address is not told: no probing
+        raise UrlRefused(
+            f"{host} resolves to a non-public address; list it in SEGSERVE_ALLOWED_URL_HOSTS to allow it"
+        )
     return parsed.copy_with(host=addresses[0].split("%")[0], port=port)
 
 
 def client(timeout: float) -> httpx.AsyncClient:
-    """An HTTP client for guarded requests: no redirects, no proxies from the environment, bounded waits."""
+    """An HTTP client for guarded requests: no redirects, no proxies from the environment, bounded waits, and
+    no kept connections: a pool keyed by address would let one host's TLS session serve another's name."""
     return httpx.AsyncClient(
-        follow_redirects=False, trust_env=False, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0))
+        follow_redirects=False,
+        trust_env=False,
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+        limits=httpx.Limits(max_keepalive_connections=0),
     )
+
+
+def deadline(timeout: float) -> float:
+    """The longest one guarded request may take in all: name lookup, connect, send, answer."""
+    return RESOLVE_TIMEOUT_S + 3 * timeout
 
 
 async def request(
@@ -109,22 +112,47 @@ async def request(
     headers: dict[str, str] | None = None,
 ) -> Answer:
     """One guarded request: UrlRefused before any connection, FetchFailed (or TooLarge) after. The answer's
-    body is read up to ``limit`` bytes (TooLarge past it), or not at all for None."""
+    body is read up to ``limit`` bytes (TooLarge past it), or not at all for None. Each step's timeout is the
+    client's; the whole request is bounded too, so an answer that trickles in cannot hold it open."""
+    timeout = http.timeout.read or 10.0
+    try:
+        return await asyncio.wait_for(
+            _request(http, method, url, allowed, limit, content, headers), deadline(timeout)
+        )
+    except asyncio.TimeoutError as exc:
+        raise FetchFailed(f"{httpx.URL(url).host}: no whole answer in {deadline(timeout):g} s") from exc
+
+
+async def _request(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    allowed: frozenset[str],
+    limit: int | None,
+    content: bytes | None,
+    headers: dict[str, str] | None,
+) -> Answer:
     target = await resolve(url, allowed)
     original = httpx.URL(url)
-    host_header = original.host if original.port is None else f"{original.host}:{original.port}"
-    extensions = {"sni_hostname": original.host} if original.scheme == "https" else {}
+    host_header = original.netloc.decode("ascii")  # IDNA-encoded, an IPv6 host in brackets, and the port
+    extensions = {"sni_hostname": original.raw_host.decode("ascii")} if original.scheme == "https" else {}
+    # Compressed answers are refused, not inflated: a few bytes of nested gzip could fill the memory.
+    headers = {**(headers or {}), "Host": host_header, "Accept-Encoding": "identity"}
     try:
         async with http.stream(
             method,
             target,
             content=content,
-            headers={**(headers or {}), "Host": host_header},
+            headers=headers,
             extensions=extensions,
         ) as response:
             body = bytearray()
             if limit is not None:
-                async for chunk in response.aiter_bytes():
+                if response.headers.get("content-encoding", "identity").lower() != "identity":
+                    raise FetchFailed(
+                        f"{original.host} answered with a Content-Encoding; identity was asked for"
+                    )
+                async for chunk in response.aiter_raw():
                     body += chunk
                     if len(body) > limit:
                         raise TooLarge(f"the answer from {original.host} is over the limit of {limit} bytes")

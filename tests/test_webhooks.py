@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,7 +23,7 @@ from starlette.testclient import TestClient
 
 from gateway import urls
 from gateway.app.web import load_api_keys
-from gateway.jobs import Job, JobStore, Outcome, Result, Submission
+from gateway.jobs import Job, JobStatus, JobStore, Outcome, Result, Submission
 from gateway.settings import Settings
 from gateway.webhooks import signing_key
 from gateway.worker.deliveries import Deliverer
@@ -177,6 +178,49 @@ async def test_a_receiver_that_hangs_is_timed_out_and_tried_again(
     assert receiver.received[0].headers["webhook-id"] == receiver.received[1].headers["webhook-id"]
 
 
+async def test_every_event_has_its_own_id_and_body(
+    store: JobStore, deliverer: Deliverer, receiver: Receiver
+) -> None:
+    """Failed, retried, canceled: two completions of one job, each its own event for the receiver."""
+    job = await submit(store, receiver.url)
+    await store.redis.set(in_progress_key_prefix + job.id, b"1")
+    started = await store.start(job.id, deadline_ms=4e12)
+    assert started is not None
+    await store.complete(started.job, Outcome.failed("invalid_image", "broken"))
+    await store.redis.delete(in_progress_key_prefix + job.id, job_key_prefix + job.id)
+    await store.redis.zrem("arq:queue", job.id)
+    await delivered(store, job.id, "job.completed")
+    assert await store.retry(job.id) is None
+    assert await store.cancel(job.id) is JobStatus.CANCELED
+    await eventually(lambda: len(receiver.received) == 2, "the second completion")
+    first, second = (json.loads(r.body) for r in receiver.received)
+    assert receiver.received[0].headers["webhook-id"] != receiver.received[1].headers["webhook-id"]
+    assert (first["data"]["status"], second["data"]["status"]) == ("failed", "canceled")
+
+
+async def test_delete_forgets_the_deliveries_too(store: JobStore, receiver: Receiver) -> None:
+    job = await submit(store, receiver.url)
+    await run_to_the_end(store, job)
+    assert await store.redis.zcard("segserve:deliveries") == 1
+    await store.delete(job.id)
+    assert (
+        await store.redis.zcard("segserve:deliveries") == 0
+        and await store.redis.keys("segserve:delivery:*") == []
+    )
+
+
+async def test_an_attempt_past_its_lease_records_nothing(store: JobStore, receiver: Receiver) -> None:
+    job = await submit(store, receiver.url)
+    await run_to_the_end(store, job)
+    (stale,) = await store.claim_deliveries(lease_ms=0, limit=10)  # its lease is over at once
+    (current,) = await store.claim_deliveries(lease_ms=60_000, limit=10)
+    await store.record_delivery(stale, "failed", 500, 0, b"{}")  # too late: someone else holds it
+    await store.record_delivery(current, "delivered", 200, 0, b"{}")
+    done = await store.load(job.id)
+    assert done is not None and done.deliveries["job.completed"]["state"] == "delivered"
+    assert done.deliveries["job.completed"]["attempts"] == 1
+
+
 async def test_deliveries_survive_the_deliverer(store: JobStore, receiver: Receiver) -> None:
     """A delivery is work in Redis: no deliverer running when the job ends, it goes out once one starts."""
     job = await submit(store, receiver.url)
@@ -207,7 +251,9 @@ async def test_deliveries_survive_a_redis_restart(
 @pytest.mark.parametrize(
     "url",
     ["http://127.0.0.1:9/", "http://10.0.0.1/", "http://169.254.169.254/latest/meta-data/", "http://[::1]:9/",
-     "http://localhost:9/", "http://0.0.0.0:9/", "http://[::ffff:127.0.0.1]:9/"],
+     "http://localhost:9/", "http://0.0.0.0:9/", "http://[::ffff:127.0.0.1]:9/", "http://2130706433:9/",
+     "http://0x7f.1:9/", "http://100.100.100.200/latest/meta-data/", "http://[2002:7f00:1::]:9/",
+     "http://224.0.0.1:9/", "http://[fe80::1]:9/"],
 )  # fmt: skip
 async def test_the_guard_refuses_non_public_addresses(url: str) -> None:
     with pytest.raises(urls.UrlRefused):
@@ -297,12 +343,13 @@ def test_images_by_url(api: Callable[..., TestClient], receiver: Receiver) -> No
             "/missing.jpg": (404, {}, b"", 0.0),
             "/moved.jpg": (302, {"Location": f"{elsewhere.url}/cat.jpg"}, b"", 0.0),
             "/huge.jpg": (200, {}, b"\xff" * 5000, 0.0),
+            "/zipped.jpg": (200, {"Content-Encoding": "gzip"}, gzip.compress(b"\0" * 100_000), 0.0),
         }
         receiver.answer = lambda n, request: answers[request.path]
         job = client.post("/v1/jobs", json={"image_url": f"{receiver.url}/cat.jpg", "classes": "cat"})
         assert job.status_code == 202 and job.json()["params"]["classes"] == [8], job.text
         for path, status, code in [("/missing.jpg", 422, "fetch_failed"), ("/moved.jpg", 422, "fetch_failed"),
-                                   ("/huge.jpg", 413, "body_too_large")]:  # fmt: skip
+                                   ("/huge.jpg", 413, "body_too_large"), ("/zipped.jpg", 422, "fetch_failed")]:  # fmt: skip
             answer = client.post("/v1/jobs", json={"image_url": f"{receiver.url}{path}"})
             assert answer.status_code == status and answer.json()["code"] == code, (path, answer.text)
         assert elsewhere.received == [], "a redirect is not followed"

@@ -136,10 +136,15 @@ class Delivery:
     attempts: int
     job: Job  # the job as it was at the event
     body: bytes | None  # as sent at the first attempt, and so at every later one
+    lease: str  # this attempt's claim: recording it needs it
 
 
 class QueueFull(Exception):
     pass
+
+
+class NotReplicated(Exception):
+    """Fewer replicas than asked for confirmed a new job in time."""
 
 
 @dataclass(frozen=True)
@@ -181,10 +186,19 @@ def _flat(fields: dict[str, str]) -> str:
 class JobStore:
     """The job protocol, for gateways and workers alike."""
 
-    def __init__(self, redis: ArqRedis, result_ttl: int, max_queued: int = 0) -> None:
+    def __init__(
+        self,
+        redis: ArqRedis,
+        result_ttl: int,
+        max_queued: int = 0,
+        min_replicas: int = 0,
+        replica_timeout_ms: int = 1000,
+    ) -> None:
         self.redis = redis
         self.ttl_ms = result_ttl * 1000
         self.max_queued = max_queued
+        self.min_replicas = min_replicas
+        self.replica_timeout_ms = replica_timeout_ms
         self._scripts = {step: _script(redis, step) for step in STEPS}
 
     # The gateway's side.
@@ -215,7 +229,12 @@ class JobStore:
             job_id, repr(created), self.ttl_ms, self.max_queued, arq_job, sub.image, _flat(fields),
             ENQUEUED_CHANNEL, META_PREFIX,
         ]  # fmt: skip
-        answer = await self._scripts["submit"](keys=keys, args=args)
+        # WAIT counts the replicas that have this connection's writes: it goes on the submit's connection.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._scripts["submit"](keys=keys, args=args, client=pipe)
+            if self.min_replicas:
+                pipe.execute_command("WAIT", self.min_replicas, self.replica_timeout_ms)
+            answer, *confirmed = await pipe.execute()
         kind = answer[0].decode()
         if kind == "full":
             raise QueueFull()
@@ -224,6 +243,12 @@ class JobStore:
             if first is not None:
                 return first, False
             return await self.submit(sub, idempotency)  # the first job was deleted in between: start afresh
+        if confirmed and int(confirmed[0]) < self.min_replicas:
+            # Not on enough replicas to survive a failover: take it back, and let the client try again.
+            await self.delete(job_id)
+            raise NotReplicated(
+                f"the job store's replicas did not confirm the job in {self.replica_timeout_ms} ms"
+            )
         return self._job(job_id, fields, running=False, position=int(answer[1])), True
 
     async def load(self, job_id: str, owner: str = "") -> Job | None:
@@ -351,7 +376,10 @@ class JobStore:
 
     async def claim_deliveries(self, lease_ms: float, limit: int) -> list[Delivery]:
         """The deliveries due now, each leased for ``lease_ms`` to the caller."""
-        claimed = await self._scripts["claim"](keys=[DELIVERIES], args=[repr(now_ms()), lease_ms, limit])
+        lease = secrets.token_hex(8)
+        claimed = await self._scripts["claim"](
+            keys=[DELIVERIES], args=[repr(now_ms()), lease_ms, limit, lease]
+        )
         deliveries = []
         for raw_id, raw_fields in claimed:
             fields = _decode(raw_fields)
@@ -360,7 +388,7 @@ class JobStore:
             body = fields.get("body")
             deliveries.append(Delivery(raw_id.decode(), fields["type"], fields["url"], fields["owner"],
                                        float(fields["created"]), int(fields["attempts"]), job,
-                                       body.encode() if body is not None else None))  # fmt: skip
+                                       body.encode() if body is not None else None, lease))  # fmt: skip
         return deliveries
 
     async def record_delivery(
@@ -376,6 +404,7 @@ class JobStore:
             next_ms,
             body,
             self.ttl_ms,
+            delivery.lease,
         ]
         await self._scripts["record"](keys=keys, args=args)
 

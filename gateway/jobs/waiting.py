@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from arq.connections import ArqRedis
 
-from gateway.jobs.records import Job
+from gateway.jobs.records import Job, JobStatus
 from gateway.jobs.store import CHANGED_CHANNEL, JobStore
 
 logger = logging.getLogger(__name__)
@@ -79,13 +79,16 @@ class Waiters:
     async def changes(self, store: JobStore, job_id: str, owner: str) -> AsyncIterator[Job | None]:
         """The job now, then again whenever it may have changed (any job's change can move its queue
         position) or QUIET_SECONDS pass, until it has ended or is gone (None)."""
-        async with self.watch(ANY_JOB) as changed:
+        async with self.watch(job_id) as own, self.watch(ANY_JOB) as anything:
             while True:
-                changed.clear()  # before reading, so a change during the read is not lost
+                own.clear()  # before reading, so a change during the read is not lost
+                anything.clear()
                 job = await store.load(job_id, owner)
                 yield job
                 if job is None or job.status.is_terminal():
                     return
+                # A queued job's position moves with any job's change; past the queue, only its own matter.
+                changed = anything if job.status is JobStatus.QUEUED else own
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(changed.wait(), QUIET_SECONDS)
                 await asyncio.sleep(MIN_INTERVAL)  # at most this often, however busy the queue

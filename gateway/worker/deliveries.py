@@ -34,8 +34,8 @@ class Deliverer:
         self.store = store
         self.settings = settings
         self.allowed = urls.allowed_hosts(settings.allowed_url_hosts)
-        # An attempt takes at most two timeouts (connect, then answer); past its lease it is someone else's.
-        self.lease_ms = (2 * settings.url_timeout + 5) * 1000
+        # An attempt is bounded by urls.deadline; its lease outlasts that, and past it the delivery is free again.
+        self.lease_ms = (urls.deadline(settings.url_timeout) + 10) * 1000
 
     async def run(self) -> None:
         in_flight: set[asyncio.Task[None]] = set()
@@ -48,6 +48,9 @@ class Deliverer:
                 except RedisError as exc:  # Redis restarting: the deliveries wait there
                     logger.warning("webhook deliveries paused: %s", exc)
                     await asyncio.sleep(1)
+                except Exception:  # never let this loop end: deliveries would stop for the process's life
+                    logger.exception("webhook deliveries: claiming failed")
+                    await asyncio.sleep(1)
                 for delivery in claimed:
                     task = asyncio.create_task(self.attempt(http, delivery))
                     in_flight.add(task)
@@ -55,19 +58,24 @@ class Deliverer:
                 await asyncio.sleep(0.05 if claimed else 0.2)
 
     async def attempt(self, http: httpx.AsyncClient, delivery: Delivery) -> None:
-        """One attempt, recorded; whatever goes wrong here, the delivery stays leased and comes back."""
+        """One attempt, recorded, whatever happens in it (an error of ours counts as a failed attempt)."""
+        body = b""
         try:
             body = delivery.body or render(delivery)
             state, status, delay = await self.send(http, delivery, body)
-            if state == "pending" and now_ms() + delay * 1000 > delivery.created_at + self.give_up_after_ms:
-                state = "failed"  # retried for as long as it may be
-            if state != "delivered":
-                logger.info("webhook %s for %s: %s (HTTP %s)", delivery.id, delivery.job.id, state, status)
-            await self.store.record_delivery(delivery, state, status, now_ms() + delay * 1000, body)
         except Exception:
             logger.exception(
                 "webhook %s: the attempt failed unexpectedly; it will be tried again", delivery.id
             )
+            state, status, delay = "pending", None, self.backoff(delivery.attempts + 1)
+        if state == "pending" and now_ms() + delay * 1000 > delivery.created_at + self.give_up_after_ms:
+            state = "failed"  # retried for as long as it may be
+        if state != "delivered":
+            logger.info("webhook %s for %s: %s (HTTP %s)", delivery.id, delivery.job.id, state, status)
+        try:
+            await self.store.record_delivery(delivery, state, status, now_ms() + delay * 1000, body)
+        except RedisError as exc:  # the lease runs out, and the delivery comes back
+            logger.warning("webhook %s: the attempt could not be recorded: %s", delivery.id, exc)
 
     @property
     def give_up_after_ms(self) -> float:
@@ -91,12 +99,13 @@ class Deliverer:
             return "delivered", answer.status, 0.0
         if answer.status == 410:
             return "failed", answer.status, 0.0  # the receiver says: stop
-        later = retry_after(answer.headers.get("retry-after"))
-        return "pending", answer.status, later if later is not None else self.backoff(delivery.attempts + 1)
+        # Retry-After may ask for longer than the backoff, never for less.
+        later = retry_after(answer.headers.get("retry-after")) or 0.0
+        return "pending", answer.status, max(later, self.backoff(delivery.attempts + 1))
 
     def backoff(self, attempt: int) -> float:
         """Exponential, with jitter so that receivers coming back are not hit by every sender at once."""
-        delay = min(self.settings.webhook_retry_delay * 2 ** (attempt - 1), MAX_DELAY_S)
+        delay = min(self.settings.webhook_retry_delay * 2 ** min(attempt - 1, 30), MAX_DELAY_S)
         return float(delay * random.uniform(0.5, 1.0))
 
 
@@ -110,10 +119,13 @@ def retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date), bounded; None when absent or bad."""
     if not value:
         return None
-    if value.strip().isdigit():
+    value = value.strip()
+    if value.isascii() and value.isdigit():
         return min(float(value), MAX_DELAY_S)
     try:
         moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError):
         return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)  # HTTP dates are in GMT
     return min(max(0.0, (moment - datetime.now(timezone.utc)).total_seconds()), MAX_DELAY_S)

@@ -2,12 +2,14 @@
 -- KEYS: 1 the delivery, 2 the due set, 3 counters
 -- ARGV: 1 its id, 2 its state now ('pending', 'delivered' or 'failed'), 3 the receiver's HTTP status or '',
 --       4 when to try next (ms), if pending, 5 the body, kept from the first attempt on so every try sends
---       the same, 6 how long to keep a closed delivery (ms)
--- Returns the number of attempts so far, or 0 for a delivery that has expired
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+--       the same ('' when it could not be made), 6 how long to keep a closed delivery (ms), 7 the attempt's
+--       lease token
+-- Returns the number of attempts so far, or 0 for a delivery that has expired or was leased again since
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[7] then return 0 end
+redis.call('HDEL', KEYS[1], 'lease')  -- the attempt is over
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'last_status', ARGV[3])
-redis.call('HSETNX', KEYS[1], 'body', ARGV[5])
+if ARGV[5] ~= '' then redis.call('HSETNX', KEYS[1], 'body', ARGV[5]) end
 if ARGV[2] == 'pending' then
   redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
   redis.call('HINCRBY', KEYS[3], 'webhooks:retried', 1)

@@ -13,8 +13,9 @@ local function queue_delivery(meta_key, job_id, event, now)
   local kind = event == 'start' and 'job.started' or 'job.completed'
   local summary = cjson.decode(redis.call('HGET', meta_key, 'deliveries') or '{}')
   if not asked or summary[kind] then return end  -- one start per run of the job, not one per try
-  local attempts = redis.call('HGET', meta_key, 'attempts') or '0'
-  local id = 'msg_' .. string.sub(redis.sha1hex(job_id .. ':' .. kind .. ':' .. attempts), 1, 32)
+  -- Every event of the job gets its own id (a receiver drops repeats by id), the same on each retry.
+  local n = redis.call('HINCRBY', meta_key, 'events', 1)
+  local id = 'msg_' .. string.sub(redis.sha1hex(job_id .. ':' .. n), 1, 32)
   local key = 'segserve:delivery:' .. id
   redis.call('HSET', key, 'job_id', job_id, 'type', kind, 'url', url, 'owner', redis.call('HGET', meta_key, 'owner'),
     'snapshot', cjson.encode(redis.call('HGETALL', meta_key)), 'created', now, 'attempts', 0, 'state', 'pending')
