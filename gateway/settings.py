@@ -16,6 +16,14 @@ MiB = 1024 * 1024
 class Settings:
     # Where all state lives: jobs, inputs, results. Use a database of its own.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis Sentinel: comma-separated host:port of the sentinels. Set, they name the primary (of this master
+    # name), and redis_url gives only the database and password.
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "mymaster"
+    # Replicas that must hold a job before its 202 (Redis WAIT), so that an accepted job survives a
+    # failover; 0: off. A submission waits up to redis_replica_timeout_ms for them, then fails with 503.
+    redis_min_replicas: int = 0
+    redis_replica_timeout_ms: int = 1000
     # TorchServe's inference and management APIs.
     torchserve_url: str = "http://127.0.0.1:8080"
     torchserve_management_url: str = "http://127.0.0.1:8081"

@@ -11,8 +11,6 @@ from importlib.resources import files
 from typing import Any
 
 import yaml
-from arq.connections import ArqRedis
-from redis.asyncio import ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
@@ -23,7 +21,8 @@ from gateway import urls
 from gateway.app import compat, routes, service
 from gateway.app.errors import EXCEPTION_HANDLERS, problem_response
 from gateway.app.web import Services, load_api_keys
-from gateway.jobs import JobStore, Waiters, deserialize, serialize
+from gateway.jobs import JobStore, Waiters
+from gateway.jobs.connection import connect
 from gateway.settings import Settings
 from gateway.torchserve import ModelCatalog, TorchServe
 from gateway.webhooks import signing_key
@@ -33,22 +32,22 @@ from gateway.webhooks import signing_key
 async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     settings = Settings.from_env()
     # No ping here: the gateway starts, and answers 503, while Redis is still coming up.
-    redis = ArqRedis(
-        connection_pool=ConnectionPool.from_url(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=10
-        ),
-        job_serializer=serialize,
-        job_deserializer=deserialize,
-    )
+    redis = connect(settings, socket_connect_timeout=2, socket_timeout=10)
     torchserve = TorchServe(
         settings.torchserve_url, settings.torchserve_management_url, settings.key_file, timeout=10.0
     )
     services = Services(
         settings=settings,
         redis=redis,
-        store=JobStore(redis, settings.result_ttl, settings.max_queued),
+        store=JobStore(
+            redis,
+            settings.result_ttl,
+            settings.max_queued,
+            settings.redis_min_replicas,
+            settings.redis_replica_timeout_ms,
+        ),
         # Its own connection, with no read timeout: the subscription is quiet for as long as no job ends.
-        waiters=Waiters(ArqRedis.from_url(settings.redis_url, socket_connect_timeout=2)),
+        waiters=Waiters(connect(settings, socket_connect_timeout=2)),
         torchserve=torchserve,
         catalog=ModelCatalog(torchserve, settings.models_cache_seconds),
         api_keys=load_api_keys(settings),

@@ -15,7 +15,7 @@ from gateway.app.errors import Problem, job_not_found
 from gateway.app.params import parse_wait
 from gateway.app.submission import read_submission
 from gateway.app.web import Services, authenticate, services
-from gateway.jobs import Job, JobStatus, QueueFull
+from gateway.jobs import Job, JobStatus, NotReplicated, QueueFull
 
 
 def job_response(job: Job, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -34,6 +34,8 @@ async def submit_job(request: Request) -> Response:
         job, created = await svc.store.submit(submission, idempotency)
     except QueueFull:
         raise Problem(429, "queue_full", "the queue is full; try again later", {"Retry-After": "5"}) from None
+    except NotReplicated as exc:
+        raise Problem(503, "not_replicated", f"{exc}; try again", {"Retry-After": "1"}) from None
     headers = {"Location": f"/v1/jobs/{job.id}"}
     if wait > 0:
         headers["Preference-Applied"] = f"wait={wait:g}"

@@ -12,11 +12,8 @@ import os
 import socket
 from typing import Any, ClassVar
 
-from arq.connections import RedisSettings
 from arq.typing import WorkerCoroutine
 from arq.worker import Function, Worker, func, get_kwargs
-from redis.asyncio.retry import Retry as RedisRetry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -31,6 +28,7 @@ from gateway.jobs import (
     now_ms,
     serialize,
 )  # fmt: skip
+from gateway.jobs.connection import worker_redis_settings
 from gateway.settings import Settings
 from gateway.torchserve import TorchServe
 from gateway.worker.deliveries import Deliverer
@@ -136,7 +134,12 @@ class SegserveWorker(Worker):
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.work_may_wait.wait(), self.look_every)
         self.work_may_wait.clear()
-        await super()._poll_iteration()
+        try:
+            await super()._poll_iteration()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            # Redis restarting, or Sentinel failing over to a replica: wait for it instead of ending.
+            logger.warning("the job store does not answer (%s); trying again", exc)
+            await asyncio.sleep(1)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
@@ -184,13 +187,7 @@ class WorkerSettings:
     on_startup = startup
     on_shutdown = shutdown
     after_job_end = after_job_end
-    # Ride out a Redis restart: commands retry with backoff for ~30 s instead of ending the worker.
-    redis_settings = dataclasses.replace(
-        RedisSettings.from_dsn(_settings.redis_url),
-        conn_retries=30,
-        retry=RedisRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=20),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
+    redis_settings = worker_redis_settings(_settings)  # one Redis, or Sentinel's primary
     max_jobs = _settings.worker_concurrency
     # One try: the model call's own timeout plus a margin. After a SIGKILL the job runs again once
     # arq's in-progress key expires, job_timeout + 10 s later, so this stays tight.

@@ -1,0 +1,73 @@
+"""How every process reaches the job store's Redis: one URL, or the primary that Redis Sentinel names.
+
+With SEGSERVE_REDIS_SENTINELS set, the URL's host and port are not used (its database and password are):
+the sentinels are asked for the primary of SEGSERVE_REDIS_SENTINEL_MASTER, and asked again after a
+failover. arq's worker gets the same through its own Sentinel support.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+from urllib.parse import urlparse
+
+from arq.connections import ArqRedis, RedisSettings
+from redis.asyncio import ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.jobs.store import deserialize, serialize
+from gateway.settings import Settings
+
+
+def sentinels(settings: Settings) -> list[tuple[str, int]]:
+    """The sentinels' addresses, from ``host:port,host:port``."""
+    found = []
+    for entry in filter(None, (e.strip() for e in settings.redis_sentinels.split(","))):
+        host, _, port = entry.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"SEGSERVE_REDIS_SENTINELS: {entry!r} is not host:port")
+        found.append((host.strip("[]"), int(port)))
+    return found
+
+
+def connect(settings: Settings, **options: Any) -> ArqRedis:
+    """A client of the job store; ``options`` are redis-py's connection options (timeouts)."""
+    addresses = sentinels(settings)
+    if not addresses:
+        return ArqRedis(
+            connection_pool=ConnectionPool.from_url(settings.redis_url, **options),
+            job_serializer=serialize,
+            job_deserializer=deserialize,
+        )
+    url = urlparse(settings.redis_url)
+    database = int(url.path.strip("/") or 0)
+    sentinel = Sentinel(addresses, sentinel_kwargs={"socket_connect_timeout": 2}, **options)  # type: ignore[no-untyped-call]
+    primary: ArqRedis = sentinel.master_for(
+        settings.redis_sentinel_master, redis_class=ArqRedis, db=database, password=url.password
+    )
+    primary.job_serializer, primary.job_deserializer = serialize, deserialize
+    return primary
+
+
+def worker_redis_settings(settings: Settings) -> RedisSettings:
+    """arq's settings for the same Redis. Commands retry with backoff for ~30 s, so a worker rides out a
+    Redis restart instead of ending."""
+    base = dataclasses.replace(
+        RedisSettings.from_dsn(settings.redis_url),
+        conn_retries=30,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=20),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    addresses = sentinels(settings)
+    if not addresses:
+        return base
+    return dataclasses.replace(
+        base,
+        host=addresses,
+        sentinel=True,
+        sentinel_master=settings.redis_sentinel_master,
+    )
