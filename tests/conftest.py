@@ -374,8 +374,10 @@ def isolated(stack: Stack) -> Iterator[Stack]:
     env = {
         **stack.env,
         "SEGSERVE_REDIS_URL": isolated_db(stack),
-        "SEGSERVE_INFERENCE_TIMEOUT": "5",  # job timeout 10 s: a killed worker's job runs again 20 s later
-        "SEGSERVE_MAX_ATTEMPTS": "60",
+        # Job timeout 25 s: a killed worker's job runs again 35 s later. Tighter, a machine at half speed (a
+        # TorchServe warming up after a restart) times every try out while it still computes the last ones.
+        "SEGSERVE_INFERENCE_TIMEOUT": "20",
+        "SEGSERVE_MAX_ATTEMPTS": "200",
         "SEGSERVE_RETRY_DELAY": "0.2",
         "SEGSERVE_RETRY_MAX_DELAY": "1",
     }
