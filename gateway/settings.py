@@ -24,7 +24,7 @@ class Settings:
     # failover; 0: off. A submission waits up to redis_replica_timeout_ms for them, then fails with 503.
     redis_min_replicas: int = 0
     redis_replica_timeout_ms: int = 1000
-    # TorchServe's inference and management APIs.
+    # The worker's TorchServe: its inference and management APIs. Gateways never call it.
     torchserve_url: str = "http://127.0.0.1:8080"
     torchserve_management_url: str = "http://127.0.0.1:8081"
     # TorchServe writes its tokens to key_file.json in its working directory.
@@ -53,7 +53,7 @@ class Settings:
     api_keys_file: str = ""
     # Root directory that the compatibility route POST /predict may read image_path under. Unset: off (403).
     image_root: str = ""
-    # Seconds /v1/models caches TorchServe's answer.
+    # Seconds a gateway caches the models the workers report, for /v1/models and each submission's check.
     models_cache_seconds: float = 2.0
     # Webhooks: the server's signing key, a ``whsec_`` key; each API key signs with its own, derived from it
     # (GET /v1/webhooks/secret). Unset: submissions with a webhook are refused. `segserve up` makes one.

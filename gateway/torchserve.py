@@ -11,7 +11,6 @@ import asyncio
 import base64
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,7 +163,7 @@ class TorchServe:
         )
 
     async def models(self) -> list[dict[str, Any]]:
-        """Every registered model version, as ``/v1/models`` shows it."""
+        """Every registered model version, as ``/v1/models`` shows it (the worker reports it)."""
         names: list[str] = []
         token = ""
         while True:
@@ -196,6 +195,8 @@ class TorchServe:
                         "device": custom.get("device")
                         or ("gpu" if any(w.get("gpu") for w in workers) else "cpu"),
                         "variant": custom.get("variant"),
+                        "engine": custom.get("engine", "torch"),
+                        "precision": custom.get("precision", "fp32"),
                         "weights": custom.get("weights", "unknown"),
                         "random_weights": custom.get("random_weights", False),
                     }
@@ -232,33 +233,3 @@ class TorchServe:
         except BackendUnavailable:
             return False
         return response.status_code == 200
-
-
-class ModelCatalog:
-    """``/v1/models`` cached for a few seconds; the last good answer stands in while TorchServe is away."""
-
-    def __init__(self, torchserve: TorchServe, ttl: float) -> None:
-        self.torchserve = torchserve
-        self.ttl = ttl
-        self._models: list[dict[str, Any]] | None = None
-        self._fetched = 0.0
-        self._lock = asyncio.Lock()
-
-    async def list(self) -> list[dict[str, Any]]:
-        async with self._lock:
-            if self._models is None or time.monotonic() - self._fetched > self.ttl:
-                try:
-                    self._models = await self.torchserve.models()
-                    self._fetched = time.monotonic()
-                except (BackendUnavailable, ModelNotFound):
-                    if self._models is None:
-                        raise
-            return self._models
-
-    async def known(self, name: str) -> bool | None:
-        """Whether TorchServe serves ``name``; None when it cannot be asked and nothing is cached."""
-        try:
-            models = await self.list()
-        except (BackendUnavailable, ModelNotFound):
-            return None
-        return any(m["name"] == name for m in models)

@@ -7,14 +7,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
 from PIL import Image
 from starlette.testclient import TestClient
 
-from gateway.jobs import JobStore, Outcome, Result
+from gateway.jobs import JobStore, Outcome, Result, WorkerInfo, now_ms
 from tests.conftest import RedisServer, encode, free_port, scene
 
 IMAGE = encode(scene(32, 24))
@@ -24,9 +26,6 @@ JPEG = {"Content-Type": "image/jpeg"}
 @pytest.fixture
 def env(fresh_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> RedisServer:
     monkeypatch.setenv("SEGSERVE_REDIS_URL", fresh_redis.url)
-    nowhere = f"http://127.0.0.1:{free_port()}"  # no model server: the fast tier has none
-    monkeypatch.setenv("SEGSERVE_TORCHSERVE_URL", nowhere)
-    monkeypatch.setenv("SEGSERVE_TORCHSERVE_MANAGEMENT_URL", nowhere)
     return fresh_redis
 
 
@@ -202,13 +201,58 @@ def test_service_routes(api: TestClient) -> None:
     checks = ready.json()["checks"]
     assert (
         checks["redis"] == "ok"
-        and checks["torchserve"] == "down"
+        and checks["torchserve"].startswith("unknown")
         and checks["workers"].startswith("none alive")
     )
     assert_problem(api.get("/v1/models"), 503, "backend_unavailable")
     paths = api.get("/openapi.json").json()["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/predict"} <= set(paths)
     assert api.get("/").status_code == 200 and api.get("/docs").status_code == 200
+
+
+def model_entry(workers_ready: int, version: str = "1.0") -> dict[str, Any]:
+    return {"name": "deeplabv3", "version": version, "default": True, "workers": 2,
+            "workers_ready": workers_ready, "engine": "onnxruntime"}  # fmt: skip
+
+
+def beat(redis: RedisServer, host: str, backend: str, models: list[dict[str, Any]], at_ms: float) -> None:
+    """A worker's heartbeat, as a worker on another host sends it, through the job store."""
+
+    async def run() -> None:
+        store = JobStore(ArqRedis.from_url(redis.url), result_ttl=3600)
+        info = WorkerInfo(f"{host}:1", host, 1, "", "", 8, backend, models)
+        await store.heartbeat(info, at_ms)
+        await store.redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_models_and_readiness_come_from_the_workers_heartbeats(api: TestClient, env: RedisServer) -> None:
+    """The gateway reaches no TorchServe: each worker reports the one beside it, from any host."""
+    beat(env, "host-a", "down", [], now_ms())
+    assert api.get("/readyz").json()["checks"]["torchserve"] == "down"
+    assert_problem(api.get("/v1/models"), 503, "backend_unavailable")
+
+    beat(env, "host-b", "ok", [model_entry(2), model_entry(1, "2.0")], now_ms())
+    beat(env, "host-c", "ok", [model_entry(1)], now_ms())
+    ready = api.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["checks"]["workers"] == "ok: 3 alive", ready
+    time.sleep(2.1)  # past SEGSERVE_MODELS_CACHE_SECONDS
+    models = {m["version"]: m for m in api.get("/v1/models").json()["models"]}
+    assert models["1.0"]["workers_ready"] == 3 and models["2.0"]["workers_ready"] == 1
+    assert models["1.0"]["engine"] == "onnxruntime"
+    assert "models" not in api.get("/v1/queue").json()["workers"][0]
+    assert_problem(api.post("/v1/jobs?model=nosuch", content=IMAGE, headers=JPEG), 404, "model_not_found")
+
+    # Every worker gone (scaled to zero): the last catalog stands, with no workers, and jobs still queue.
+    stale = now_ms() - 60_000
+    for host in ("host-a", "host-b", "host-c"):
+        beat(env, host, "ok", [model_entry(1)], stale)
+    time.sleep(2.1)
+    [model] = api.get("/v1/models").json()["models"]
+    assert model["workers"] == 0 and model["workers_ready"] == 0
+    assert api.get("/readyz").json()["checks"]["torchserve"].startswith("unknown")
+    assert api.post("/v1/jobs", content=IMAGE, headers=JPEG).status_code == 202
 
 
 def test_redis_down_is_503(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,7 +66,11 @@ def test_torchserve_outage_then_recovery(isolated: Stack, stack: Stack) -> None:
     stack.torchserve.stop()
     try:
         ids += submit_many(isolated.url, 3)
-        down = httpx.get(f"{isolated.url}/readyz")  # still ready to accept jobs: they wait
+        # Still ready to accept jobs (they wait), once the worker's heartbeat has said TorchServe is down.
+        down = wait_until(
+            lambda: (r := httpx.get(f"{isolated.url}/readyz")).json()["checks"]["torchserve"] != "ok" and r,
+            15, "/readyz to name TorchServe",
+        )  # fmt: skip
         assert down.status_code == 200 and down.json()["status"] == "degraded"
         assert down.json()["checks"]["torchserve"].startswith("down")
         time.sleep(20)
@@ -75,7 +79,7 @@ def test_torchserve_outage_then_recovery(isolated: Stack, stack: Stack) -> None:
     finally:
         stack.torchserve.start()  # with new tokens: the workers must pick them up
     assert_all_succeeded_once(isolated.url, ids)
-    assert httpx.get(f"{isolated.url}/readyz").json()["status"] == "ready"
+    wait_until(lambda: httpx.get(f"{isolated.url}/readyz").json()["status"] == "ready", 15, "ready again")
 
 
 def test_backend_unavailable_past_the_retry_bound(stack: Stack) -> None:

@@ -20,11 +20,10 @@ from starlette.responses import Response
 from gateway import urls
 from gateway.app import compat, routes, service
 from gateway.app.errors import EXCEPTION_HANDLERS, problem_response
-from gateway.app.web import Services, load_api_keys
+from gateway.app.web import ModelCatalog, Services, load_api_keys
 from gateway.jobs import JobStore, Waiters
 from gateway.jobs.connection import connect
 from gateway.settings import Settings
-from gateway.torchserve import ModelCatalog, TorchServe
 from gateway.webhooks import signing_key
 
 
@@ -33,23 +32,20 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     settings = Settings.from_env()
     # No ping here: the gateway starts, and answers 503, while Redis is still coming up.
     redis = connect(settings, socket_connect_timeout=2, socket_timeout=10)
-    torchserve = TorchServe(
-        settings.torchserve_url, settings.torchserve_management_url, settings.key_file, timeout=10.0
+    store = JobStore(
+        redis,
+        settings.result_ttl,
+        settings.max_queued,
+        settings.redis_min_replicas,
+        settings.redis_replica_timeout_ms,
     )
     services = Services(
         settings=settings,
         redis=redis,
-        store=JobStore(
-            redis,
-            settings.result_ttl,
-            settings.max_queued,
-            settings.redis_min_replicas,
-            settings.redis_replica_timeout_ms,
-        ),
+        store=store,
+        catalog=ModelCatalog(store, settings.models_cache_seconds),
         # Its own connection, with no read timeout: the subscription is quiet for as long as no job ends.
         waiters=Waiters(connect(settings, socket_connect_timeout=2)),
-        torchserve=torchserve,
-        catalog=ModelCatalog(torchserve, settings.models_cache_seconds),
         api_keys=load_api_keys(settings),
         openapi=yaml.safe_load(files("gateway.app").joinpath("static", "openapi.yaml").read_text()),
         http=urls.client(settings.url_timeout),
@@ -62,7 +58,6 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         yield {"services": services}
     finally:
         await services.waiters.stop()
-        await torchserve.aclose()
         await services.http.aclose()
         await redis.aclose(close_connection_pool=True)  # a pool passed in is not closed by default
 

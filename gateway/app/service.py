@@ -14,8 +14,8 @@ from starlette.staticfiles import StaticFiles
 
 from gateway.app import metrics
 from gateway.app.errors import Problem, problem_response
-from gateway.app.web import Services, authenticate, services
-from gateway.torchserve import BackendUnavailable, ModelNotFound
+from gateway.app.web import authenticate, services
+from gateway.jobs import WorkerInfo
 from gateway.webhooks import signing_key
 
 STATIC = files("gateway.app").joinpath("static")
@@ -24,12 +24,9 @@ STATIC = files("gateway.app").joinpath("static")
 async def list_models(request: Request) -> Response:
     svc = services(request)
     authenticate(request)
-    try:
-        models = await svc.catalog.list()
-    except (BackendUnavailable, ModelNotFound) as exc:
-        raise Problem(
-            503, "backend_unavailable", "the model server's management API does not answer"
-        ) from exc
+    models = await svc.catalog.list()
+    if models is None:
+        raise Problem(503, "backend_unavailable", "no worker has reported its models yet")
     return JSONResponse({"default_model": svc.settings.default_model, "models": models})
 
 
@@ -59,33 +56,34 @@ async def readyz(request: Request) -> Response:
     scaled to zero) or TorchServe away, jobs wait in the queue. The body names each part's state, and says
     "ready" when all are up, "degraded" otherwise; 503 only when Redis does not answer."""
     svc = services(request)
-    checks: dict[str, str] = {}
     try:
         await svc.redis.ping()
-        checks["redis"] = "ok"
-        workers = (await svc.store.queue_stats()).workers
-        checks["workers"] = f"ok: {len(workers)} alive" if workers else "none alive: jobs wait in the queue"
+        workers = await svc.store.live_workers()
     except (RedisConnectionError, RedisTimeoutError, OSError):
-        checks["redis"] = "down"
-        checks["workers"] = "unknown: Redis is down"
-    checks["torchserve"] = await torchserve_state(svc)
-    if checks["redis"] != "ok":
+        checks = {
+            "redis": "down",
+            "workers": "unknown: Redis is down",
+            "torchserve": "unknown: Redis is down",
+        }
         return problem_response(503, "not_ready", "not ready: Redis is down", extra={"checks": checks})
+    checks = {
+        "redis": "ok",
+        "workers": f"ok: {len(workers)} alive" if workers else "none alive: jobs wait in the queue",
+        "torchserve": torchserve_state(workers, svc.settings.default_model),
+    }
     up = all(state.startswith("ok") for state in checks.values())
     return JSONResponse({"status": "ready" if up else "degraded", "checks": checks})
 
 
-async def torchserve_state(svc: Services) -> str:
-    if not await svc.torchserve.ping():
-        return "down"
-    try:
-        models = await svc.catalog.list()
-    except (BackendUnavailable, ModelNotFound):
-        return "down: its management API does not answer"
-    model = svc.settings.default_model
-    if not any(m["name"] == model and m["workers_ready"] for m in models):
-        return f"down: model {model!r} has no ready worker"
-    return "ok"
+def torchserve_state(workers: list[WorkerInfo], model: str) -> str:
+    """As the workers see the TorchServe beside each of them: "ok" when one can compute ``model``."""
+    if not workers:
+        return "unknown: no worker alive to report it"
+    for worker in workers:
+        if worker.backend == "ok" and any(m["name"] == model and m["workers_ready"] for m in worker.models):
+            return "ok"
+    backends = {w.backend for w in workers} - {"ok"}
+    return backends.pop() if backends else f"down: model {model!r} has no ready worker"
 
 
 async def prometheus(request: Request) -> Response:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,6 @@ from starlette.requests import Request
 from gateway.app.errors import Problem, unauthorized
 from gateway.jobs import JobStore, Waiters
 from gateway.settings import Settings
-from gateway.torchserve import ModelCatalog, TorchServe
 
 
 @dataclass
@@ -24,12 +25,34 @@ class Services:
     redis: ArqRedis
     store: JobStore
     waiters: Waiters
-    torchserve: TorchServe
     catalog: ModelCatalog
     api_keys: dict[str, str]  # sha256(key) -> owner id
     openapi: dict[str, Any]
     http: httpx.AsyncClient  # for the URLs clients give us (gateway.urls)
     allowed_url_hosts: frozenset[str]
+
+
+class ModelCatalog:
+    """The models the workers' TorchServes serve (``JobStore.models``), cached for a few seconds, since
+    every submission checks its model here."""
+
+    def __init__(self, store: JobStore, ttl: float) -> None:
+        self.store = store
+        self.ttl = ttl
+        self._models: list[dict[str, Any]] | None = None
+        self._fetched = -math.inf
+
+    async def list(self) -> list[dict[str, Any]] | None:
+        """None while no worker has ever reported its models."""
+        if time.monotonic() - self._fetched > self.ttl:
+            self._models = await self.store.models()
+            self._fetched = time.monotonic()
+        return self._models
+
+    async def known(self, name: str) -> bool | None:
+        """Whether a worker serves ``name``; None when none has said yet (the job waits for one)."""
+        models = await self.list()
+        return None if models is None else any(m["name"] == name for m in models)
 
 
 def load_api_keys(settings: Settings) -> dict[str, str]:

@@ -150,7 +150,8 @@ class Job:
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """What a worker's heartbeat says about it, for ``/v1/queue`` and ``/readyz``."""
+    """What a worker's heartbeat says about it and the TorchServe beside it, for ``/v1/queue``,
+    ``/v1/models`` and ``/readyz``: gateways reach no TorchServe themselves, so this works across hosts."""
 
     id: str
     host: str
@@ -158,6 +159,8 @@ class WorkerInfo:
     started_at: str
     last_seen: str
     concurrency: int
+    backend: str = "unknown"  # "ok", or why its TorchServe cannot compute
+    models: list[dict[str, Any]] = field(default_factory=list)  # as its TorchServe lists them
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -43,6 +43,7 @@ CHANGED_CHANNEL = "segserve:changed"  # a job id, whenever that job's state chan
 ENQUEUED_CHANNEL = "segserve:enqueued"  # wakes idle workers at once instead of at their next poll
 RUNNING = "segserve:running"  # sorted set: job id -> deadline of its try (ms); stale entries age out
 WORKERS = "segserve:workers"  # sorted set: worker id -> last heartbeat (ms)
+MODELS = "segserve:models"  # the last model catalog a worker reported: /v1/models while none is alive
 STATS = "segserve:stats"  # hash of counters and histogram buckets, shared by all workers
 META_PREFIX = "segserve:job:"
 WORKER_TTL_MS = 10_000  # a worker whose heartbeat is older than this counts as gone
@@ -364,6 +365,8 @@ class JobStore:
             pipe.zadd(WORKERS, {worker.id: at_ms})
             pipe.zremrangebyscore(WORKERS, "-inf", at_ms - 60_000)
             pipe.set(worker_key(worker.id), worker.to_json(), px=WORKER_TTL_MS)
+            if worker.models:
+                pipe.set(MODELS, json.dumps(worker.models))
             await pipe.execute()
 
     async def forget_worker(self, worker_id: str) -> None:
@@ -416,14 +419,38 @@ class JobStore:
             pipe.zcard(QUEUE)
             pipe.zcount(RUNNING, now, "+inf")
             pipe.hmget(STATS, ["finished:succeeded", "finished:failed", "finished:canceled"])
-            pipe.zrangebyscore(WORKERS, now - WORKER_TTL_MS, "+inf")
-            in_queue, running, finished, worker_ids = await pipe.execute()
-        workers = []
-        if worker_ids:
-            infos = await self.redis.mget([worker_key(w.decode()) for w in worker_ids])
-            workers = [json.loads(info) for info in infos if info]
+            in_queue, running, finished = await pipe.execute()
+        workers = [dataclasses.asdict(w) for w in await self.live_workers()]
+        for worker in workers:
+            del worker["models"]  # /v1/models shows them, summed over workers
         succeeded, failed, canceled = (int(float(v or 0)) for v in finished)
         return QueueStats(max(0, in_queue - running), running, succeeded, failed, canceled, workers)
+
+    async def live_workers(self) -> list[WorkerInfo]:
+        """Every worker whose heartbeat is recent, as it last described itself and its TorchServe."""
+        ids = await self.redis.zrangebyscore(WORKERS, now_ms() - WORKER_TTL_MS, "+inf")
+        infos = await self.redis.mget([worker_key(w.decode()) for w in ids]) if ids else []
+        return [WorkerInfo(**json.loads(info)) for info in infos if info]
+
+    async def models(self) -> list[dict[str, Any]] | None:
+        """Each model version that live workers' TorchServes serve, with their workers summed. While no
+        worker is alive (scaled to zero): the last catalog a worker reported, with no workers. None if no
+        worker ever reported one."""
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        for worker in await self.live_workers():
+            for model in worker.models:
+                key = (model["name"], model["version"])
+                if key in merged:
+                    merged[key]["workers"] += model["workers"]
+                    merged[key]["workers_ready"] += model["workers_ready"]
+                else:
+                    merged[key] = dict(model)
+        if merged:
+            return list(merged.values())
+        last = await self.redis.get(MODELS)
+        if last is None:
+            return None
+        return [{**model, "workers": 0, "workers_ready": 0} for model in json.loads(last)]
 
     async def counters(self) -> tuple[dict[str, float], int, int]:
         """(every counter and histogram bucket, jobs in arq's queue, jobs running), for /metrics."""

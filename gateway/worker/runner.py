@@ -12,6 +12,7 @@ import os
 import socket
 from typing import Any, ClassVar
 
+from arq.constants import default_queue_name, health_check_key_suffix
 from arq.typing import WorkerCoroutine
 from arq.worker import Function, Worker, func, get_kwargs
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,7 +31,7 @@ from gateway.jobs import (
 )  # fmt: skip
 from gateway.jobs.connection import worker_redis_settings
 from gateway.settings import Settings
-from gateway.torchserve import TorchServe
+from gateway.torchserve import BackendUnavailable, ModelNotFound, TorchServe
 from gateway.worker.deliveries import Deliverer
 from gateway.worker.segment import segment
 
@@ -67,7 +68,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         last_seen="",
         concurrency=settings.worker_concurrency,
     )
-    ctx["heartbeat"] = asyncio.create_task(heartbeat(ctx["store"], worker))
+    ctx["heartbeat"] = asyncio.create_task(heartbeat(ctx["store"], ctx["torchserve"], worker))
     if settings.webhook_secret:
         ctx["deliveries"] = asyncio.create_task(Deliverer(ctx["store"], settings).run())
     else:
@@ -101,15 +102,29 @@ async def after_job_end(ctx: dict[str, Any]) -> None:
         logger.warning("%s: arq ended the job without an outcome; it failed with worker_error", ctx["job_id"])
 
 
-async def heartbeat(store: JobStore, worker: WorkerInfo) -> None:
-    """Each worker says it is alive every few seconds, for ``/v1/queue`` and ``/readyz``."""
+async def heartbeat(store: JobStore, torchserve: TorchServe, worker: WorkerInfo) -> None:
+    """Each worker says every few seconds that it is alive, and what its TorchServe serves: gateways
+    read this for ``/v1/queue``, ``/v1/models`` and ``/readyz`` instead of reaching TorchServe."""
     while True:
+        backend, models = await describe_backend(torchserve)
         now = now_ms()
         try:
-            await store.heartbeat(dataclasses.replace(worker, last_seen=iso(now) or ""), now)
+            await store.heartbeat(
+                dataclasses.replace(worker, last_seen=iso(now) or "", backend=backend, models=models), now
+            )
         except Exception as exc:  # Redis restarting: say so, keep beating
             logger.warning("heartbeat failed: %s", exc)
         await asyncio.sleep(HEARTBEAT_SECONDS)
+
+
+async def describe_backend(torchserve: TorchServe) -> tuple[str, list[dict[str, Any]]]:
+    """("ok", its models), or why it cannot compute; bounded, so a hung TorchServe never stops the beat."""
+    if not await torchserve.ping():
+        return "down", []
+    try:
+        return "ok", await asyncio.wait_for(torchserve.models(), HEARTBEAT_SECONDS)
+    except (BackendUnavailable, ModelNotFound, asyncio.TimeoutError):
+        return "down: its management API does not answer", []
 
 
 class SegserveWorker(Worker):
@@ -195,6 +210,10 @@ class WorkerSettings:
     keep_result = 0  # outcomes live in the job store (gateway.jobs)
     poll_delay = _settings.worker_poll_delay
     health_check_interval = 2  # `arq ... --check` then fails within ~3 s of the last worker stopping
+    # One health key per host (a Kubernetes pod, a compose container): its `--check` is about itself.
+    health_check_key = f"{default_queue_name}{health_check_key_suffix}:{socket.gethostname()}"
+    # On SIGTERM (Kubernetes scaling down) take no new job and let the running ones end.
+    job_completion_wait = job_timeout
     job_serializer = staticmethod(serialize)
     job_deserializer = staticmethod(deserialize)
     expires_extra_ms = _settings.result_ttl * 1000
