@@ -37,7 +37,8 @@ class Settings:
     max_body_bytes: int = 20 * MiB
     max_pixels: int = 25_000_000
     max_queued: int = 1000
-    # The worker: jobs in flight per worker process (enough to fill TorchServe's batches).
+    # The worker: the most jobs one worker process takes at once. It takes fewer while its TorchServe computes
+    # fewer at once (2 × ready workers × batch size), so the rest keep a true position in the queue.
     worker_concurrency: int = 8
     # Workers are woken when a job is enqueued; this bounds how late a deferred retry starts.
     worker_poll_delay: float = 0.1

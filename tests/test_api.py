@@ -437,6 +437,34 @@ def test_position_counts_jobs_ahead(stack: Stack) -> None:
         idle.stop()
 
 
+def test_worker_keeps_only_what_torchserve_computes_soon(stack: Stack) -> None:
+    """TorchServe here computes one batch of up to 4 at a time: the worker keeps 2 × 1 × 4 jobs in it, not
+    its cap of 20, and the rest wait in Redis where their position is true."""
+    own = Stack(
+        stack.redis,
+        stack.torchserve,
+        {**stack.env, "SEGSERVE_REDIS_URL": isolated_db(stack), "SEGSERVE_WORKER_CONCURRENCY": "20"},
+        log_dir=stack.log_dir,
+    )
+    own.start_gateway()
+    own.start_worker()
+    try:
+        with httpx.Client(base_url=own.url, timeout=60) as c:
+            [worker] = wait_until(lambda: c.get("/v1/queue").json()["workers"], 30, "the worker's heartbeat")
+            [model] = c.get("/v1/models").json()["models"]
+            limit = 2 * model["workers_ready"] * model["batch_size"]
+            assert limit == 8 and worker["concurrency"] == limit, worker
+            ids = [submit(c).json()["id"] for _ in range(30)]
+            most_running = 0
+            while (queue := c.get("/v1/queue").json())["queued"] or queue["running"]:
+                most_running = max(most_running, queue["running"])
+                time.sleep(0.05)
+            assert 0 < most_running <= limit
+            assert all(wait_done(c, i)["status"] == "succeeded" for i in ids)
+    finally:
+        own.stop()
+
+
 def test_compatibility_routes(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     root = tmp_path / "images"
     root.mkdir()

@@ -60,7 +60,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         timeout=settings.inference_timeout,
         max_connections=settings.worker_concurrency * 2,
     )
-    ctx["worker"] = worker = WorkerInfo(
+    ctx["worker"] = WorkerInfo(
         id=f"{socket.gethostname()}:{os.getpid()}",
         host=socket.gethostname(),
         pid=os.getpid(),
@@ -68,7 +68,8 @@ async def startup(ctx: dict[str, Any]) -> None:
         last_seen="",
         concurrency=settings.worker_concurrency,
     )
-    ctx["heartbeat"] = asyncio.create_task(heartbeat(ctx["store"], ctx["torchserve"], worker))
+    ctx["in_flight"] = settings.worker_concurrency  # until TorchServe says how many it computes at once
+    ctx["heartbeat"] = asyncio.create_task(heartbeat(ctx))
     if settings.webhook_secret:
         ctx["deliveries"] = asyncio.create_task(Deliverer(ctx["store"], settings).run())
     else:
@@ -102,19 +103,33 @@ async def after_job_end(ctx: dict[str, Any]) -> None:
         logger.warning("%s: arq ended the job without an outcome; it failed with worker_error", ctx["job_id"])
 
 
-async def heartbeat(store: JobStore, torchserve: TorchServe, worker: WorkerInfo) -> None:
+async def heartbeat(ctx: dict[str, Any]) -> None:
     """Each worker says every few seconds that it is alive, and what its TorchServe serves: gateways
-    read this for ``/v1/queue``, ``/v1/models`` and ``/readyz`` instead of reaching TorchServe."""
+    read this for ``/v1/queue``, ``/v1/models`` and ``/readyz`` instead of reaching TorchServe. It also
+    sets how many jobs the worker takes at once (``in_flight_limit``)."""
+    store: JobStore = ctx["store"]
+    worker: WorkerInfo = ctx["worker"]
+    cap = ctx["settings"].worker_concurrency
     while True:
-        backend, models = await describe_backend(torchserve)
+        backend, models = await describe_backend(ctx["torchserve"])
+        ctx["in_flight"] = in_flight_limit(models, cap) or ctx["in_flight"]  # none ready: as it was
         now = now_ms()
+        beat = dataclasses.replace(
+            worker, last_seen=iso(now) or "", backend=backend, models=models, concurrency=ctx["in_flight"]
+        )
         try:
-            await store.heartbeat(
-                dataclasses.replace(worker, last_seen=iso(now) or "", backend=backend, models=models), now
-            )
+            await store.heartbeat(beat, now)
         except Exception as exc:  # Redis restarting: say so, keep beating
             logger.warning("heartbeat failed: %s", exc)
         await asyncio.sleep(HEARTBEAT_SECONDS)
+
+
+def in_flight_limit(models: list[dict[str, Any]], cap: int) -> int | None:
+    """Jobs to keep inside TorchServe: what its ready workers compute now and next (2 × workers × batch
+    size), at most ``cap``. The rest wait in Redis, where their queue position is true, so ``running``
+    means computing or next, instead of waiting unseen in TorchServe's own queue."""
+    computing = sum(m["workers_ready"] * (m.get("batch_size") or 1) for m in models)
+    return min(cap, 2 * computing) if computing else None
 
 
 async def describe_backend(torchserve: TorchServe) -> tuple[str, list[dict[str, Any]]]:
@@ -144,6 +159,7 @@ class SegserveWorker(Worker):
         self._listener: asyncio.Task[None] | None = None
 
     async def _poll_iteration(self) -> None:
+        self.max_jobs = self.ctx.get("in_flight", self.max_jobs)  # arq reads it before each take
         if self._listener is None:
             self._listener = asyncio.create_task(self._listen())
         with contextlib.suppress(asyncio.TimeoutError):
