@@ -1,0 +1,855 @@
+"""deploy/kubernetes renders, as kustomize renders it, to objects that Kubernetes, KEDA and the Prometheus
+operator accept, and that keep segserve's promises: only the gateway is reachable, TorchServe stays on its
+pod's loopback, the workers scale from zero on arq's queue and finish their jobs when stopped.
+
+There is no kustomize here: ``render`` does what kustomize does with exactly what our kustomizations use
+(resources, a namespace, JSON6902 patches, images) and refuses anything else, so it cannot drift from it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from configparser import ConfigParser
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import jsonpatch
+import kubernetes_validate
+import pytest
+import yaml
+from arq.constants import default_queue_name
+
+from gateway.settings import Settings
+from tests.conftest import ROOT
+
+DEPLOY = ROOT / "deploy" / "kubernetes"
+OVERLAYS = ("cpu", "gpu")
+# The oldest Kubernetes with native sidecars on by default is 1.29; we validate against a current one.
+KUBERNETES_VERSION = "1.31"
+REDIS_PORTS = {6379, 26379}
+TORCHSERVE_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
+# Settings that must differ from the repository's config.properties: where the archive is.
+TORCHSERVE_CONFIG_CHANGES = {"model_store", "allowed_urls"}
+# The trigger metadata that KEDA's redis scalers read (pkg/scalers/redis_scaler.go); a misspelt key would be
+# ignored by KEDA and by its schema, which types metadata as a map of strings.
+KEDA_REDIS_METADATA = {
+    "address", "addresses", "host", "hosts", "port", "ports", "sentinelMaster", "listName", "listLength",
+    "activationListLength", "databaseIndex", "enableTLS", "unsafeSsl",
+}  # fmt: skip
+# KEDA's and the Prometheus operator's schemas, installed from the npm registry by tests/kubernetes/package.json.
+NPM_PACKAGES = ROOT / "tests" / "kubernetes"
+NPM_CACHE = ROOT / ".segserve" / "npm"
+CUSTOM_KINDS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): ("@kubernetes-models/keda", "keda.sh/v1alpha1"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): ("@kubernetes-models/keda", "keda.sh/v1alpha1"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): (
+        "@kubernetes-models/prometheus-operator",
+        "monitoring.coreos.com/v1",
+    ),
+}
+SETTINGS = {f"SEGSERVE_{f.name.upper()}" for f in fields(Settings)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The renderer
+
+
+class Unsupported(ValueError):
+    """Something kustomize may do that this renderer does not: the test fails instead of guessing."""
+
+
+KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "resources", "patches", "images"}
+PATCH_KEYS = {"path", "target"}
+TARGET_KEYS = {"group", "version", "kind", "name"}
+IMAGE_KEYS = {"name", "newName", "newTag"}
+# The kinds our manifests use, and so the only ones whose namespace handling the renderer knows.
+NAMESPACED_KINDS = {
+    "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Ingress", "NetworkPolicy", "PodDisruptionBudget",
+    "ScaledObject", "Secret", "Service", "ServiceMonitor", "StatefulSet", "TriggerAuthentication",
+}  # fmt: skip
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    """What ``kustomize build directory`` prints, as objects."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    if unknown := set(kustomization) - KUSTOMIZATION_KEYS:
+        raise Unsupported(f"{directory}: kustomization fields the renderer does not know: {sorted(unknown)}")
+    if (kustomization.get("apiVersion"), kustomization.get("kind")) != (
+        "kustomize.config.k8s.io/v1beta1",
+        "Kustomization",
+    ):
+        raise Unsupported(f"{directory}: not a kustomize.config.k8s.io/v1beta1 Kustomization")
+    objects = [obj for entry in kustomization.get("resources", []) for obj in load(directory, entry)]
+    if namespace := kustomization.get("namespace"):
+        for obj in objects:
+            # kustomize names the Namespace object itself after it too.
+            obj["metadata"]["name" if obj["kind"] == "Namespace" else "namespace"] = namespace
+    for patch in kustomization.get("patches", []):
+        apply_patch(directory, patch, objects)
+    for image in kustomization.get("images", []):
+        set_image(image, objects)
+    return objects
+
+
+def load(directory: Path, entry: str) -> list[dict[str, Any]]:
+    """The objects of one entry of ``resources``: a file of them, or another kustomization."""
+    path = (directory / entry).resolve()
+    if path.is_dir():
+        return render(path)
+    if not path.is_file():
+        raise Unsupported(f"{directory}: resource {entry} does not exist")
+    objects = [o for o in yaml.safe_load_all(path.read_text()) if o is not None]
+    for obj in objects:
+        if obj["kind"] != "Namespace" and obj["kind"] not in NAMESPACED_KINDS:
+            raise Unsupported(f"the renderer does not know how kustomize treats a {obj['kind']}")
+    return objects
+
+
+def apply_patch(directory: Path, patch: dict[str, Any], objects: list[dict[str, Any]]) -> None:
+    if set(patch) != PATCH_KEYS or set(patch["target"]) - TARGET_KEYS:
+        raise Unsupported(
+            f"{directory}: only patches with a path and a group/version/kind/name target: {patch}"
+        )
+    operations = yaml.safe_load((directory / patch["path"]).read_text())
+    if not isinstance(operations, list):
+        raise Unsupported(f"{patch['path']}: only JSON6902 patches (a list of operations)")
+    matches = [i for i, obj in enumerate(objects) if matches_target(obj, patch["target"])]
+    if len(matches) != 1:
+        raise Unsupported(f"{patch['path']}: its target matches {len(matches)} objects, not one")
+    objects[matches[0]] = jsonpatch.apply_patch(objects[matches[0]], operations)
+
+
+def matches_target(obj: dict[str, Any], target: dict[str, str]) -> bool:
+    group, _, version = obj["apiVersion"].rpartition("/")
+    found = {"group": group, "version": version, "kind": obj["kind"], "name": obj["metadata"]["name"]}
+    return all(found[key] == value for key, value in target.items())
+
+
+def split_image(image: str) -> tuple[str, str]:
+    """(name, tag) of ``registry:port/name:tag``; digests are refused."""
+    if "@" in image:
+        raise Unsupported(f"image {image}: digests are not rendered")
+    name, _, tag = image.rpartition(":")
+    return (name, tag) if name and "/" not in tag else (image, "")
+
+
+def set_image(rule: dict[str, str], objects: list[dict[str, Any]]) -> None:
+    if set(rule) - IMAGE_KEYS or "name" not in rule:
+        raise Unsupported(f"images: only name, newName and newTag: {rule}")
+    for container in all_containers(objects):
+        name, tag = split_image(container["image"])
+        if name == rule["name"]:
+            name, tag = rule.get("newName", name), rule.get("newTag", tag)
+            container["image"] = f"{name}:{tag}" if tag else name
+
+
+def all_containers(objects: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every container and init container, wherever it is (as kustomize's image transformer looks)."""
+
+    def walk(node: Any) -> Iterator[dict[str, Any]]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("containers", "initContainers") and isinstance(value, list):
+                    yield from value
+                else:
+                    yield from walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from walk(item)
+
+    yield from walk(objects)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lookups
+
+
+class Rendered:
+    def __init__(self, objects: list[dict[str, Any]]) -> None:
+        self.objects = objects
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def one(self, kind: str, name: str) -> dict[str, Any]:
+        found = [o for o in self.of_kind(kind) if o["metadata"]["name"] == name]
+        assert len(found) == 1, f"{len(found)} {kind} named {name}"
+        return found[0]
+
+    def workloads(self) -> list[dict[str, Any]]:
+        return self.of_kind("Deployment") + self.of_kind("StatefulSet")
+
+    def pod_labels(self, component: str) -> dict[str, str]:
+        (workload,) = [
+            w for w in self.workloads() if labels(w).get("app.kubernetes.io/component") == component
+        ]
+        return dict(workload["spec"]["template"]["metadata"]["labels"])
+
+    @property
+    def namespace(self) -> str:
+        (namespace,) = self.of_kind("Namespace")
+        return str(namespace["metadata"]["name"])
+
+    @property
+    def gateway(self) -> dict[str, Any]:
+        return self.one("Deployment", "segserve-gateway")
+
+    @property
+    def worker(self) -> dict[str, Any]:
+        return self.one("Deployment", "segserve-worker")
+
+
+def labels(obj: dict[str, Any]) -> dict[str, str]:
+    return dict(obj["metadata"].get("labels", {}))
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    return dict(workload["spec"]["template"]["spec"])
+
+
+def containers_of(workload: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    spec = pod_spec(workload)
+    return {c["name"]: c for c in spec.get("initContainers", []) + spec["containers"]}
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def literal_env(container: dict[str, Any]) -> dict[str, str]:
+    return {name: e["value"] for name, e in env_of(container).items() if "value" in e}
+
+
+def selects(selector: dict[str, str], pod_labels: dict[str, str]) -> bool:
+    return all(pod_labels.get(k) == v for k, v in selector.items())
+
+
+def torchserve_config(rendered: Rendered) -> dict[str, str]:
+    text = rendered.one("ConfigMap", "segserve-torchserve")["data"]["config.properties"]
+    return read_properties(text)
+
+
+def read_properties(text: str) -> dict[str, str]:
+    parser = ConfigParser(interpolation=None, delimiters=("=",), comment_prefixes=("#",))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string("[p]\n" + text)
+    return dict(parser["p"])
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> tuple[str, Rendered]:
+    return request.param, Rendered(render(DEPLOY / "overlays" / request.param))
+
+
+@pytest.fixture(scope="module")
+def rendered(overlay: tuple[str, Rendered]) -> Rendered:
+    return overlay[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The renderer refuses what it does not know
+
+
+@pytest.mark.parametrize(
+    "kustomization",
+    [
+        {"commonLabels": {"a": "b"}},
+        {"patches": [{"path": "p.yaml", "target": {"kind": "ConfigMap", "labelSelector": "a=b"}}]},
+        {"patches": [{"patch": "[]", "target": {"kind": "ConfigMap"}}]},
+        {"images": [{"name": "segserve", "digest": "sha256:00"}]},
+        {"resources": ["secret-generator.yaml"]},
+    ],
+)
+def test_the_renderer_refuses_what_it_does_not_render(tmp_path: Path, kustomization: dict[str, Any]) -> None:
+    (tmp_path / "p.yaml").write_text("[]")
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n")
+    (tmp_path / "secret-generator.yaml").write_text(
+        "apiVersion: v1\nkind: ClusterRole\nmetadata: {name: a}\n"
+    )
+    base = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": ["cm.yaml"],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({**base, **kustomization}))
+    with pytest.raises(Unsupported):
+        render(tmp_path)
+
+
+def test_patches_apply_to_the_right_containers() -> None:
+    """The overlays patch init containers by index; their `test` operations pin which one they meant."""
+    for name in OVERLAYS:
+        patch = yaml.safe_load((DEPLOY / "overlays" / name / f"worker-{name}.yaml").read_text())
+        indexed = {
+            op["path"].split("/")[5] for op in patch if op["path"].startswith("/spec/template/spec/init")
+        }
+        tested = {op["path"].split("/")[5] for op in patch if op["op"] == "test"}
+        assert indexed <= tested, f"{name}: an init container is patched by index without a test of its name"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schemas
+
+
+def test_core_objects_are_valid_kubernetes(rendered: Rendered) -> None:
+    for obj in rendered.objects:
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(map(str, exc.path))
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {path}: {exc.message}")
+
+
+@pytest.fixture(scope="module")
+def npm_schemas() -> Path:
+    """KEDA's and the Prometheus operator's models, installed (pinned by the lock file) once, then reused."""
+    if not shutil.which("node") or not shutil.which("npm"):
+        pytest.fail("node and npm are needed to check KEDA's objects against KEDA's schema")
+    wanted = {f: (NPM_PACKAGES / f).read_text() for f in ("package.json", "package-lock.json")}
+    NPM_CACHE.mkdir(parents=True, exist_ok=True)
+    stamp = NPM_CACHE / "installed.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted and (NPM_CACHE / "node_modules").is_dir():
+        return NPM_CACHE
+    for name, text in wanted.items():
+        (NPM_CACHE / name).write_text(text)
+    result = subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error", "--ignore-scripts"],
+        cwd=NPM_CACHE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"npm ci failed:\n{result.stdout}{result.stderr}"
+    stamp.write_text(json.dumps(wanted))
+    return NPM_CACHE
+
+
+# Builds each object with its package's model class and validates it with the package's schema.
+VALIDATE_JS = """
+import { readFileSync } from "node:fs";
+const objects = JSON.parse(readFileSync(0, "utf8"));
+const failures = [];
+for (const { module, kind, object } of objects) {
+  const models = await import(module);
+  try {
+    new models[kind](object).validate();
+  } catch (error) {
+    failures.push(`${kind}/${object.metadata.name}: ${error.message}`);
+  }
+}
+console.log(JSON.stringify(failures));
+"""
+
+
+def test_custom_objects_are_valid_for_keda_and_the_prometheus_operator(
+    rendered: Rendered, npm_schemas: Path
+) -> None:
+    batch = []
+    for obj in rendered.objects:
+        if (key := (obj["apiVersion"], obj["kind"])) in CUSTOM_KINDS:
+            package, group_version = CUSTOM_KINDS[key]
+            batch.append({"module": f"{package}/{group_version}", "kind": obj["kind"], "object": obj})
+            check_declared_fields(npm_schemas / "node_modules" / package / group_version, obj)
+    assert {o["kind"] for o in batch} == {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
+    result = subprocess.run(
+        ["node", "--input-type=module", "-e", VALIDATE_JS],
+        cwd=npm_schemas,
+        input=json.dumps(batch),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    failures = json.loads(result.stdout)
+    assert not failures, "\n".join(failures)
+
+
+def check_declared_fields(models: Path, obj: dict[str, Any]) -> None:
+    """Every field of the object is one its model declares. The schemas behind ``validate()`` accept unknown
+    fields, as the API server does before it prunes them: a misspelt field would be dropped quietly."""
+    for path, problem in undeclared(obj, models / f"{obj['kind']}.d.ts", obj["kind"]):
+        pytest.fail(f"{obj['metadata']['name']}: {path}: {problem}")
+
+
+def declared_interface(dts: Path) -> tuple[dict[str, str], dict[str, Path]] | None:
+    """({field: type} of the first interface in a model's .d.ts file, {type: the .d.ts file it is in}), or
+    None for a type that is no object (``export type IDuration = string``)."""
+    text = re.sub(r"/\*.*?\*/", "", dts.read_text(), flags=re.S)
+    imports = {
+        name: dts.parent / f"{stem}.d.ts"
+        for name, stem in re.findall(r'import \{ (\w+) \} from "\./(\w+)\.js";', text)
+    }
+    start = re.search(r"export interface I\w+(?: extends [\w, ]+)? \{", text)
+    if start is None:  # `export type IThis = IThat`: IThat's fields
+        alias = re.search(r"export type I\w+ = ([^;]+);", text)
+        assert alias is not None, f"neither an interface nor a type: {dts}"
+        return declared_interface(imports[alias.group(1)]) if alias.group(1) in imports else None
+    fields_, depth, member = {}, 0, ""
+    for char in text[start.end() :]:
+        if char == "}" and depth == 0:
+            break
+        depth += {"{": 1, "}": -1, "<": 1, ">": -1}.get(char, 0)
+        if char == ";" and depth == 0:
+            # `"name"?: type`, where a type may span lines and hold braces.
+            if m := re.fullmatch(r'\s*"([^"]+)"\??:\s*(.*)', member, re.S):
+                fields_[m.group(1)] = " ".join(m.group(2).split())
+            member = ""
+        else:
+            member += char
+    return fields_, imports
+
+
+def undeclared(value: Any, dts: Path, path: str) -> Iterator[tuple[str, str]]:
+    """(path, problem) for each field of ``value`` that the interface in ``dts`` (and those it uses from its
+    own package) does not declare. Types from other packages (ObjectMeta, LabelSelector) are not followed."""
+    declared = declared_interface(dts)
+    if declared is None:
+        return
+    interface, imports = declared
+    if not isinstance(value, dict):
+        yield path, "not an object"
+        return
+    for key, item in value.items():
+        if key not in interface:
+            yield f"{path}.{key}", f"not a field (the model has {sorted(interface)})"
+            continue
+        kind = interface[key]
+        many = kind.startswith("Array<")
+        kind = kind.removeprefix("Array<").removesuffix(">")
+        if kind in imports:
+            for n, element in enumerate(item if many else [item]):
+                yield from undeclared(
+                    element, imports[kind], f"{path}.{key}[{n}]" if many else f"{path}.{key}"
+                )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Only the gateway is reachable; TorchServe stays on the worker pod's loopback
+
+
+def test_only_the_gateway_is_exposed(rendered: Rendered) -> None:
+    gateway_pods, worker_pods = rendered.pod_labels("gateway"), rendered.pod_labels("worker")
+    exposed = []
+    for service in rendered.of_kind("Service"):
+        spec = service["spec"]
+        assert spec.get("type", "ClusterIP") == "ClusterIP", (
+            f"{service['metadata']['name']} is {spec['type']}"
+        )
+        assert not selects(spec["selector"], worker_pods), (
+            f"{service['metadata']['name']} selects worker pods"
+        )
+        if {p["port"] for p in spec["ports"]} - REDIS_PORTS:
+            exposed.append(service)
+    assert [s["metadata"]["name"] for s in exposed] == ["segserve-gateway"]
+    (gateway_service,) = exposed
+    assert selects(gateway_service["spec"]["selector"], gateway_pods)
+    assert gateway_service["spec"]["selector"] != {}
+    port_names = {p["name"] for p in gateway_service["spec"]["ports"]}
+    for ingress in rendered.of_kind("Ingress"):
+        backends = [p["backend"]["service"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
+        if default := ingress["spec"].get("defaultBackend"):
+            backends.append(default["service"])
+        assert backends
+        for backend in backends:
+            assert backend["name"] == "segserve-gateway"
+            assert backend["port"].get("name") in port_names or backend["port"].get("number") in {
+                p["port"] for p in gateway_service["spec"]["ports"]
+            }
+    for workload in rendered.workloads():
+        spec = pod_spec(workload)
+        assert not spec.get("hostNetwork"), workload["metadata"]["name"]
+        for container in containers_of(workload).values():
+            assert all("hostPort" not in p for p in container.get("ports", [])), container["name"]
+
+
+def test_torchserve_listens_on_loopback_only_with_the_repositorys_safe_settings(rendered: Rendered) -> None:
+    config = torchserve_config(rendered)
+    repository = read_properties((ROOT / "config.properties").read_text())
+    assert set(config) == set(repository)
+    for key in set(config) - TORCHSERVE_CONFIG_CHANGES:
+        assert config[key] == repository[key], key
+    for kind, port in TORCHSERVE_PORTS.items():
+        assert urlparse(config[f"{kind}_address"])[1] == f"127.0.0.1:{port}"
+    for key, value in config.items():
+        if key.endswith("_address"):
+            assert value.removeprefix("http://").split(":")[0] == "127.0.0.1", key
+    # Nothing moves them through TorchServe's environment overrides either.
+    for container in all_containers(rendered.objects):
+        for name, variable in env_of(container).items():
+            if name.startswith("TS_") and "ADDRESS" in name:
+                assert "127.0.0.1" in variable.get("value", ""), f"{container['name']}: {name}"
+    archive = config["load_models"]
+    assert re.fullmatch(
+        config["allowed_urls"].replace("\\\\", "\\"), f"file://{config['model_store']}/{archive}"
+    )
+
+
+def test_the_worker_reaches_torchserve_over_the_pods_loopback(rendered: Rendered) -> None:
+    containers = containers_of(rendered.worker)
+    torchserve, worker = containers["torchserve"], containers["worker"]
+    env = literal_env(worker)
+    config = torchserve_config(rendered)
+    assert env["SEGSERVE_TORCHSERVE_URL"] == config["inference_address"]
+    assert env["SEGSERVE_TORCHSERVE_MANAGEMENT_URL"] == config["management_address"]
+    # TorchServe writes key_file.json into its working directory, readable by its own user only: the worker
+    # reads it there, from a volume that lives in memory, as the same user.
+    key_file = Path(env["SEGSERVE_TORCHSERVE_KEY_FILE"])
+    assert key_file.name == "key_file.json"
+    assert torchserve["workingDir"] == str(key_file.parent)
+    volumes = {v["name"]: v for v in pod_spec(rendered.worker)["volumes"]}
+    mounts = {
+        name: {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+        for name, c in (("ts", torchserve), ("w", worker))
+    }
+    ts_mount, worker_mount = mounts["ts"][str(key_file.parent)], mounts["w"][str(key_file.parent)]
+    assert ts_mount["name"] == worker_mount["name"]
+    assert volumes[ts_mount["name"]]["emptyDir"]["medium"] == "Memory"
+    assert worker_mount.get("readOnly") is True
+    assert "runAsUser" in pod_spec(rendered.worker)["securityContext"]
+    for container in (torchserve, worker):
+        assert "runAsUser" not in container.get("securityContext", {}), container["name"]
+
+
+def test_no_service_nor_policy_lets_anyone_reach_the_worker_pods(rendered: Rendered) -> None:
+    worker_pods = rendered.pod_labels("worker")
+    deny = [
+        p
+        for p in rendered.of_kind("NetworkPolicy")
+        if selects(p["spec"]["podSelector"]["matchLabels"], worker_pods)
+    ]
+    assert deny, "no NetworkPolicy selects the worker pods"
+    for policy in deny:
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        assert not policy["spec"].get("ingress"), "a NetworkPolicy lets traffic into the worker pods"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Probes, resources, security
+
+
+def test_gateway_probes(rendered: Rendered) -> None:
+    (gateway,) = pod_spec(rendered.gateway)["containers"]
+    port = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert port.get(gateway[probe]["httpGet"]["port"], gateway[probe]["httpGet"]["port"]) == 8000
+    assert "--port 8000" in " ".join(gateway["command"])
+
+
+def test_worker_pod_probes(rendered: Rendered) -> None:
+    spec = pod_spec(rendered.worker)
+    init = {c["name"]: c for c in spec["initContainers"]}
+    # TorchServe is a native sidecar: it starts (model loaded) before the worker, and stops after it.
+    assert [c["name"] for c in spec["initContainers"]] == ["model", "torchserve"]
+    assert init["torchserve"]["restartPolicy"] == "Always"
+    assert "restartPolicy" not in init["model"]
+    assert "/models" in init["model"]["command"] and init["model"]["command"][:2] == [
+        "segserve",
+        "build-model",
+    ]
+    # Probes come from the kubelet to the pod's IP, where nothing listens: every probe here runs inside.
+    for container in spec["initContainers"] + spec["containers"]:
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if probe in container:
+                assert set(container[probe]) & {"httpGet", "tcpSocket", "grpc"} == set(), container["name"]
+    startup = init["torchserve"]["startupProbe"]["exec"]["command"]
+    script = probe_script(rendered, startup)
+    assert "http://127.0.0.1:8080/ping" in script
+    assert "--healthy" in startup
+    (worker,) = spec["containers"]
+    assert worker["livenessProbe"]["exec"]["command"] == ["arq", "gateway.worker.WorkerSettings", "--check"]
+    assert worker["command"] == ["segserve", "worker"]
+
+
+def test_the_worker_pod_runs_segserves_own_commands(rendered: Rendered) -> None:
+    """The archive the init container builds is the one TorchServe loads and the worker's jobs ask for, and
+    the segserve commands are ones its CLI takes."""
+    from gateway.cli import parser
+
+    containers = containers_of(rendered.worker)
+    build = parser().parse_args(containers["model"]["command"][1:])
+    assert parser().parse_args(containers["worker"]["command"][1:]).command == "worker"
+    model = build.name
+    assert model == Settings.from_env(literal_env(containers["worker"])).default_model
+    torchserve = containers["torchserve"]["command"]
+    assert torchserve[torchserve.index("--models") + 1] == f"{model}={model}.mar"
+    store = torchserve[torchserve.index("--model-store") + 1]
+    assert store == build.model_store == torchserve_config(rendered)["model_store"]
+    mounts = {
+        name: {m["mountPath"]: m["name"] for m in containers[name]["volumeMounts"]} for name in containers
+    }
+    assert mounts["model"][store] == mounts["torchserve"][store]
+
+
+def probe_script(rendered: Rendered, command: list[str]) -> str:
+    """The text of the script a probe runs, from the ConfigMap mounted where the command finds it."""
+    path = Path(next(arg for arg in command if arg.endswith(".py")))
+    torchserve = containers_of(rendered.worker)["torchserve"]
+    (mount,) = [m for m in torchserve["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    (volume,) = [v for v in pod_spec(rendered.worker)["volumes"] if v["name"] == mount["name"]]
+    configmap = rendered.one("ConfigMap", volume["configMap"]["name"])
+    return str(configmap["data"][path.name])
+
+
+def test_every_container_has_requests_and_limits(rendered: Rendered) -> None:
+    for container in all_containers(rendered.objects):
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container.get("resources", {}).get(kind, {})), (
+                f"{container['name']}: {kind}"
+            )
+
+
+def test_every_pod_runs_as_non_root(rendered: Rendered) -> None:
+    for workload in rendered.workloads():
+        spec = pod_spec(workload)
+        assert spec["securityContext"]["runAsNonRoot"] is True, workload["metadata"]["name"]
+        assert spec["securityContext"]["runAsUser"] != 0
+        for container in containers_of(workload).values():
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, container["name"]
+            assert context["capabilities"]["drop"] == ["ALL"], container["name"]
+
+
+def test_gpu_only_in_the_gpu_overlay(overlay: tuple[str, Rendered]) -> None:
+    name, rendered = overlay
+    torchserve = containers_of(rendered.worker)["torchserve"]
+    if name == "gpu":
+        for kind in ("requests", "limits"):
+            assert int(torchserve["resources"][kind]["nvidia.com/gpu"]) == 1
+        assert pod_spec(rendered.worker)["tolerations"]
+        assert "--batch-size" in containers_of(rendered.worker)["model"]["command"]
+        gpu_users = [c["name"] for c in all_containers(rendered.objects) if "nvidia.com/gpu" in json.dumps(c)]
+        assert gpu_users == ["torchserve"]
+    else:
+        assert "nvidia.com/gpu" not in json.dumps(rendered.objects)
+        # TorchServe's workers in the archive match the CPUs TorchServe gets.
+        command = containers_of(rendered.worker)["model"]["command"]
+        workers = command[command.index("--workers") + 1]
+        assert torchserve["resources"]["limits"]["cpu"] == workers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gateway
+
+
+def test_gateway_deployment_autoscaling_and_disruption_budget(rendered: Rendered) -> None:
+    gateway = rendered.gateway
+    assert gateway["spec"]["replicas"] >= 2
+    (hpa,) = rendered.of_kind("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "segserve-gateway",
+    }
+    assert hpa["spec"]["minReplicas"] >= 2
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    budgets = [
+        b
+        for b in rendered.of_kind("PodDisruptionBudget")
+        if selects(b["spec"]["selector"]["matchLabels"], rendered.pod_labels("gateway"))
+    ]
+    assert len(budgets) == 1
+
+
+def test_the_gateway_needs_only_redis(rendered: Rendered) -> None:
+    (gateway,) = pod_spec(rendered.gateway)["containers"]
+    env = env_of(gateway)
+    segserve = {name for name in env if name.startswith("SEGSERVE_")}
+    assert segserve == {
+        "SEGSERVE_REDIS_URL", "SEGSERVE_REDIS_SENTINELS", "SEGSERVE_REDIS_SENTINEL_MASTER",
+        "SEGSERVE_REDIS_MIN_REPLICAS", "SEGSERVE_API_KEYS", "SEGSERVE_WEBHOOK_SECRET",
+    }  # fmt: skip
+    assert env["SEGSERVE_REDIS_MIN_REPLICAS"]["value"] == "1"
+    for name in ("SEGSERVE_API_KEYS", "SEGSERVE_WEBHOOK_SECRET"):
+        assert "secretKeyRef" in env[name]["valueFrom"], name
+
+
+def test_prometheus_scrapes_the_gateway(rendered: Rendered) -> None:
+    service = rendered.one("Service", "segserve-gateway")
+    annotations = service["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    (gateway,) = pod_spec(rendered.gateway)["containers"]
+    assert int(annotations["prometheus.io/port"]) in {p["containerPort"] for p in gateway["ports"]}
+    (monitor,) = rendered.of_kind("ServiceMonitor")
+    assert selects(monitor["spec"]["selector"]["matchLabels"], labels(service))
+    assert monitor["spec"]["selector"]["matchLabels"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    # The dashboard selects the gateway's process metrics by job="segserve".
+    assert labels(service)[monitor["spec"]["jobLabel"]] == "segserve"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Workers: scale from zero on arq's queue, finish their jobs when stopped
+
+
+def test_keda_scales_the_workers_from_zero_on_arqs_queue(rendered: Rendered) -> None:
+    (scaled,) = rendered.of_kind("ScaledObject")
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == rendered.worker["metadata"]["name"]
+    assert spec.get("scaleTargetRef", {}).get("kind", "Deployment") == "Deployment"
+    assert spec["minReplicaCount"] == 0
+    assert spec["maxReplicaCount"] >= 1
+    assert spec["cooldownPeriod"] > 0
+    assert "replicas" not in rendered.worker["spec"], "KEDA owns the worker count; an apply must not reset it"
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] in {"redis", "redis-sentinel"}
+    metadata = trigger["metadata"]
+    assert set(metadata) <= KEDA_REDIS_METADATA, set(metadata) - KEDA_REDIS_METADATA
+    assert metadata["listName"] == default_queue_name
+    assert int(metadata["activationListLength"]) >= 0
+    assert int(metadata["listLength"]) >= 1
+    # The same Redis database and sentinels as segserve's own.
+    gateway_env = literal_env(pod_spec(rendered.gateway)["containers"][0])
+    assert int(metadata.get("databaseIndex", 0)) == int(
+        urlparse(gateway_env["SEGSERVE_REDIS_URL"]).path.strip("/")
+    )
+    if trigger["type"] == "redis-sentinel":
+        assert metadata["sentinelMaster"] == gateway_env["SEGSERVE_REDIS_SENTINEL_MASTER"]
+        # KEDA's operator resolves them from its own namespace: each name carries this one.
+        ours = [s.rpartition(":") for s in gateway_env["SEGSERVE_REDIS_SENTINELS"].split(",")]
+        assert [a.strip() for a in metadata["addresses"].split(",")] == [
+            f"{host}.{rendered.namespace}.svc:{port}" for host, _, port in ours
+        ]
+    # The password comes from the Secret everyone else reads it from.
+    auth = rendered.one("TriggerAuthentication", trigger["authenticationRef"]["name"])
+    (ref,) = auth["spec"]["secretTargetRef"]
+    assert ref["parameter"] == "password"
+    redis_password = env_of(containers_of(rendered.one("StatefulSet", "segserve-redis"))["redis"])[
+        "REDIS_PASSWORD"
+    ]
+    assert {"name": ref["name"], "key": ref["key"]} == redis_password["valueFrom"]["secretKeyRef"]
+
+
+def test_worker_pods_finish_their_jobs_before_they_are_killed(rendered: Rendered) -> None:
+    from gateway.worker import WorkerSettings
+
+    worker = containers_of(rendered.worker)["worker"]
+    here = Settings.from_env()
+    there = Settings.from_env(literal_env(worker))
+    # The job timeout as WorkerSettings derives it from the inference timeout, with the pod's setting.
+    margin = WorkerSettings.job_timeout - int(here.inference_timeout)
+    job_timeout = int(there.inference_timeout) + margin
+    wait = max(job_timeout, int(getattr(WorkerSettings, "job_completion_wait", 0)))
+    assert pod_spec(rendered.worker)["terminationGracePeriodSeconds"] >= wait
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Redis with Sentinel
+
+
+def test_redis_sentinel_group(rendered: Rendered) -> None:
+    redis, sentinel = (
+        rendered.one("StatefulSet", "segserve-redis"),
+        rendered.one("StatefulSet", "segserve-sentinel"),
+    )
+    assert redis["spec"]["replicas"] == 2
+    assert sentinel["spec"]["replicas"] == 3
+    assert [t["metadata"]["name"] for t in redis["spec"]["volumeClaimTemplates"]] == ["data"]
+    # Stable names: each StatefulSet's headless Service, resolvable before its pods are ready.
+    for workload in (redis, sentinel):
+        service = rendered.one("Service", workload["spec"]["serviceName"])
+        assert service["spec"]["clusterIP"] == "None"
+        assert service["spec"]["publishNotReadyAddresses"] is True
+        assert selects(service["spec"]["selector"], workload["spec"]["template"]["metadata"]["labels"])
+    scripts = rendered.one("ConfigMap", "segserve-redis-scripts")["data"]
+    assert "appendonly yes" in scripts["redis.sh"]
+    assert "sentinel resolve-hostnames yes" in scripts["sentinel.sh"]
+    assert "sentinel announce-hostnames yes" in scripts["sentinel.sh"]
+    # A restarted former primary asks the sentinels first, and becomes a replica of the one they name.
+    redis_sh = scripts["redis.sh"]
+    assert (
+        redis_sh.index("primary_from_sentinels")
+        < redis_sh.index("primary_from_redis")
+        < redis_sh.index("replicaof")
+    )
+    master = re.search(r"^MASTER_NAME=(\S+)$", scripts["common.sh"], re.M)
+    assert master is not None
+    # segserve's clients name every sentinel pod by its stable name, and the master they watch.
+    for workload in (rendered.gateway, rendered.worker):
+        env = literal_env(containers_of(workload)[workload["metadata"]["name"].removeprefix("segserve-")])
+        assert env["SEGSERVE_REDIS_SENTINEL_MASTER"] == master.group(1)
+        service = sentinel["spec"]["serviceName"]
+        assert env["SEGSERVE_REDIS_SENTINELS"].split(",") == [
+            f"segserve-sentinel-{i}.{service}:26379" for i in range(sentinel["spec"]["replicas"])
+        ]
+        assert urlparse(env["SEGSERVE_REDIS_URL"]).password == "$(REDIS_PASSWORD)"
+    pods = " ".join(f"segserve-sentinel-{i}" for i in range(sentinel["spec"]["replicas"]))
+    assert f'SENTINEL_PODS="{pods}"' in scripts["common.sh"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Consistency: settings, secrets, labels, images
+
+
+def test_every_segserve_variable_is_a_real_setting(rendered: Rendered) -> None:
+    for container in all_containers(rendered.objects):
+        for name in env_of(container):
+            if name.startswith("SEGSERVE_"):
+                assert name in SETTINGS, (
+                    f"{container['name']}: {name} is not a setting of gateway/settings.py"
+                )
+    # The comments too: they tell people which setting to change.
+    for path in DEPLOY.rglob("*.yaml"):
+        for name in re.findall(r"SEGSERVE_[A-Z0-9_]+", path.read_text()):
+            assert name in SETTINGS, f"{path.relative_to(ROOT)}: {name} is not a setting"
+
+
+def test_secrets_are_placeholders_and_every_reference_resolves(rendered: Rendered) -> None:
+    secrets = {s["metadata"]["name"]: s for s in rendered.of_kind("Secret")}
+    for secret in secrets.values():
+        assert "data" not in secret, "commit placeholders as stringData only"
+        for key, value in secret["stringData"].items():
+            assert "REPLACE" in value, f"{secret['metadata']['name']}.{key} is not a placeholder"
+    for container in all_containers(rendered.objects):
+        for variable in container.get("env", []):
+            if ref := variable.get("valueFrom", {}).get("secretKeyRef"):
+                assert ref["key"] in secrets[ref["name"]]["stringData"], (container["name"], ref)
+    for auth in rendered.of_kind("TriggerAuthentication"):
+        for ref in auth["spec"]["secretTargetRef"]:
+            assert ref["key"] in secrets[ref["name"]]["stringData"]
+
+
+def test_labels_and_selectors_are_consistent(rendered: Rendered) -> None:
+    keys = ("app.kubernetes.io/name", "app.kubernetes.io/component", "app.kubernetes.io/part-of")
+    for obj in rendered.objects:
+        found = labels(obj)
+        assert all(found.get(k) for k in keys), f"{obj['kind']}/{obj['metadata']['name']}: {found}"
+        assert found["app.kubernetes.io/part-of"] == "segserve"
+        assert obj["metadata"].get("namespace", rendered.namespace) == rendered.namespace
+    for workload in rendered.workloads():
+        template = workload["spec"]["template"]["metadata"]["labels"]
+        assert template == labels(workload), workload["metadata"]["name"]
+        assert selects(workload["spec"]["selector"]["matchLabels"], template)
+    pods = [w["spec"]["template"]["metadata"]["labels"] for w in rendered.workloads()]
+    for service in rendered.of_kind("Service"):
+        assert sum(selects(service["spec"]["selector"], p) for p in pods) == 1, service["metadata"]["name"]
+    for budget in rendered.of_kind("PodDisruptionBudget"):
+        assert sum(selects(budget["spec"]["selector"]["matchLabels"], p) for p in pods) == 1
+
+
+def test_images_are_set_by_the_overlays(overlay: tuple[str, Rendered]) -> None:
+    name, rendered = overlay
+    kustomization = yaml.safe_load((DEPLOY / "overlays" / name / "kustomization.yaml").read_text())
+    (rule,) = kustomization["images"]
+    expected = f"{rule['newName']}:{rule['newTag']}"
+    base = [
+        c["image"]
+        for c in all_containers(render(DEPLOY / "base"))
+        if split_image(c["image"])[0] == "segserve"
+    ]
+    assert set(base) == {"segserve:latest"}
+    ours = [c for c in all_containers(rendered.objects) if not c["image"].startswith("redis:")]
+    assert len(ours) == 4 and {c["image"] for c in ours} == {expected}
