@@ -404,10 +404,11 @@ class Received:
 
 
 class Receiver:
-    """A real HTTP server on loopback that records what it receives and answers as the test says:
-    ``answer(n, request)`` gives the n-th request's (status, headers, body, seconds to wait first)."""
+    """A real HTTP server (on loopback unless ``host`` names another address) that records what it receives
+    and answers as the test says: ``answer(n, request)`` gives the n-th request's (status, headers, body,
+    seconds to wait first)."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
         self.received: list[Received] = []
         self.answer: Callable[[int, Received], tuple[int, dict[str, str], bytes, float]] = lambda n, request: (
             200,
@@ -442,7 +443,8 @@ class Receiver:
                 pass  # a client that gave up on a slow answer (as the tests make it) is not an error here
 
         lock = threading.Lock()
-        self.server = Server(("127.0.0.1", port), Handler)
+        self.host = host
+        self.server = Server((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -450,7 +452,7 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def close(self) -> None:
         self.server.shutdown()

@@ -34,6 +34,27 @@ IMAGE = encode(scene(48, 36))
 MASTER = "segserve"
 
 
+def sentinel_config(port: int, bind: str, directory: Path, primary: tuple[str, int]) -> str:
+    """A sentinel of three (quorum 2) watching ``primary``: it calls the primary down after 1 s of silence, so
+    a failover takes seconds, not the default minute."""
+    host, primary_port = primary
+    return (
+        f"port {port}\nbind {bind}\ndir {directory}\n"
+        f"sentinel monitor {MASTER} {host} {primary_port} 2\n"
+        f"sentinel down-after-milliseconds {MASTER} 1000\n"
+        f"sentinel failover-timeout {MASTER} 10000\n"
+    )
+
+
+def primary_address(host: str, port: int) -> tuple[str, int]:
+    """The primary that the sentinel at ``host:port`` names now."""
+    import redis
+
+    with redis.Redis(host=host, port=port, socket_connect_timeout=1, socket_timeout=2) as sentinel:
+        address, primary_port = sentinel.execute_command("SENTINEL", "get-master-addr-by-name", MASTER)
+    return address.decode(), int(primary_port)
+
+
 @dataclass
 class ReplicatedRedis:
     """A primary, two replicas (so that one is left to confirm writes after a failover), and three sentinels
@@ -51,12 +72,7 @@ class ReplicatedRedis:
     def start_sentinels(self, directory: Path) -> None:
         for port in self.sentinel_ports:
             conf = directory / f"sentinel-{port}.conf"
-            conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
-                f"sentinel monitor {MASTER} 127.0.0.1 {self.primary.port} 2\n"
-                f"sentinel down-after-milliseconds {MASTER} 1000\n"
-                f"sentinel failover-timeout {MASTER} 10000\n"
-            )
+            conf.write_text(sentinel_config(port, "127.0.0.1", directory, ("127.0.0.1", self.primary.port)))
             self.sentinels.append(
                 subprocess.Popen(
                     ["redis-server", str(conf), "--sentinel"],
@@ -66,11 +82,7 @@ class ReplicatedRedis:
             )
 
     def primary_port(self) -> int:
-        import redis
-
-        with redis.Redis(port=self.sentinel_ports[0], socket_connect_timeout=1) as sentinel:
-            _, port = sentinel.execute_command("SENTINEL", "get-master-addr-by-name", MASTER)
-        return int(port)
+        return primary_address("127.0.0.1", self.sentinel_ports[0])[1]
 
     def stop(self) -> None:
         # SIGKILL: on SIGTERM a primary waits up to 10 s for replicas that are already gone.
