@@ -10,7 +10,7 @@ import yaml
 
 from tests.conftest import ROOT, Stack, encode, scene
 
-PROMQL_FUNCTIONS = {"sum", "rate", "by", "histogram_quantile", "clamp_min", "le", "status", "model_name", "job",
+PROMQL_FUNCTIONS = {"sum", "max", "rate", "by", "histogram_quantile", "clamp_min", "le", "status", "model_name", "job",
                     "instance", "outcome"}  # fmt: skip
 
 
