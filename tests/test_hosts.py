@@ -104,6 +104,11 @@ class Host:
     def log(self, label: str) -> Path:
         return self.directory / f"{label}.log"
 
+    def read_log(self, label: str) -> str:
+        """What the process wrote so far ("" when it never started)."""
+        path = self.log(label)
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def pids(self) -> list[int]:
         listed = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True, text=True)
         return [int(pid) for pid in listed.stdout.split()]
@@ -193,12 +198,12 @@ class Network:
             shutil.rmtree(Path("/etc/netns") / host.netns, ignore_errors=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
-    def tails(self, chars: int = 3000) -> str:
+    def tails(self, lines: int = 25) -> str:
         parts = []
         for host in self.hosts:
             for log in sorted(host.directory.glob("*.log")):
-                text = log.read_text(errors="replace")[-chars:]
-                parts.append(f"----- {host.name} ({host.address}) {log.name} -----\n{text}")
+                tail = [line[:300] for line in log.read_text(errors="replace").splitlines()[-lines:]]
+                parts.append(f"----- {host.name} ({host.address}) {log.name} -----\n" + "\n".join(tail))
         return "\n".join(parts)
 
     @contextlib.contextmanager
@@ -482,7 +487,7 @@ def assert_b_took_over(
     those came back through arq once their in-progress keys expired, and B ran them to the end. Returns
     (finished by A, running on A when it went down, finished by B after)."""
     a, b = hosts.a, hosts.b
-    a_log, b_log = a.log("worker").read_text(), b.log("worker").read_text()
+    a_log, b_log = a.read_log("worker"), b.read_log("worker")
     b_after_kill = b_log.encode()[b_log_at_kill:].decode(errors="replace")
     a_finished, interrupted = marked(a_log, "←"), started_not_ended(a_log)
     b_finished_after = marked(b_after_kill, "←")
@@ -491,11 +496,13 @@ def assert_b_took_over(
     assert b_finished_after, f"{b.name} finished no job after {a.name} went down"
     assert a_finished | marked(b_log, "←") == set(jobs), "jobs that ended with no worker saying so"
     assert interrupted <= marked(b_after_kill, "→") & b_finished_after, interrupted - b_finished_after
-    # Every try the store counted is one a worker logged, and the other way round; only a try that A began
-    # as it died may have gone uncounted (the store never heard of it).
+    # Every try the store counted is one a worker logged, and the other way round, but for the jobs that arq
+    # gave B again after A died: A's last try may have died before the store heard of it, or after the job
+    # ended but before arq heard of that (B's try then finds it ended and counts nothing).
     logged = Counter(job_id for mark, job_id in tries(a_log + b_log) if mark == "→")
+    run_again = marked(a_log, "→") & marked(b_after_kill, "→")
     for job_id, job in jobs.items():
-        if job_id in interrupted:
+        if job_id in run_again:
             assert 1 <= job["attempts"] <= logged[job_id], (job_id, job["attempts"], logged[job_id])
         else:
             assert job["attempts"] == logged[job_id], (job_id, job["attempts"], logged[job_id])
@@ -521,10 +528,10 @@ def test_a_worker_host_goes_down_mid_run_and_the_live_one_takes_over(
             began = time.monotonic()
             ids = submit_all(url, total, events.url)
             wait_until(
-                lambda: len(events.by_job) >= ended_before_kill and marked(a.log("worker").read_text(), "←"),
+                lambda: len(events.by_job) >= ended_before_kill and marked(a.read_log("worker"), "←"),
                 600, f"{ended_before_kill} jobs to end, some on {a.name}",
             )  # fmt: skip
-            b_log_at_kill, ended_at_kill = b.log("worker").stat().st_size, len(events.by_job)
+            b_log_at_kill, ended_at_kill = len(b.read_log("worker").encode()), len(events.by_job)
             a.down()
             killed_at = time.monotonic()
             wait_for_every_end(events, total, hosts)
@@ -553,7 +560,7 @@ def wait_for_every_end(events: CompletionEvents, total: int, hosts: TwoWorkerHos
     try:
         wait_until(lambda: len(events.by_job) == total, 600, f"all {total} jobs' completion events")
     except TimeoutError as exc:
-        b_finished = len(marked(hosts.b.log("worker").read_text(), "←"))
+        b_finished = len(marked(hosts.b.read_log("worker"), "←"))
         raise AssertionError(
             f"{total - len(events.by_job)} of {total} jobs never ended after {hosts.a.name} went down; "
             f"{hosts.b.name}'s worker finished {b_finished} tries in all"
@@ -565,7 +572,7 @@ def all_delivered(jobs: dict[str, JobObject]) -> dict[str, JobObject] | None:
     return jobs if done else None
 
 
-# Test 2: the Redis primary's host dies.
+# Test 2: the Redis primary is killed.
 
 
 def start_replicated_redis(network: Network) -> list[Host]:
@@ -629,7 +636,7 @@ class Load:
 
 
 @pytest.mark.slow
-def test_the_redis_primary_host_dies_under_load_and_no_accepted_job_is_lost(
+def test_the_redis_primary_killed_under_load_loses_no_accepted_job(
     network: Network, model_store: Path
 ) -> None:
     """Redis's primary on one host, a replica on each of two more, a sentinel beside each; TorchServe and a
