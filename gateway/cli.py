@@ -22,6 +22,8 @@ def build_model(args: argparse.Namespace) -> int:
         max_batch_delay_ms=args.max_batch_delay,
         workers=args.workers,
         response_timeout_s=args.response_timeout,
+        engine=args.engine,
+        threads=args.threads,
     )
     try:
         build_archive(
@@ -72,7 +74,7 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from gateway.ops.archive import VARIANTS, ServingConfig
+    from gateway.ops.archive import ENGINES, VARIANTS, ServingConfig
 
     defaults = ServingConfig()
     root = argparse.ArgumentParser(
@@ -179,6 +181,18 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=defaults.response_timeout_s,
         help="seconds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=defaults.engine,
+        help="what runs the model, fp32 (default: onnxruntime on CPU, where it measured fastest; torch with CUDA)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=defaults.threads,
+        help="intra-op threads per worker (default: as measured best for the workers on this CPU)",
     )
     p.set_defaults(run=build_model)
     return root

@@ -114,6 +114,7 @@ def encode(image: Image.Image, fmt: str = "JPEG", **kwargs: object) -> bytes:
 # Tests that start TorchServe (directly or through a stack) are the slow tier: `pytest -m "not slow"` skips
 # them and runs what needs only Redis, in-process where it can.
 SLOW_FIXTURES = {"model_store", "torchserve", "stack", "isolated", "client", "gateway", "api", "handler"}
+SLOW_FIXTURES.add("exported_model")  # tests/test_engines.py: a model exported once per session
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

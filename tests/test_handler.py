@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from gateway.app.params import VOC_CLASSES
@@ -79,12 +80,19 @@ def mask_of(answer: dict[str, Any]) -> np.ndarray:
     return np.asarray(image)
 
 
-def reference_mask(handler: Any, image: Image.Image) -> np.ndarray:
-    """torchvision's own path: the published transforms, the model, argmax, then nearest to full size."""
+def full_size_probabilities(model: Any, transforms: Any, image: Image.Image) -> torch.Tensor:
+    """torchvision's own path: the published transforms, the model, then its logits interpolated bilinearly
+    to the image's size, as the model does inside, and softmax (1 x classes x H x W)."""
     with torch.inference_mode():
-        logits = handler.model(handler.transforms(image)[None])["out"]
-    labels = logits.argmax(1)[0].to(torch.uint8).numpy()
-    return np.asarray(Image.fromarray(labels).resize(image.size, Image.Resampling.NEAREST))
+        logits = model(transforms(image)[None])["out"]
+        full = F.interpolate(logits, size=image.size[::-1], mode="bilinear", align_corners=False)
+        return torch.softmax(full, dim=1)
+
+
+def reference_mask(handler: Any, image: Image.Image) -> np.ndarray:
+    """The arg-max of the full-size reference, on the eager model of a ``torch`` engine handler."""
+    probabilities = full_size_probabilities(handler.engine.model, handler.transforms, image)
+    return probabilities.argmax(1)[0].to(torch.uint8).numpy()
 
 
 def test_mask_matches_torchvision_at_original_size(handler: Any) -> None:
@@ -95,10 +103,11 @@ def test_mask_matches_torchvision_at_original_size(handler: Any) -> None:
     assert mask.shape == (251, 333)
     assert answer["width"] == 333 and answer["height"] == 251
     expected = reference_mask(handler, image)
-    assert np.array_equal(mask, expected)
+    # The same model and the same interpolation: only float rounding at a near-tie could flip a pixel.
+    assert np.mean(mask == expected) >= 0.9999
     assert len(np.unique(mask)) > 1, "a random model should still give several classes on this scene"
     counts = {c["id"]: c["pixels"] for c in answer["classes"]}
-    assert counts == {int(k): int(v) for k, v in zip(*np.unique(expected, return_counts=True), strict=True)}
+    assert counts == {int(k): int(v) for k, v in zip(*np.unique(mask, return_counts=True), strict=True)}
     assert sum(c["fraction"] for c in answer["classes"]) == pytest.approx(1.0, abs=1e-4)
     assert all(c["name"] == VOC_CLASSES[c["id"]] for c in answer["classes"])
 
@@ -117,8 +126,8 @@ def test_a_batch_agrees_with_each_image_alone(handler: Any) -> None:
 
     tensors = torch.stack([handler.transforms(im) for im in images[:3]])
     with torch.inference_mode():
-        batch_logits = handler.model(tensors)["out"]
-        single_logits = torch.cat([handler.model(t[None])["out"] for t in tensors])
+        batch_logits = handler.engine.model(tensors)["out"]
+        single_logits = torch.cat([handler.engine.model(t[None])["out"] for t in tensors])
     top_two = single_logits.topk(2, dim=1).values
     clear = (top_two[:, 0] - top_two[:, 1]) > 1e-3
     assert clear.float().mean() > 0.9, "the margin test must cover most pixels to mean anything"
@@ -201,14 +210,12 @@ def test_classes_and_threshold(handler: Any) -> None:
 
 def test_threshold_blanks_unsure_pixels(handler: Any) -> None:
     image = scene(160, 120)
-    with torch.inference_mode():
-        confidence, labels = torch.softmax(handler.model(handler.transforms(image)[None])["out"], 1).max(1)
+    confidence, labels = full_size_probabilities(handler.engine.model, handler.transforms, image).max(1)
     threshold = float(np.quantile(confidence.numpy(), 0.3))
     assert 0 < threshold < 1
     expected = torch.where(confidence[0] < threshold, 0, labels[0]).to(torch.uint8).numpy()
-    expected = np.asarray(Image.fromarray(expected).resize(image.size, Image.Resampling.NEAREST))
     [answer], _ = run(handler, [{"body": encode(image, "PNG")}], [{"x-threshold": repr(threshold)}])
-    assert np.array_equal(mask_of(answer), expected)
+    assert np.mean(mask_of(answer) == expected) >= 0.9999
     assert (expected == 0).sum() > (reference_mask(handler, image) == 0).sum()
 
 
@@ -225,6 +232,8 @@ def test_describe_labels_random_weights(handler: Any) -> None:
     described = json.loads(handler.describe_handle())
     assert described["random_weights"] is True
     assert described["device"] == "cpu"
+    # A model-config without an engine (archives built before engines) runs eager torch, in fp32.
+    assert (described["engine"], described["precision"]) == ("torch", "fp32")
     assert described["classes"] == list(VOC_CLASSES)
 
 

@@ -1,5 +1,7 @@
 """``segserve build-model``: a TorchServe archive (.mar) of DeepLabV3 with the project's handler.
 
+The archive carries what its engine runs: for ``onnxruntime`` (the default on CPU) a graph exported here,
+offline, with dynamic batch, height and width; for ``torch`` (the default on CUDA) the state dict.
 Weights come from one of three places, and the archive says which wherever it shows:
 - torchvision's published ``COCO_WITH_VOC_LABELS_V1`` checkpoint, downloaded and hash-checked;
 - a local ``.pth``, hash-checked when its file name is a published one (``<name>-<sha256 prefix>.pth``);
@@ -18,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -33,6 +36,7 @@ def handler_file() -> Path:
 
 
 VARIANTS = ("mobilenet_v3_large", "resnet50", "resnet101")
+ENGINES = ("onnxruntime", "torch")  # the handler's own ENGINES, without importing torch here
 # torch.hub names published checkpoints <name>-<first 8+ hex digits of their SHA-256>.pth
 PUBLISHED_NAME = re.compile(r"^(?P<stem>.+)-(?P<prefix>[0-9a-f]{8,})\.pth$")
 
@@ -50,24 +54,61 @@ class BuildError(RuntimeError):
 class ServingConfig:
     """TorchServe's per-model settings, written into the archive's model-config.yaml."""
 
-    # None picks by the machine that builds the archive (normally the one that serves it), as
-    # benchmarks/bench.py measured best: on CPU one worker per core, one thread and one image each
-    # (a forward pass of 4 images takes longer than 4 passes of one; 2 workers x 1 thread beat
-    # 1 x 2 threads by a fifth); on CUDA one worker per GPU with batches of 8.
+    # None picks by the machine that builds the archive (normally the one that serves it), as measured:
+    # on CPU, ONNX Runtime with batches of one image (a forward pass of 4 images takes longer than 4 passes
+    # of one) and the workers and threads of default_threads; on CUDA, eager torch, one worker per GPU with
+    # batches of 8.
     batch_size: int | None = None
     max_batch_delay_ms: int = 5
     workers: int | None = None
     response_timeout_s: int = 60
+    engine: str | None = None
+    threads: int | None = None  # intra-op threads per worker
 
     def resolved(self) -> ServingConfig:
         import torch
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        cores = os.cpu_count() or 1
+        engine = self.engine or ("torch" if gpus else "onnxruntime")
+        workers = self.workers or gpus or min(cores, 8)
         return dataclasses.replace(
             self,
             batch_size=self.batch_size or (8 if gpus else 1),
-            workers=self.workers or (gpus or min(os.cpu_count() or 1, 8)),
+            workers=workers,
+            engine=engine,
+            threads=self.threads or (1 if gpus else default_threads(engine, cores, workers)),
         )
+
+    @property
+    def spinning(self) -> bool:
+        """Whether idle threads may spin: only when the workers' threads do not outnumber the cores, else
+        one worker's spinning takes the core another one is computing on."""
+        return (self.workers or 1) * (self.threads or 1) <= (os.cpu_count() or 1)
+
+
+def default_threads(engine: str, cores: int, workers: int) -> int:
+    """Intra-op threads per worker on a CPU.
+
+    ONNX Runtime: every core, in each worker, with spinning off. Measured with the handler in-process on
+    2 cores (640x480 JPEG, 7 interleaved rounds, medians; other work on the machine made them noisy):
+
+        workers x threads            lone request   8 concurrent
+        1 x 1                            137-161 ms      6.2-6.9 img/s
+        1 x 2, spinning                   99-154 ms      6.2-9.6 img/s
+        2 x 1                            147-164 ms      9.7-13.1 img/s
+        2 x 2, spinning off (chosen)     98-127 ms     10.7-11.0 img/s
+        2 x 2, spinning off, but torch
+          post-processing on 2 threads    98-107 ms      5.7-6.3 img/s
+
+    so a lone request runs at the all-core speed and a full queue keeps the throughput of one
+    single-threaded worker per core, as long as nothing else spins: torch's OpenMP threads do after each
+    op, so the handler gives post-processing one thread when spinning is off.
+    Eager torch: the cores shared among the workers, as its OpenMP threads spin.
+    """
+    if engine == "onnxruntime":
+        return cores
+    return max(1, cores // workers)
 
 
 def load_handler_module() -> ModuleType:
@@ -164,6 +205,71 @@ def prepare_weights(
     return path, f"{Path(published.url).name} (published COCO_WITH_VOC_LABELS_V1, sha256 verified)", False
 
 
+def load_model(variant: str, weights_path: Path) -> Any:
+    """The eval-mode model of ``variant`` on a state dict, without the auxiliary head (training only)."""
+    import torch
+
+    model = load_handler_module().build_model(variant)
+    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    model.aux_classifier = None
+    return model.eval()
+
+
+def export_onnx(variant: str, weights_path: Path, onnx_path: Path) -> Path:
+    """Export the model's logits as an ONNX graph with dynamic batch, height and width axes, so one file
+    serves every image size, then check that ONNX Runtime agrees with torch on another shape."""
+    import torch
+
+    handler = load_handler_module()
+    model = load_model(variant, weights_path)
+
+    class Logits(torch.nn.Module):
+        """The model's ``out`` alone: a graph has tensors, not dicts, as outputs."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            logits: torch.Tensor = self.model(image)["out"]
+            return logits
+
+    axes = {0: "batch", 2: "height", 3: "width"}
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated in favour of one that needs onnxscript and
+        # torch.export; this one needs only the onnx package and handles the model as it is.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Logits().eval(),
+            (torch.zeros(1, 3, 520, 693),),
+            str(onnx_path),
+            input_names=[handler.ONNX_INPUT],
+            output_names=[handler.ONNX_OUTPUT],
+            dynamic_axes={handler.ONNX_INPUT: axes, handler.ONNX_OUTPUT: axes},
+            opset_version=17,
+            dynamo=False,
+        )
+    check_export(model, onnx_path, handler.ONNX_INPUT)
+    return onnx_path
+
+
+def check_export(model: Any, onnx_path: Path, input_name: str) -> None:
+    """Refuse an export whose masks differ from torch's on a batch of a shape it was not traced with."""
+    import onnxruntime as ort
+    import torch
+
+    sample = torch.randn(2, 3, 200, 264, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(sample)["out"].argmax(1).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    [logits] = session.run(None, {input_name: sample.numpy()})
+    agreement = float((logits.argmax(1) == expected).mean())
+    if logits.shape[2:] != sample.shape[2:] or agreement < 0.999:
+        raise BuildError(
+            f"the ONNX export disagrees with torch (shape {logits.shape}, {agreement:.4%} of pixels agree)"
+        )
+
+
 def build_archive(
     *,
     name: str = "deeplabv3",
@@ -178,6 +284,8 @@ def build_archive(
     """Build ``store/<name>.mar`` and return its path."""
     if variant not in VARIANTS:
         raise BuildError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if serving.engine is not None and serving.engine not in ENGINES:
+        raise BuildError(f"unknown engine {serving.engine!r}; choose one of {', '.join(ENGINES)}")
     if weights and random_seed is not None:
         raise BuildError("--weights and --random-weights exclude each other")
     store = store or model_store()
@@ -186,27 +294,19 @@ def build_archive(
     with tempfile.TemporaryDirectory(prefix="segserve-build-") as tmp:
         workdir = Path(tmp)
         weights_path, label, is_random = prepare_weights(variant, weights, random_seed, workdir, log)
-        config = {
-            "minWorkers": serving.workers,
-            "maxWorkers": serving.workers,
-            "batchSize": serving.batch_size,
-            "maxBatchDelay": serving.max_batch_delay_ms,
-            "responseTimeout": serving.response_timeout_s,
-            "handler": {
-                "variant": variant,
-                "weights": label,
-                "random_weights": is_random,
-                "workers": serving.workers,
-            },
-        }
+        served = weights_path
+        if serving.engine == "onnxruntime":  # the state dict stays out: the graph carries the weights
+            served = export_onnx(variant, weights_path, workdir / "model.onnx")
         config_path = workdir / "model-config.yaml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        config_path.write_text(
+            yaml.safe_dump(model_config(serving, variant, label, is_random), sort_keys=False)
+        )
         command = [
             sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", name,
             "--version", version,
             "--handler", f"{handler_file().with_suffix('')}:handle",  # the archiver adds .py back
-            "--serialized-file", str(weights_path),
+            "--serialized-file", str(served),
             "--config-file", str(config_path),
             "--export-path", str(store),
             "--force",
@@ -217,5 +317,29 @@ def build_archive(
     archive = store / f"{name}.mar"
     if is_random:
         log("WARNING: random weights: this model's masks are meaningless (fine for tests and demos)")
-    log(f"built {archive} ({variant}, version {version}, weights: {label})")
+    log(
+        f"built {archive} ({variant}, version {version}, engine {serving.engine} fp32, "
+        f"{serving.workers} workers x {serving.threads} threads, weights: {label})"
+    )
     return archive
+
+
+def model_config(serving: ServingConfig, variant: str, label: str, is_random: bool) -> dict[str, Any]:
+    """The archive's model-config.yaml: TorchServe's settings, and the handler's under ``handler``."""
+    return {
+        "minWorkers": serving.workers,
+        "maxWorkers": serving.workers,
+        "batchSize": serving.batch_size,
+        "maxBatchDelay": serving.max_batch_delay_ms,
+        "responseTimeout": serving.response_timeout_s,
+        "handler": {
+            "variant": variant,
+            "weights": label,
+            "random_weights": is_random,
+            "engine": serving.engine,
+            "precision": "fp32",
+            "workers": serving.workers,
+            "intra_op_threads": serving.threads,
+            "allow_spinning": serving.spinning,
+        },
+    }
