@@ -53,6 +53,23 @@ def connect(settings: Settings, **options: Any) -> ArqRedis:
     return primary
 
 
+def worker_connection(settings: Settings) -> ArqRedis:
+    """``segserve worker``'s client, with what arq's own Sentinel pool lacks: read and connect timeouts
+    and retries. A primary whose host vanishes (silence, no reset) then costs a command seconds, not
+    forever, and the retry reconnects to the primary Sentinel has promoted."""
+    redis = connect(
+        settings,
+        socket_connect_timeout=2,
+        socket_timeout=3,
+        socket_keepalive=True,
+        # Few retries: a job's try must see the error well inside its time limit, and come back later.
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=4),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    redis.expires_extra_ms = settings.result_ttl * 1000
+    return redis
+
+
 def worker_redis_settings(settings: Settings) -> RedisSettings:
     """arq's settings for the same Redis. Commands retry with backoff for ~30 s, so a worker rides out a
     Redis restart instead of ending."""

@@ -29,7 +29,7 @@ from gateway.jobs import (
     now_ms,
     serialize,
 )  # fmt: skip
-from gateway.jobs.connection import worker_redis_settings
+from gateway.jobs.connection import worker_connection, worker_redis_settings
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, ModelNotFound, TorchServe
 from gateway.worker.deliveries import Deliverer
@@ -182,8 +182,9 @@ class SegserveWorker(Worker):
                 async with self.pool.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(ENQUEUED_CHANNEL)
                     self.work_may_wait.set()  # whatever arrived while we were not listening
-                    async for _ in pubsub.listen():
-                        self.work_may_wait.set()
+                    while True:  # a quiet channel is no error, whatever the connection's read timeout
+                        if await pubsub.get_message(timeout=60) is not None:
+                            self.work_may_wait.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis restarting: look on the timer meanwhile
@@ -240,4 +241,4 @@ def main() -> None:
     from arq.logs import default_log_config
 
     logging.config.dictConfig(default_log_config(verbose=False))
-    SegserveWorker(**get_kwargs(dict(vars(WorkerSettings)))).run()
+    SegserveWorker(**get_kwargs(dict(vars(WorkerSettings))), redis_pool=worker_connection(_settings)).run()

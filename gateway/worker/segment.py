@@ -8,6 +8,8 @@ import time
 from typing import Any
 
 from arq import Retry
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.jobs import Job, JobStore, Outcome, Result, now_ms
 from gateway.settings import Settings
@@ -21,7 +23,18 @@ def backoff(settings: Settings, attempt: int) -> float:
 
 
 async def segment(ctx: dict[str, Any], job_id: str) -> None:
-    """arq's job function. The outcome goes into the job store; arq keeps no result of its own."""
+    """arq's job function. The outcome goes into the job store; arq keeps no result of its own. A job store
+    that does not answer (Redis restarting, Sentinel failing over) makes this try run again later, so the
+    job is not failed for it."""
+    try:
+        await one_try(ctx, job_id)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        delay = backoff(ctx["settings"], ctx["job_try"])
+        logger.warning("%s: the job store does not answer (%s), try again in %.1fs", job_id, exc, delay)
+        raise Retry(defer=delay) from exc
+
+
+async def one_try(ctx: dict[str, Any], job_id: str) -> None:
     store: JobStore = ctx["store"]
     settings: Settings = ctx["settings"]
     attempt: int = ctx["job_try"]
