@@ -620,6 +620,8 @@ def test_every_pod_runs_as_non_root(rendered: Rendered) -> None:
 
 
 def test_gpu_only_in_the_gpu_overlay(overlay: tuple[str, Rendered]) -> None:
+    from gateway.cli import parser
+
     name, rendered = overlay
     torchserve = containers_of(rendered.worker)["torchserve"]
     if name == "gpu":
@@ -627,6 +629,9 @@ def test_gpu_only_in_the_gpu_overlay(overlay: tuple[str, Rendered]) -> None:
             assert int(torchserve["resources"][kind]["nvidia.com/gpu"]) == 1
         assert pod_spec(rendered.worker)["tolerations"]
         assert "--batch-size" in containers_of(rendered.worker)["model"]["command"]
+        # The init container that builds the archive sees no GPU, so it must name the CUDA engine itself.
+        build = parser().parse_args(containers_of(rendered.worker)["model"]["command"][1:])
+        assert build.engine == "torch"
         gpu_users = [c["name"] for c in all_containers(rendered.objects) if "nvidia.com/gpu" in json.dumps(c)]
         assert gpu_users == ["torchserve"]
     else:
