@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -112,6 +113,42 @@ def test_describe_and_session_follow_the_archive(exported_model: Path) -> None:
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     with pytest.raises(ValueError, match="precision"):
         make_handler(exported_model, "onnxruntime", precision="int8")
+
+
+def test_workers_sharing_the_cores_narrow_while_another_computes(
+    exported_model: Path, tmp_path: Path
+) -> None:
+    """2 workers x 2 threads on 2 cores: a lone pass has both cores, a pass beside a busy worker one."""
+    cores = os.cpu_count() or 1
+    service = make_handler(exported_model, "onnxruntime", workers=cores, intra_op_threads=cores)
+    engine = service.engine
+    if cores == 1:
+        assert engine.peers is None, "one core: nothing to share"
+        return
+    assert service.narrow_threads == 1 and engine.narrow is not None
+    assert engine.narrow.get_session_options().intra_op_num_threads == 1
+    used: list[Any] = []
+    engine._run = lambda session, batch: used.append(session) or torch.zeros(1)
+    other = handler_module.Peers(engine.peers.directory)  # another worker of the model
+    with engine.peers.busy():  # as the handler marks itself for each batch
+        engine(torch.zeros(1, 3, 8, 8))
+        with other.busy():
+            engine(torch.zeros(1, 3, 8, 8))
+    assert used == [engine.session, engine.narrow]
+
+
+def test_peers_see_each_other_busy_and_forget_the_dead(tmp_path: Path) -> None:
+    one, two = handler_module.Peers(str(tmp_path)), handler_module.Peers(str(tmp_path))
+    assert one.busy_others() == two.busy_others() == 0
+    with one.busy():
+        assert two.busy_others() == 1 and one.busy_others() == 0
+    assert two.busy_others() == 0
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = tmp_path / f"{dead.stdout.strip()}-1"
+    stale.write_text("")
+    assert one.busy_others() == 0 and not stale.exists()
 
 
 # Full-size masks, in bands -------------------------------------------------------------------------------

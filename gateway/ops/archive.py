@@ -90,20 +90,22 @@ class ServingConfig:
 def default_threads(engine: str, cores: int, workers: int) -> int:
     """Intra-op threads per worker on a CPU.
 
-    ONNX Runtime: every core, in each worker, with spinning off. Measured with the handler in-process on
-    2 cores (640x480 JPEG, 7 interleaved rounds, medians; other work on the machine made them noisy):
+    ONNX Runtime: every core in each worker, spinning off, and the handler narrows a pass to its share of
+    the cores (cores // workers) while another worker of the model is busy. Measured with the handler
+    in-process on 2 cores (640x480 JPEG, 12 interleaved rounds, medians; throughput paired round by round
+    with 2 x 1, as other work on the machine made single figures noisy):
 
-        workers x threads            lone request   8 concurrent
-        1 x 1                            137-161 ms      6.2-6.9 img/s
-        1 x 2, spinning                   99-154 ms      6.2-9.6 img/s
-        2 x 1                            147-164 ms      9.7-13.1 img/s
-        2 x 2, spinning off (chosen)     98-127 ms     10.7-11.0 img/s
-        2 x 2, spinning off, but torch
-          post-processing on 2 threads    98-107 ms      5.7-6.3 img/s
+        workers x threads                    lone request   8 concurrent   vs 2 x 1
+        1 x 2, spinning                            130 ms      7.6 img/s
+        2 x 1                                      179 ms     10.7 img/s       1
+        2 x 2, spinning off                        111 ms     10.0 img/s    0.94 (0.90-0.95 in 4 runs)
+        2 x 2, spinning off, narrowing (chosen)    115 ms     10.5 img/s    1.00 (1.00-1.01 in 2 runs)
+        2 x 2 as above, torch on 2 threads          98-107 ms  5.7-6.3 img/s
 
-    so a lone request runs at the all-core speed and a full queue keeps the throughput of one
-    single-threaded worker per core, as long as nothing else spins: torch's OpenMP threads do after each
-    op, so the handler gives post-processing one thread when spinning is off.
+    So a lone request runs at about the all-core speed (the engine alone: 76 ms on 2 threads, 136 ms on
+    one) and a full queue keeps the throughput of one single-threaded worker per core. The last row is why
+    the handler gives torch, which only post-processes there, one thread: its OpenMP threads spin after
+    each op and take the cores the other worker computes on.
     Eager torch: the cores shared among the workers, as its OpenMP threads spin.
     """
     if engine == "onnxruntime":
