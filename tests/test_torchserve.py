@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
+import tempfile
 import threading
 import zipfile
 from collections import Counter
@@ -14,11 +16,12 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from gateway.ops.archive import load_handler_module
-from tests.conftest import Stack, TorchServeServer, encode, scene, wait_until
+from gateway.ops.archive import load_handler_module, load_model, prepare_weights
+from tests.conftest import SEED, Stack, TorchServeServer, encode, scene, wait_until
 
 handler_module = load_handler_module()
 
@@ -36,18 +39,22 @@ def mask_of(answer: dict) -> np.ndarray:  # type: ignore[type-arg]
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask_png"]))))
 
 
+@functools.cache
+def seeded_model() -> torch.nn.Module:
+    """The archive's random weights, made again from its seed (it carries an ONNX graph, not a state dict)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path, _, _ = prepare_weights("mobilenet_v3_large", None, SEED, Path(tmp))
+        return load_model("mobilenet_v3_large", path)
+
+
 def torchvision_mask(model_store: Path, image: Image.Image) -> np.ndarray:
-    """The same weights, in this process, through torchvision's own transforms and model."""
-    with zipfile.ZipFile(model_store / "deeplabv3.mar") as archive:
-        name = next(n for n in archive.namelist() if n.endswith(".pth"))
-        state_dict = torch.load(io.BytesIO(archive.read(name)), weights_only=True)
-    model = handler_module.build_model("mobilenet_v3_large")
-    model.load_state_dict(state_dict)
-    model.eval()
+    """The same weights, in this process, through torchvision's own transforms and eager model, the logits
+    interpolated bilinearly to the image's size, then arg-max."""
     _, published = handler_module.VARIANTS["mobilenet_v3_large"]
     with torch.inference_mode():
-        labels = model(published.transforms()(image)[None])["out"].argmax(1)[0].to(torch.uint8).numpy()
-    return np.asarray(Image.fromarray(labels).resize(image.size, Image.Resampling.NEAREST))
+        logits = seeded_model()(published.transforms()(image)[None])["out"]
+        full = F.interpolate(logits, size=image.size[::-1], mode="bilinear", align_corners=False)
+        return full.argmax(1)[0].to(torch.uint8).numpy()
 
 
 def test_jpeg_mask_equals_torchvision(torchserve: TorchServeServer, model_store: Path) -> None:
@@ -58,7 +65,8 @@ def test_jpeg_mask_equals_torchvision(torchserve: TorchServeServer, model_store:
     mask = mask_of(answer)
     assert mask.shape == (480, 640)
     expected = torchvision_mask(model_store, Image.open(io.BytesIO(body)).convert("RGB"))
-    assert np.array_equal(mask, expected)
+    # Another engine (ONNX Runtime) than the reference's: the masks agree, not bit for bit.
+    assert np.mean(mask == expected) >= 0.995
     assert len(answer["classes"]) > 1
 
 
@@ -72,7 +80,7 @@ def test_concurrent_batch_mixing_good_and_broken(torchserve: TorchServeServer, m
         if body in good:
             assert response.status_code == 200, response.text
             expected = torchvision_mask(model_store, Image.open(io.BytesIO(body)).convert("RGB"))
-            assert np.array_equal(mask_of(response.json()), expected)
+            assert np.mean(mask_of(response.json()) == expected) >= 0.995
         else:
             assert response.status_code == 422
             assert response.json()["error"]["code"] == "invalid_image"
@@ -121,6 +129,8 @@ def test_management_api_lists_the_model(torchserve: TorchServeServer) -> None:
     assert description["batchSize"] >= 1
     assert description["customizedMetadata"]["random_weights"] is True
     assert "meaningless" in description["customizedMetadata"]["weights"]
+    assert description["customizedMetadata"]["engine"] == "onnxruntime"
+    assert description["customizedMetadata"]["precision"] == "fp32"
     listing = torchserve.manage("GET", "/models").json()
     assert [m["modelName"] for m in listing["models"]] == ["deeplabv3"]
 
