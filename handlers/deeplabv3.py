@@ -393,6 +393,7 @@ def release_lock_file(fd: int, path: str) -> None:
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(path)
+        os.rmdir(os.path.dirname(path))  # the last worker out; others' files keep it otherwise
 
 
 def forget_if_gone(path: str, name: str) -> None:
