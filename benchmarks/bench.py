@@ -1,23 +1,32 @@
-"""segserve's performance harness: the full pipeline against TorchServe direct and in-process inference.
+"""segserve's performance harness: the full pipeline against TorchServe direct and in-process inference,
+for the chosen inference engine and for eager torch.
 
-    .venv/bin/python benchmarks/bench.py [--seconds 15] [--rounds 2] [--concurrency 8]
+    .venv/bin/python benchmarks/bench.py [--seconds 15] [--rounds 2] [--concurrency 8] [--engine onnxruntime]
 
-It starts the stack with `segserve up` (its own ports and state directory), then measures, with the
-configurations interleaved round by round so that machine drift falls on all of them alike:
-  a  in-process: the handler's own code (decode, preprocess, forward, postprocess), one image at a time;
-  b  TorchServe direct: N concurrent HTTP clients against the same archive;
-  c  the pipeline (gateway -> Redis -> arq worker -> TorchServe) with `Prefer: wait`, and submit-then-poll;
-on a 640x480 JPEG and a 128x128 one, at 1 and N clients; then
-  d  the submit path alone: jobs accepted per second by one gateway with no worker, and its memory.
-It prints a table with the ratios the targets are stated in and writes everything as JSON.
+It builds one archive per engine (`segserve build-model --engine E`, the same seeded random weights), starts
+one stack per archive with `segserve up` (each its own ports and state directory; the one not measured sits
+idle), then measures, with the configurations interleaved round by round so that machine drift falls on all
+of them alike:
+  a   in-process, eager torch: the handler's own code (decode, preprocess, forward, postprocess), one image
+      at a time with every core;
+  a'  the same with the chosen engine;
+  b   TorchServe direct with the chosen engine: N concurrent HTTP clients against its archive;
+  c   the pipeline (gateway -> Redis -> arq worker -> TorchServe) with `Prefer: wait`, and submit-then-poll,
+      with the chosen engine, and with `Prefer: wait` on the eager torch archive;
+on a 640x480 JPEG (and a 128x128 one for the chosen engine), at 1 and N clients; then
+  d   the submit path alone: jobs accepted per second by one gateway with no worker, and its memory.
+It prints a table with the ratios the targets are stated in, the masks' agreement between a' and a, and
+writes everything as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -27,6 +36,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,10 +96,12 @@ class Result:
 class Stack:
     """`segserve up` on free ports, and the processes it runs, for CPU accounting."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, model_store: Path | None = None) -> None:
         self.home = home
         self.port = free_port()
         self.env = side_by_side_env(home)
+        if model_store is not None:
+            self.env["SEGSERVE_MODEL_STORE"] = str(model_store)
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -229,6 +241,42 @@ async def pipeline_overhead(stack: Stack, body: bytes, jobs: int) -> list[float]
     return added
 
 
+class Isolated:
+    """An ``InProcess`` handler in a process of its own: torch's thread settings are per process, and two
+    engines' handlers in one process would set them for each other."""
+
+    def __init__(self, archive: Path, workdir: Path) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.pool = ProcessPoolExecutor(1, mp_context=context, initializer=_load, initargs=(archive, workdir))
+
+    def run(self, body: bytes, seconds: float) -> tuple[int, list[float], int, float]:
+        return self.pool.submit(_run, body, seconds).result()  # type: ignore[no-any-return]
+
+    def mask(self, body: bytes) -> Any:
+        return self.pool.submit(_mask, body).result()
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+_handler: InProcess | None = None
+
+
+def _load(archive: Path, workdir: Path) -> None:
+    global _handler
+    _handler = InProcess(archive, workdir)
+
+
+def _run(body: bytes, seconds: float) -> tuple[int, list[float], int, float]:
+    assert _handler is not None
+    return _handler.run(body, seconds)
+
+
+def _mask(body: bytes) -> Any:
+    assert _handler is not None
+    return _handler.mask(body)
+
+
 class InProcess:
     """The handler's own code path, called directly in this process on the archive's weights."""
 
@@ -242,13 +290,17 @@ class InProcess:
         import yaml
 
         config = yaml.safe_load((workdir / "model-config.yaml").read_text())
+        config.setdefault("handler", {})["intra_op_threads"] = os.cpu_count() or 1  # the limit: every core
         handler = load_handler_module().DeepLabV3Handler()
         self.context = _Context(workdir, manifest, config)
         handler.initialize(self.context)
-        import torch
-
-        torch.set_num_threads(os.cpu_count() or 1)  # the limit: one process with every core
         self.handler = handler
+
+    def mask(self, body: bytes) -> Any:
+        import numpy as np
+
+        [answer] = self.handler.handle([{"body": body}], self.context)
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask_png"]))))
 
     def run(self, body: bytes, seconds: float) -> tuple[int, list[float], int, float]:
         latencies = []
@@ -348,36 +400,123 @@ async def _python_load(url: str, body: bytes, seconds: float) -> tuple[int, floa
 
 
 def table(
-    results: dict[str, Result], clients: int, submit: dict[str, Any], added: dict[str, list[float]]
+    results: dict[str, Result],
+    clients: int,
+    submit: dict[str, Any],
+    added: dict[str, list[float]],
+    engine: str,
+    agreement: float,
 ) -> str:
     lines = [
-        f"{'image':<8} {'config':<22} {'clients':>7} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}  CPU s/image by process",
+        f"{'image':<8} {'config':<30} {'clients':>7} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}  CPU s/image by process",
     ]
     for r in results.values():
         cpu = ", ".join(f"{k} {v / r.images:.3f}" for k, v in r.cpu_s.items() if r.images and v > 0.0005)
         lines.append(
-            f"{r.image:<8} {r.config:<22} {r.clients:>7} {r.throughput:>9.2f} {r.percentile(0.5):>8.1f} {r.percentile(0.99):>8.1f} {r.errors:>6}  {cpu}"
+            f"{r.image:<8} {r.config:<30} {r.clients:>7} {r.throughput:>9.2f} {r.percentile(0.5):>8.1f} {r.percentile(0.99):>8.1f} {r.errors:>6}  {cpu}"
         )
-    lines.append("")
+
+    def get(config: str, n: int, image: str = "640x480") -> Result:
+        return results[f"{image}/{config}/{n}"]
+
+    eager, fast = get("a in-process torch", 1), get(f"a' in-process {engine}", 1)
+    b, c = get(f"b torchserve {engine}", clients), get(f"c pipeline wait {engine}", clients)
+    c_torch = get("c pipeline wait torch", clients)
+    lone = get(f"c pipeline wait {engine}", 1).percentile(0.5) / fast.percentile(0.5)
+    lines += [
+        "",
+        f"targets, 640x480, {engine} against eager torch, in this run:",
+        f"  a'/a = {fast.throughput / eager.throughput:.2f} (>= 2.5), masks agreeing on {agreement:.4%} of pixels (>= 99.9%)",
+        f"  c/b = {c.throughput / b.throughput:.3f} at {clients} clients (>= 0.95)",
+        f"  c {engine} / c torch = {c.throughput / c_torch.throughput:.2f} at {clients} clients (>= 2.5)",
+        f"  1 client: c p50 / a' p50 = {lone:.3f} (<= 1.15)",
+        "",
+    ]
     for image in ("640x480", "128x128"):
-
-        def get(config: str, n: int, image: str = image) -> Result:
-            return results[f"{image}/{config}/{n}"]
-
-        a, b, c = get("a in-process", 1), get("b torchserve", clients), get("c pipeline wait", clients)
-        poll = get("c pipeline poll", clients)
-        p50_gap = get("c pipeline wait", 1).percentile(0.5) - get("b torchserve", 1).percentile(0.5)
+        poll = get(f"c pipeline poll {engine}", clients, image)
+        b_image = get(f"b torchserve {engine}", clients, image)
         lines.append(
-            f"{image}: c/b = {c.throughput / b.throughput:.3f} (poll {poll.throughput / b.throughput:.3f}), "
-            f"c/a = {c.throughput / a.throughput:.3f} at {clients} clients; at 1 client the pipeline adds "
-            f"{statistics.median(added[image]):+.1f} ms p50, {Result('', '', 1, 0, 0, added[image]).percentile(0.99):+.1f} ms p99 "
-            f"over its TorchServe request ({len(added[image])} jobs; p50 gap of the runs above {p50_gap:+.1f} ms)"
+            f"{image}: poll c/b = {poll.throughput / b_image.throughput:.3f} at {clients} clients; at 1 client the "
+            f"pipeline adds {statistics.median(added[image]):+.1f} ms p50, "
+            f"{Result('', '', 1, 0, 0, added[image]).percentile(0.99):+.1f} ms p99 over its TorchServe request "
+            f"({len(added[image])} jobs)"
         )
     lines.append(
         f"submit path: {submit['jobs_per_s']:.0f} jobs/s accepted by one gateway ({submit['load_tool']}), "
         f"gateway RSS {submit['gateway_rss_mb']:.0f} MB"
     )
     return "\n".join(lines)
+
+
+def build(engine: str, store: Path) -> Path:
+    """The archive for ``engine``, with the same seeded random weights as every other engine's."""
+    subprocess.run(
+        [str(BIN / "segserve"), "build-model", "--engine", engine, "--random-weights", "--model-store", str(store)],
+        cwd=ROOT, check=True,
+    )  # fmt: skip
+    return store / "deeplabv3.mar"
+
+
+def agreement(first: Isolated, second: Isolated, body: bytes) -> float:
+    return float((first.mask(body) == second.mask(body)).mean())
+
+
+def configurations(
+    engine: str, stacks: dict[str, Stack], local: dict[str, Isolated], args: argparse.Namespace
+) -> list[tuple[str, int, tuple[str, ...], Any]]:
+    """(name, clients, images, run): run(body) -> (done, latencies ms, errors, seconds)."""
+    seconds, fast, eager = args.seconds, stacks[engine], stacks["torch"]
+    both, large = ("640x480", "128x128"), ("640x480",)
+    configs: list[tuple[str, int, tuple[str, ...], Any]] = [
+        ("a in-process torch", 1, large, lambda body: local["torch"].run(body, seconds)),
+        (f"a' in-process {engine}", 1, both, lambda body: local[engine].run(body, seconds)),
+    ]
+    for n in (1, args.concurrency):
+        configs += [
+            (f"b torchserve {engine}", n, both,
+             lambda body, n=n: asyncio.run(torchserve_direct(fast, body, n, seconds))),
+            (f"c pipeline wait {engine}", n, both,
+             lambda body, n=n: asyncio.run(pipeline(fast, body, n, seconds, True))),
+            ("c pipeline wait torch", n, large,
+             lambda body, n=n: asyncio.run(pipeline(eager, body, n, seconds, True))),
+        ]  # fmt: skip
+    configs.append(
+        (f"c pipeline poll {engine}", args.concurrency, both,
+         lambda body: asyncio.run(pipeline(fast, body, args.concurrency, seconds, False))),
+    )  # fmt: skip
+    return configs
+
+
+def measure(
+    configs: list[tuple[str, int, tuple[str, ...], Any]],
+    stacks: dict[str, Stack],
+    images: dict[str, bytes],
+    rounds: int,
+) -> dict[str, Result]:
+    results: dict[str, Result] = {}
+    for round_no in range(rounds):
+        order = configs[round_no % len(configs) :] + configs[: round_no % len(configs)]  # rotate
+        for image, body in images.items():
+            for name, n, sizes, run in order:
+                if image not in sizes:
+                    continue
+                label = f"{image}/{name}/{n}"
+                roles = {
+                    f"{engine} {role}": processes
+                    for engine, stack in stacks.items()
+                    for role, processes in stack.processes().items()
+                }
+                before = cpu_seconds(roles)
+                done, latencies, errors, elapsed = run(body)
+                after = cpu_seconds(roles)
+                measured = Result(name, image, n, done, elapsed, latencies, errors,
+                                  {k: after[k] - before[k] for k in after})  # fmt: skip
+                results.setdefault(label, Result(name, image, n)).merge(measured)
+                print(
+                    f"round {round_no + 1}/{rounds} {label:<40} {measured.throughput:6.2f} images/s",
+                    flush=True,
+                )
+    return results
 
 
 def main() -> int:
@@ -389,6 +528,7 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=8, help="clients, N (default: %(default)s)")
+    parser.add_argument("--engine", default="onnxruntime", help="the engine measured against eager torch")
     parser.add_argument(
         "--jobs", type=int, default=40, help="jobs timed for the added latency (default: %(default)s)"
     )
@@ -401,67 +541,43 @@ def main() -> int:
         print("installing wrk, the load generator for the submit path …", flush=True)
         subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, capture_output=True)
     images = {"640x480": picture(640, 480), "128x128": picture(128, 128)}
+    engines = (args.engine, "torch")
     with tempfile.TemporaryDirectory(prefix="segserve-bench-") as tmp:
         workdir = Path(tmp)
-        stack = Stack(workdir / "home")
-        (workdir / "home").mkdir()
-        print("starting the stack with `segserve up` …", flush=True)
-        stack.start()
+        stacks: dict[str, Stack] = {}
+        local: dict[str, Isolated] = {}
         try:
-            in_process = InProcess(ROOT / "model_store" / "deeplabv3.mar", workdir / "mar")
-            configs: list[tuple[str, int, Any]] = [
-                ("a in-process", 1, lambda body, n: in_process.run(body, args.seconds)),
-            ]
-            for n in (1, args.concurrency):
-                configs += [
-                    (
-                        "b torchserve",
-                        n,
-                        lambda body, n=n: asyncio.run(torchserve_direct(stack, body, n, args.seconds)),
-                    ),
-                    (
-                        "c pipeline wait",
-                        n,
-                        lambda body, n=n: asyncio.run(pipeline(stack, body, n, args.seconds, True)),
-                    ),
-                    (
-                        "c pipeline poll",
-                        n,
-                        lambda body, n=n: asyncio.run(pipeline(stack, body, n, args.seconds, False)),
-                    ),
-                ]
+            for engine in engines:
+                print(
+                    f"building the {engine} archive and starting its stack with `segserve up` …", flush=True
+                )
+                archive = build(engine, workdir / engine / "model_store")
+                (workdir / engine / "home").mkdir()
+                stacks[engine] = Stack(workdir / engine / "home", archive.parent)
+                stacks[engine].start()
+            for e in engines:
+                local[e] = Isolated(workdir / e / "model_store" / "deeplabv3.mar", workdir / e / "mar")
+            agreed = agreement(local[args.engine], local["torch"], images["640x480"])
+            configs = configurations(args.engine, stacks, local, args)
             print("warming up …", flush=True)
             for body in images.values():
-                in_process.run(body, 0.5)
-                asyncio.run(torchserve_direct(stack, body, 1, 1))
-                asyncio.run(pipeline(stack, body, 1, 1, True))
-            results: dict[str, Result] = {}
-            for round_no in range(args.rounds):
-                order = configs[round_no % len(configs) :] + configs[: round_no % len(configs)]  # rotate
-                for image, body in images.items():
-                    for name, n, run in order:
-                        label = f"{image}/{name}/{n}"
-                        roles = stack.processes()
-                        before = cpu_seconds(roles)
-                        done, latencies, errors, elapsed = run(body, n)
-                        after = cpu_seconds(roles)
-                        measured = Result(name, image, n, done, elapsed, latencies, errors,
-                                          {k: after[k] - before[k] for k in after})  # fmt: skip
-                        results.setdefault(label, Result(name, image, n)).merge(measured)
-                        print(
-                            f"round {round_no + 1}/{args.rounds} {label:<32} {measured.throughput:6.2f} images/s",
-                            flush=True,
-                        )
+                for engine in engines:
+                    local[engine].run(body, 0.5)
+                    asyncio.run(pipeline(stacks[engine], body, 1, 1, True))
+            results = measure(configs, stacks, images, args.rounds)
             print("measuring the latency the pipeline adds …", flush=True)
             added = {
-                image: asyncio.run(pipeline_overhead(stack, body, args.jobs))
+                image: asyncio.run(pipeline_overhead(stacks[args.engine], body, args.jobs))
                 for image, body in images.items()
             }
             print("measuring the submit path …", flush=True)
-            submit = submit_path(stack, args.seconds, workdir)
+            submit = submit_path(stacks[args.engine], args.seconds, workdir)
         finally:
-            stack.stop()
-    report = table(results, args.concurrency, submit, added)
+            for handler in local.values():
+                handler.close()
+            for stack in stacks.values():
+                stack.stop()
+    report = table(results, args.concurrency, submit, added, args.engine, agreed)
     print("\n" + report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -474,6 +590,7 @@ def main() -> int:
             {
                 "args": vars(args),
                 "results": summary,
+                "agreement": agreed,
                 "added_latency_ms": added,
                 "submit_path": submit,
                 "table": report,

@@ -31,12 +31,13 @@ mask (1 byte each) and its PNG; and bands of at most ``BAND_BYTES`` per tensor.
 Batches. TorchServe hands the handler several requests at once. On CPU they run as one forward pass per
 group of equal input shape. Floats depend on the batch size (other kernels, other summation order), so a
 batch's masks agree with those each image gives alone on at least 99.99% of pixels, and exactly wherever
-the top two classes are not near-tied. On CUDA, where batching pays, images of different shapes share one
-pass, padded at the bottom and right to the largest (``pad_batch``, ``crop_logits``; ``pad_batches: false``
-in the handler's config turns it off). Padding changes what the model sees: its global pooling averages the
-padding in, and the border's neighbourhood moves. On random weights, padded masks agreed with the
-same images alone on 23% to 100% of pixels (median 88%, 16 images of mixed sizes), far below 99.9%: that
-is why CPU batches stay grouped by shape, and padding on CUDA deserves measuring on the real weights there.
+the top two classes are not near-tied. With ``pad_batches: true`` in the handler's config (for a GPU, where
+batching pays), images of different shapes share one pass, padded at the bottom and right to the largest
+(``pad_batch``, ``crop_logits``). It is off by default, on every device: padding changes what the model
+sees (its global pooling averages the padding in, and the border's neighbourhood moves), so an image's mask
+would depend on its batchmates. On random weights, padded masks agreed with the same images alone on 23% to
+100% of pixels (median 88%, 16 images of mixed sizes), far below 99.9%. Measure it on the real weights
+before turning it on.
 """
 
 from __future__ import annotations
@@ -530,7 +531,7 @@ class DeepLabV3Handler(BaseHandler):  # type: ignore[misc]  # TorchServe ships n
             spins = self.engine_name == "torch" or self.spinning
             torch.set_num_threads(self.threads if spins else 1)
         # Padding changes masks (see the module's docstring): only where batching pays, on CUDA.
-        self.pad_batches = bool(config.get("pad_batches", self.device.type == "cuda"))
+        self.pad_batches = bool(config.get("pad_batches", False))  # an opt-in: see the module's docstring
         if self.random_weights:
             logger.warning("RANDOM WEIGHTS (%s): masks from this model are meaningless", self.weights_label)
         logger.info(
