@@ -313,7 +313,10 @@ def build_archive(
             "--export-path", str(store),
             "--force",
         ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        # The archiver stages files in $TMPDIR/<model name>: a directory of its own keeps two builds of one
+        # name (two checkouts, two test runs) from deleting each other's files.
+        staging = {**os.environ, "TMPDIR": str(workdir)}
+        result = subprocess.run(command, capture_output=True, text=True, check=False, env=staging)
         if result.returncode != 0:
             raise BuildError(f"torch-model-archiver failed:\n{result.stderr or result.stdout}")
     archive = store / f"{name}.mar"
