@@ -624,6 +624,9 @@ def test_gpu_only_in_the_gpu_overlay(overlay: tuple[str, Rendered]) -> None:
 
     name, rendered = overlay
     torchserve = containers_of(rendered.worker)["torchserve"]
+    # The init container counts the node's cores, not the pod's: the archive's threads must be named, and fit.
+    build = parser().parse_args(containers_of(rendered.worker)["model"]["command"][1:])
+    assert build.threads is not None and build.threads <= int(torchserve["resources"]["limits"]["cpu"])
     if name == "gpu":
         for kind in ("requests", "limits"):
             assert int(torchserve["resources"][kind]["nvidia.com/gpu"]) == 1

@@ -45,7 +45,9 @@ def connect(settings: Settings, **options: Any) -> ArqRedis:
         )
     url = urlparse(settings.redis_url)
     database = int(url.path.strip("/") or 0)
-    sentinel = Sentinel(addresses, sentinel_kwargs={"socket_connect_timeout": 2}, **options)  # type: ignore[no-untyped-call]
+    # A sentinel's host that vanishes must cost a lookup seconds: the next sentinel is asked then.
+    sentinel_options = {"socket_connect_timeout": 2, "socket_timeout": 2}
+    sentinel = Sentinel(addresses, sentinel_kwargs=sentinel_options, **options)  # type: ignore[no-untyped-call]
     primary: ArqRedis = sentinel.master_for(
         settings.redis_sentinel_master, redis_class=ArqRedis, db=database, password=url.password
     )
@@ -63,8 +65,10 @@ def worker_connection(settings: Settings) -> ArqRedis:
         socket_timeout=3,
         socket_keepalive=True,
         # Few retries: a job's try must see the error well inside its time limit, and come back later.
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=4),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        # Only failed connections: a timed-out command may have run, and some steps must run once.
+        retry=Retry(
+            ExponentialBackoff(cap=1.0, base=0.1), retries=4, supported_errors=(RedisConnectionError,)
+        ),
     )
     redis.expires_extra_ms = settings.result_ttl * 1000
     return redis

@@ -111,15 +111,15 @@ async def heartbeat(ctx: dict[str, Any]) -> None:
     worker: WorkerInfo = ctx["worker"]
     cap = ctx["settings"].worker_concurrency
     while True:
-        backend, models = await describe_backend(ctx["torchserve"])
-        ctx["in_flight"] = in_flight_limit(models, cap) or ctx["in_flight"]  # none ready: as it was
-        now = now_ms()
-        beat = dataclasses.replace(
-            worker, last_seen=iso(now) or "", backend=backend, models=models, concurrency=ctx["in_flight"]
-        )
-        try:
+        try:  # whatever goes wrong, say so and keep beating (Redis restarting, an odd answer)
+            backend, models = await describe_backend(ctx["torchserve"])
+            ctx["in_flight"] = in_flight_limit(models, cap) or ctx["in_flight"]  # none ready: as it was
+            now = now_ms()
+            beat = dataclasses.replace(
+                worker, last_seen=iso(now) or "", backend=backend, models=models, concurrency=ctx["in_flight"]
+            )
             await store.heartbeat(beat, now)
-        except Exception as exc:  # Redis restarting: say so, keep beating
+        except Exception as exc:
             logger.warning("heartbeat failed: %s", exc)
         await asyncio.sleep(HEARTBEAT_SECONDS)
 
@@ -157,6 +157,21 @@ class SegserveWorker(Worker):
         self.work_may_wait = asyncio.Event()
         self.work_may_wait.set()
         self._listener: asyncio.Task[None] | None = None
+
+    async def main(self) -> None:
+        await self._wait_for_redis()
+        await super().main()
+
+    async def _wait_for_redis(self, seconds: int = 60) -> None:
+        """A worker may start before Redis (compose, a pod, a Redis still loading its AOF): wait for it, as
+        arq's own pool does, instead of exiting at once."""
+        for _ in range(seconds - 1):
+            try:
+                await self.pool.ping()
+                return
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                logger.warning("the job store does not answer yet (%s); waiting", exc)
+                await asyncio.sleep(1)
 
     async def _poll_iteration(self) -> None:
         self.max_jobs = self.ctx.get("in_flight", self.max_jobs)  # arq reads it before each take
