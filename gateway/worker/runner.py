@@ -17,6 +17,7 @@ from arq.typing import WorkerCoroutine
 from arq.worker import Function, Worker, func, get_kwargs
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 from gateway.jobs import (
     ENQUEUED_CHANNEL,
@@ -186,6 +187,16 @@ class SegserveWorker(Worker):
             # Redis restarting, or Sentinel failing over to a replica: wait for it instead of ending.
             logger.warning("the job store does not answer (%s); trying again", exc)
             await asyncio.sleep(1)
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        try:
+            await super().start_jobs(job_ids)
+        except WatchError as exc:
+            # The connection went while arq watched the key of a job it had taken a slot for (Sentinel
+            # failing over): give the slot back, and let _poll_iteration wait for Redis.
+            self.job_counter -= 1
+            self.sem.release()
+            raise RedisConnectionError(str(exc)) from exc
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
