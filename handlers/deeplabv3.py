@@ -45,6 +45,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import functools
 import io
 import json
 import logging
@@ -53,7 +54,7 @@ import tempfile
 import time
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -229,67 +230,193 @@ def bilinear_taps(out_size: int, in_size: int, device: torch.device | str = "cpu
     return Taps(i0, i1, 1 - w1, w1)
 
 
-def interpolate_pixels(
-    pixels: torch.Tensor, width: int, rows: Taps, cols: Taps, at_rows: torch.Tensor, at_cols: torch.Tensor
-) -> torch.Tensor:
-    """Class scores (pixels x classes) at the band's output pixels (``at_rows[k]``, ``at_cols[k]``).
+# A label for "the corners of this cell differ": class ids are below it (at most 255 classes).
+MIXED = 255
 
-    ``pixels`` holds the source scores one pixel per row ((h * w) x classes), so one pixel's classes are
-    read together. Each output pixel is computed from its own four source pixels alone, in one order, so
-    its floats are the same however the output is cut into bands.
-    """
-    top, bottom = rows.i0.index_select(0, at_rows) * width, rows.i1.index_select(0, at_rows) * width
+
+class Scores:
+    """Class scores on a grid of pixels: every pixel's top class (``labels``, uint8, h x w), and the scores
+    themselves (pixels x classes) read only where they are needed (``at``)."""
+
+    labels: torch.Tensor
+    classes: int
+
+    def at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The scores (pixels x classes) of pixels (``rows[k]``, ``cols[k]``)."""
+        raise NotImplementedError
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """The scores (rows x w x classes) of rows ``start`` to ``stop``."""
+        raise NotImplementedError
+
+    @functools.cached_property
+    def cells(self) -> torch.Tensor:
+        """Each pixel's label where it, its right, lower and lower-right neighbours agree (the edge's own
+        pixels stand in for missing neighbours, as bilinear taps clamp there), else ``MIXED``."""
+        padded = torch.nn.functional.pad(self.labels[None, None], (0, 1, 0, 1), mode="replicate")[0, 0]
+        corner = padded[:-1, :-1]
+        agree = (corner == padded[:-1, 1:]) & (corner == padded[1:, :-1]) & (corner == padded[1:, 1:])
+        return torch.where(agree, corner, MIXED)
+
+
+class StoredScores(Scores):
+    """Scores held in memory: an engine's logits (classes x h x w)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.classes, height, self.width = logits.shape
+        # One pixel's classes side by side (channels-last is the fastest copy torch makes of this).
+        pixels = logits[None].float().contiguous(memory_format=torch.channels_last)
+        self.pixels = pixels.permute(0, 2, 3, 1).reshape(height * self.width, self.classes)
+        self.labels = self.pixels.argmax(dim=1).to(torch.uint8).view(height, self.width)
+
+    def at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return self.pixels.index_select(0, rows * self.width + cols)
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        return self.pixels[start * self.width : stop * self.width].view(
+            stop - start, self.width, self.classes
+        )
+
+
+class ResizedScores(Scores):
+    """``source`` interpolated bilinearly along ``rows`` and ``cols``: a grid small enough to label whole
+    (the model's working size). Its scores are computed wherever they are read, from the source
+    interpolated along its rows once (``across``: source rows x output columns x classes)."""
+
+    def __init__(self, source: Scores, rows: Taps, cols: Taps) -> None:
+        self.rows, self.classes, self.width = rows, source.classes, len(cols.i0)
+        self.across = along_rows(source.block(0, len(source.labels)), cols)
+        self.labels = torch.from_numpy(labels_in_bands(source, rows, cols, scores_at=self.at))
+
+    def at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        across = self.across.view(-1, self.classes)
+        upper = across.index_select(0, self.rows.i0.index_select(0, rows) * self.width + cols)
+        lower = across.index_select(0, self.rows.i1.index_select(0, rows) * self.width + cols)
+        w_top, w_bottom = (
+            self.rows.w0.index_select(0, rows)[:, None],
+            self.rows.w1.index_select(0, rows)[:, None],
+        )
+        return upper * w_top + lower * w_bottom
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        rows = self.rows.part(start, stop)
+        upper, lower = self.across.index_select(0, rows.i0), self.across.index_select(0, rows.i1)
+        return upper * rows.w0[:, None, None] + lower * rows.w1[:, None, None]
+
+
+def along_rows(block: torch.Tensor, cols: Taps) -> torch.Tensor:
+    """A block of scores (rows x w x classes) interpolated along its rows to the columns of ``cols``."""
+    left, right = block.index_select(1, cols.i0), block.index_select(1, cols.i1)
+    return left * cols.w0[None, :, None] + right * cols.w1[None, :, None]
+
+
+def interpolate_at(
+    source: Scores, rows: Taps, cols: Taps, at_rows: torch.Tensor, at_cols: torch.Tensor
+) -> torch.Tensor:
+    """Class scores (pixels x classes) at the output pixels (``at_rows[k]``, ``at_cols[k]``), each computed
+    from its own four source pixels alone, along the row and then across rows as torch does, so its floats
+    are the same however the output is cut into bands."""
+    top, bottom = rows.i0.index_select(0, at_rows), rows.i1.index_select(0, at_rows)
     left, right = cols.i0.index_select(0, at_cols), cols.i1.index_select(0, at_cols)
     w_left, w_right = cols.w0.index_select(0, at_cols)[:, None], cols.w1.index_select(0, at_cols)[:, None]
     w_top, w_bottom = rows.w0.index_select(0, at_rows)[:, None], rows.w1.index_select(0, at_rows)[:, None]
-    upper = pixels.index_select(0, top + left) * w_left + pixels.index_select(0, top + right) * w_right
-    lower = pixels.index_select(0, bottom + left) * w_left + pixels.index_select(0, bottom + right) * w_right
+    upper = source.at(top, left) * w_left + source.at(top, right) * w_right
+    lower = source.at(bottom, left) * w_left + source.at(bottom, right) * w_right
     return upper * w_top + lower * w_bottom
 
 
-def band_labels(
-    pixels: torch.Tensor, source_labels: torch.Tensor, rows: Taps, cols: Taps, threshold: float
+def resized_labels(
+    source: Scores,
+    rows: Taps,
+    cols: Taps,
+    threshold: float = 0.0,
+    scores_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Class ids (uint8) of one band of output rows."""
-    width, shape = source_labels.shape[1], (len(rows.i0), len(cols.i0))
-    if threshold > 0:  # every pixel's probability is needed
-        every = torch.ones(shape, dtype=torch.bool, device=pixels.device).nonzero().unbind(1)
-        scores = interpolate_pixels(pixels, width, rows, cols, *every)
-        confidence, labels = torch.softmax(scores, dim=1).max(dim=1)
-        return torch.where(confidence < threshold, 0, labels).to(torch.uint8).view(shape)
-    upper, lower = source_labels.index_select(0, rows.i0), source_labels.index_select(0, rows.i1)
-    labels = upper.index_select(1, cols.i0)
-    differ = labels != upper.index_select(1, cols.i1)
-    differ |= labels != lower.index_select(1, cols.i0)
-    differ |= labels != lower.index_select(1, cols.i1)
-    at_rows, at_cols = differ.nonzero().unbind(1)
+    """Class ids (uint8) of ``source`` interpolated to the output pixels of ``rows`` x ``cols``.
+
+    An output pixel whose four source pixels share one top class has that class (a convex mix of scores
+    keeps the order), so only the pixels between differing source pixels are interpolated (by
+    ``interpolate_at``, or ``scores_at`` when the output's scores have a quicker way), unless a threshold
+    asks for every pixel's probability: then the band is interpolated whole."""
+    if threshold > 0:
+        first = int(rows.i0[0])
+        block = along_rows(source.block(first, int(rows.i1[-1]) + 1), cols)
+        upper, lower = block.index_select(0, rows.i0 - first), block.index_select(0, rows.i1 - first)
+        scores = upper * rows.w0[:, None, None] + lower * rows.w1[:, None, None]
+        confidence, labels = torch.softmax(scores, dim=2).max(dim=2)
+        return torch.where(confidence < threshold, 0, labels).to(torch.uint8)
+    labels = source.cells.index_select(0, rows.i0).index_select(1, cols.i0)
+    at_rows, at_cols = (labels == MIXED).nonzero().unbind(1)
     if len(at_rows):
-        scores = interpolate_pixels(pixels, width, rows, cols, at_rows, at_cols)
+        if scores_at is None:
+            scores = interpolate_at(source, rows, cols, at_rows, at_cols)
+        else:
+            scores = scores_at(at_rows, at_cols)
         labels[at_rows, at_cols] = scores.argmax(dim=1).to(torch.uint8)
     return labels
 
 
+def at_band(
+    scores_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    start: int,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> torch.Tensor:
+    """``scores_at`` for a band's pixels, whose rows count from the band's first (``start``)."""
+    return scores_at(rows + start, cols)
+
+
+def working_scores(logits: torch.Tensor, batch_size: tuple[int, int], own_size: tuple[int, int]) -> Scores:
+    """An image's class scores at its working size ``own_size`` (h, w), from its logits in a batch of
+    ``batch_size`` (padded to the largest image when sizes were mixed: the image is the top-left region).
+
+    Logits smaller than the batch are the model's before its last layer, the bilinear upsampling to the
+    input's size (an exported graph stops before it): that upsampling is done here, on the labels and on
+    the few pixels between differing ones, instead of on every score of every pixel."""
+    (height, width), (own_height, own_width) = batch_size, own_size
+    if tuple(logits.shape[1:]) == batch_size:
+        return StoredScores(logits[:, :own_height, :own_width])
+    rows = bilinear_taps(height, logits.shape[1], logits.device).part(0, own_height)
+    cols = bilinear_taps(width, logits.shape[2], logits.device).part(0, own_width)
+    return ResizedScores(StoredScores(logits), rows, cols)
+
+
 def full_size_mask(
-    logits: torch.Tensor, height: int, width: int, threshold: float = 0.0, band_rows: int | None = None
+    scores: Scores | torch.Tensor,
+    height: int,
+    width: int,
+    threshold: float = 0.0,
+    band_rows: int | None = None,
 ) -> np.ndarray:
-    """The class-id mask (uint8, ``height`` x ``width``) of one image's ``logits`` (classes x h x w):
+    """The class-id mask (uint8, ``height`` x ``width``) of one image's scores (or logits, classes x h x w):
     ``F.interpolate(logits, (height, width), mode="bilinear", align_corners=False)``, then softmax and
-    threshold when asked, then arg-max, computed in bands of ``band_rows`` output rows (by default as many
-    as keep a band's float tensors within ``BAND_BYTES``)."""
-    classes, h, w = logits.shape
-    # One pixel's classes side by side (channels-last is the fastest copy torch makes of this).
-    pixels = logits[None].float().contiguous(memory_format=torch.channels_last)
-    pixels = pixels.permute(0, 2, 3, 1).reshape(h * w, classes)
-    source_labels = pixels.argmax(dim=1).to(torch.uint8).view(h, w)
-    rows, cols = bilinear_taps(height, h, logits.device), bilinear_taps(width, w, logits.device)
-    step = band_rows or max(1, BAND_BYTES // (width * classes * 4))
-    mask = np.empty((height, width), dtype=np.uint8)
+    threshold when asked, then arg-max."""
+    if isinstance(scores, torch.Tensor):
+        scores = StoredScores(scores)
+    h, w = scores.labels.shape
+    rows, cols = bilinear_taps(height, h, scores.labels.device), bilinear_taps(width, w, scores.labels.device)
+    return labels_in_bands(scores, rows, cols, threshold, band_rows)
+
+
+def labels_in_bands(
+    scores: Scores,
+    rows: Taps,
+    cols: Taps,
+    threshold: float = 0.0,
+    band_rows: int | None = None,
+    scores_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> np.ndarray:
+    """``resized_labels`` in bands of ``band_rows`` output rows (by default as many as keep a band's float
+    tensors within ``BAND_BYTES``)."""
+    height, width = len(rows.i0), len(cols.i0)
+    step = band_rows or max(1, BAND_BYTES // (width * scores.classes * 4))
+    labels = np.empty((height, width), dtype=np.uint8)
     for start in range(0, height, step):
         stop = min(start + step, height)
-        mask[start:stop] = (
-            band_labels(pixels, source_labels, rows.part(start, stop), cols, threshold).cpu().numpy()
-        )
-    return mask
+        band_at = None if scores_at is None else functools.partial(at_band, scores_at, start)
+        band = resized_labels(scores, rows.part(start, stop), cols, threshold, band_at)
+        labels[start:stop] = band.cpu().numpy()
+    return labels
 
 
 def batch_groups(shapes: Sequence[tuple[int, ...]], pad: bool) -> list[list[int]]:
@@ -314,11 +441,6 @@ def pad_batch(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return batch
 
 
-def crop_logits(logits: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-    """Each image's own region (classes x h x w) of a padded batch's logits: the top-left h x w."""
-    return [logits[index, :, :height, :width] for index, (height, width) in enumerate(sizes)]
-
-
 def class_counts(mask: np.ndarray, classes: int) -> np.ndarray:
     """Pixels per class id, counted in bands (bincount widens its input to 8 bytes a pixel)."""
     counts = np.zeros(classes, dtype=np.int64)
@@ -329,7 +451,8 @@ def class_counts(mask: np.ndarray, classes: int) -> np.ndarray:
 
 
 class Engine(Protocol):
-    """A forward pass: a normalised batch (N x 3 x h x w) in, logits (N x classes x h x w) out."""
+    """A forward pass: a normalised batch (N x 3 x h x w) in, logits (N x classes x h' x w') out: at the
+    input's size, or at the model's stride before its last upsampling (see ``working_scores``)."""
 
     device: torch.device
 
@@ -478,7 +601,9 @@ class Item:
     params: Params = field(default_factory=Params)
     size: tuple[int, int] | None = None  # the image's own (width, height): the mask's
     tensor: torch.Tensor | None = None  # normalised, at the model's working size
-    logits: torch.Tensor | None = None  # classes x h x w, at the model's working size
+    working_size: tuple[int, int] = (0, 0)  # (h, w) of the model's input for this image
+    logits: torch.Tensor | None = None  # classes x h x w, this image's of its batch (see working_scores)
+    batch_size: tuple[int, int] = (0, 0)  # (h, w) of the batch's input: the largest image's when padded
     error: ImageError | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -619,9 +744,10 @@ class DeepLabV3Handler(BaseHandler):  # type: ignore[misc]  # TorchServe ships n
         logits = self.engine(torch.stack(tensors) if same else pad_batch(tensors))
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)  # so that the timing holds the pass, not its launch
-        sizes = [(int(t.shape[1]), int(t.shape[2])) for t in tensors]
-        for item, own in zip(group, crop_logits(logits, sizes), strict=True):
-            item.logits = own
+        batch_size = (max(int(t.shape[1]) for t in tensors), max(int(t.shape[2]) for t in tensors))
+        for index, (item, tensor) in enumerate(zip(group, tensors, strict=True)):
+            item.logits, item.batch_size = logits[index], batch_size
+            item.working_size = (int(tensor.shape[1]), int(tensor.shape[2]))
             item.tensor = None
         elapsed = (time.perf_counter() - start) * 1000
         for item in group:
@@ -647,7 +773,8 @@ class DeepLabV3Handler(BaseHandler):  # type: ignore[misc]  # TorchServe ships n
     def _encode(self, item: Item) -> dict[str, Any]:
         assert item.logits is not None and item.size is not None
         width, height = item.size
-        mask = full_size_mask(item.logits, height, width, item.params.threshold)
+        scores = working_scores(item.logits, item.batch_size, item.working_size)
+        mask = full_size_mask(scores, height, width, item.params.threshold)
         item.logits = None  # the batch's logits go as soon as its last image has its mask
         if item.params.classes is not None:
             keep = np.zeros(256, dtype=np.uint8)

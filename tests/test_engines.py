@@ -72,16 +72,20 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
     [((640, 480), "RGB"), ((333, 251), "L"), ((200, 300), "RGBA"), ((97, 61), "P")],
     ids=["640x480-RGB", "333x251-L", "200x300-RGBA", "97x61-P"],
 )
-def test_onnxruntime_agrees_with_eager_torch_at_working_size(
+def test_onnxruntime_masks_agree_with_eager_torch(
     engines: dict[str, Any], size: tuple[int, int], mode: str
 ) -> None:
-    """One exported graph serves every shape (dynamic axes), and its top classes are torch's."""
+    """One exported graph serves every shape (dynamic axes). It stops at the model's stride, before the
+    upsampling that the handler does, and the masks are eager torch's."""
     body = encode(scene(*size).convert(mode), "PNG")
     tensor = engines["onnxruntime"].transforms(handler_module.open_rgb(body, 10**8))[None]
     exported, eager = engines["onnxruntime"].engine(tensor), engines["torch"].engine(tensor)
-    assert exported.shape == eager.shape == (1, 21, *tensor.shape[2:])
-    assert agreement(exported.argmax(1).numpy(), eager.argmax(1).numpy()) >= 0.999
-    assert len(eager.argmax(1).unique()) > 1, "a random model should still give several classes here"
+    assert eager.shape == (1, 21, *tensor.shape[2:])
+    assert exported.shape[:2] == (1, 21) and exported.shape[2] * 8 <= tensor.shape[2]
+    [fast], _ = run(engines["onnxruntime"], [{"body": body}])
+    [reference], _ = run(engines["torch"], [{"body": body}])
+    assert agreement(mask_of(fast), mask_of(reference)) >= 0.999
+    assert len(np.unique(mask_of(reference))) > 1, "a random model should still give several classes here"
 
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
@@ -208,16 +212,37 @@ def test_batch_groups_by_shape_or_all_when_padding() -> None:
 
 
 def test_padding_and_cropping_give_each_image_its_own_region() -> None:
-    tensors = [torch.full((3, h, w), float(i + 1)) for i, (h, w) in enumerate([(4, 6), (7, 3), (5, 5)])]
+    sizes = [(4, 6), (7, 3), (5, 5)]
+    # Image i is 1 in channel i and 0 elsewhere: as logits, its label is i everywhere.
+    tensors = [torch.zeros(3, h, w).index_fill_(0, torch.tensor([i]), 1) for i, (h, w) in enumerate(sizes)]
     batch = handler_module.pad_batch(tensors)
     assert batch.shape == (3, 3, 7, 6)
     for index, tensor in enumerate(tensors):
         region = batch[index, :, : tensor.shape[1], : tensor.shape[2]]
         assert torch.equal(region, tensor)
         assert batch[index].sum() == tensor.sum(), "the padding is zero"
-    # A model that kept its input as its logits shows each crop is its own image, at its own size.
-    crops = handler_module.crop_logits(batch, [(t.shape[1], t.shape[2]) for t in tensors])
-    assert all(torch.equal(crop, tensor) for crop, tensor in zip(crops, tensors, strict=True))
+    # A model that kept its input as its logits shows each image's scores are its own region, at its own
+    # size, whether the logits are at the input's size or at a stride (upsampled like the model would).
+    for logits in (batch, batch[:, :, ::2, ::2].contiguous()):
+        for index, tensor in enumerate(tensors):
+            own = handler_module.working_scores(logits[index], (7, 6), tuple(tensor.shape[1:]))
+            assert own.labels.shape == tensor.shape[1:]
+            assert (own.labels == index).all()
+
+
+@pytest.mark.parametrize("size", [(520, 693), (37, 23), (9, 16)])
+def test_scores_at_a_stride_are_the_models_upsampling(size: tuple[int, int]) -> None:
+    """Logits at the model's stride, upsampled by working_scores then to the image's size, give the mask
+    of upsampling them to the working size first, as the whole model does, then to the image's size."""
+    generator = torch.Generator().manual_seed(sum(size))
+    low = torch.randn(21, (size[0] + 15) // 16, (size[1] + 15) // 16, generator=generator)
+    working = F.interpolate(low[None], size=size, mode="bilinear", align_corners=False)[0]
+    scores = handler_module.working_scores(low, size, size)
+    assert agreement(scores.labels.numpy(), working.argmax(0).to(torch.uint8).numpy()) >= 0.9999
+    for out in ((480, 640), (size[0] * 2 + 1, size[1] // 2 + 1)):
+        for threshold in (0.0, 0.12):
+            mask = handler_module.full_size_mask(scores, *out, threshold, band_rows=7)
+            assert agreement(mask, reference_labels(working, *out, threshold)) >= 0.999
 
 
 @pytest.mark.parametrize("pad", [True, False], ids=["padded", "grouped"])
