@@ -15,18 +15,21 @@ runs the ONNX export that ``segserve build-model`` packed (the default on CPU, a
 PyTorch there), ``torch`` runs the eager model from a state dict (the reference, and the CUDA path). Only
 ``fp32`` is served. ``describe_handle()`` reports both, and the worker logs them when it loads.
 
-Masks. The model sees the image with its short side at 520 pixels and gives class scores (logits) there.
-They are interpolated bilinearly (``align_corners=False``, as the model does inside) to the image's own size
-and the mask is the arg-max there, in bands of output rows: the full image's 21 scores per pixel are never
-held at once. An output pixel whose four source pixels share one top class has that class (a convex mix of
-scores keeps the order), so only the pixels between differing source pixels are interpolated, unless a
-threshold asks for every pixel's probability.
+Masks. The model sees the image with its short side at 520 pixels (its working size) and gives class
+scores (logits) there: at its stride, 1/16 of that on mobilenet_v3_large, which its last layer upsamples
+bilinearly to the working size. The mask is what torchvision's model and the usual post-processing give:
+the working-size logits interpolated bilinearly (``align_corners=False``) to the image's own size, then the
+arg-max there. Both upsamplings are done here (the ONNX graph stops before the model's), on labels: an
+output pixel whose four source pixels share one top class has that class (a convex mix of scores keeps the
+order), so only the pixels between differing source pixels have their scores interpolated, unless a
+threshold asks for every pixel's probability. The image's size is done in bands of output rows: its 21
+scores per pixel are never held at once (``Scores``, ``working_scores``, ``full_size_mask``).
 
 Memory. Above the loaded, warm model, one image of the largest allowed size (25 MP, ``DEFAULT_MAX_PIXELS``)
 raises the worker's peak resident memory by less than 256 MB (``MEMORY_BOUND_MB``; measured: 107 MB for an
-RGB JPEG, 190 MB for an RGBA or 16-bit PNG, 134 MB with a threshold). What takes it: the decoded pixels
-(4 bytes each in PIL, twice while a mode is converted), kept only until the model's input is made; the
-mask (1 byte each) and its PNG; and bands of at most ``BAND_BYTES`` per tensor.
+RGB JPEG, with or without a threshold, and 190 MB for an RGBA or 16-bit PNG). What takes it: the decoded
+pixels (4 bytes each in PIL, twice while a mode is converted), kept only until the model's input is made;
+the mask (1 byte each) and its PNG; and bands of at most ``BAND_BYTES`` per tensor.
 
 Batches. TorchServe hands the handler several requests at once. On CPU they run as one forward pass per
 group of equal input shape. Floats depend on the batch size (other kernels, other summation order), so a
@@ -84,7 +87,8 @@ VARIANTS: dict[str, tuple[Any, Any]] = {
 DEFAULT_MAX_PIXELS = 25_000_000
 ENGINES = ("onnxruntime", "torch")
 PRECISIONS = ("fp32",)
-# The names of the exported graph's input (N x 3 x H x W, normalised) and output (N x 21 x H x W logits).
+# The names of the exported graph's input (N x 3 x H x W, normalised) and output (N x 21 x h x w logits at
+# the model's stride, before its last upsampling).
 ONNX_INPUT, ONNX_OUTPUT = "image", "logits"
 # The most bytes one float tensor of a band of output rows may take: small enough that a 25 MP image stays
 # within the memory bound above, large enough that a band's fixed cost is a small part of its work.

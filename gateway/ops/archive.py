@@ -93,7 +93,9 @@ def default_threads(engine: str, cores: int, workers: int) -> int:
     ONNX Runtime: every core in each worker, spinning off, and the handler narrows a pass to its share of
     the cores (cores // workers) while another worker of the model is busy. Measured with the handler
     in-process on 2 cores (640x480 JPEG, 12 interleaved rounds, medians; throughput paired round by round
-    with 2 x 1, as other work on the machine made single figures noisy):
+    with 2 x 1, as other work on the machine made single figures noisy), with the earlier graph that ended
+    with the model's upsampling (the engine alone: 76 ms on 2 threads, 136 ms on one; without that layer,
+    56 and 123 ms):
 
         workers x threads                    lone request   8 concurrent   vs 2 x 1
         1 x 2, spinning                            130 ms      7.6 img/s
@@ -102,10 +104,10 @@ def default_threads(engine: str, cores: int, workers: int) -> int:
         2 x 2, spinning off, narrowing (chosen)    115 ms     10.5 img/s    1.00 (1.00-1.01 in 2 runs)
         2 x 2 as above, torch on 2 threads          98-107 ms  5.7-6.3 img/s
 
-    So a lone request runs at about the all-core speed (the engine alone: 76 ms on 2 threads, 136 ms on
-    one) and a full queue keeps the throughput of one single-threaded worker per core. The last row is why
-    the handler gives torch, which only post-processes there, one thread: its OpenMP threads spin after
-    each op and take the cores the other worker computes on.
+    So a lone request runs at about the all-core speed and a full queue keeps the throughput of one
+    single-threaded worker per core. The last row is why the handler gives torch, which only
+    post-processes there, one thread: its OpenMP threads spin after each op and take the cores the other
+    worker computes on.
     Eager torch: the cores shared among the workers, as its OpenMP threads spin.
     """
     if engine == "onnxruntime":
