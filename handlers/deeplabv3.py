@@ -219,9 +219,16 @@ class Taps:
     i1: torch.Tensor
     w0: torch.Tensor
     w1: torch.Tensor
+    first: int = 0  # the output index of i0[0], for a part
 
     def part(self, start: int, stop: int) -> Taps:
-        return Taps(self.i0[start:stop], self.i1[start:stop], self.w0[start:stop], self.w1[start:stop])
+        return Taps(
+            self.i0[start:stop],
+            self.i1[start:stop],
+            self.w0[start:stop],
+            self.w1[start:stop],
+            self.first + start,
+        )
 
 
 def bilinear_taps(out_size: int, in_size: int, device: torch.device | str = "cpu") -> Taps:
@@ -340,7 +347,7 @@ def resized_labels(
 
     An output pixel whose four source pixels share one top class has that class (a convex mix of scores
     keeps the order), so only the pixels between differing source pixels are interpolated (by
-    ``interpolate_at``, or ``scores_at`` when the output's scores have a quicker way), unless a threshold
+    ``interpolate_at``, or ``scores_at``, given output indices, when the output's scores have a quicker way), unless a threshold
     asks for every pixel's probability: then the band is interpolated whole."""
     if threshold > 0:
         first = int(rows.i0[0])
@@ -355,19 +362,9 @@ def resized_labels(
         if scores_at is None:
             scores = interpolate_at(source, rows, cols, at_rows, at_cols)
         else:
-            scores = scores_at(at_rows, at_cols)
+            scores = scores_at(at_rows + rows.first, at_cols)
         labels[at_rows, at_cols] = scores.argmax(dim=1).to(torch.uint8)
     return labels
-
-
-def at_band(
-    scores_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    start: int,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-) -> torch.Tensor:
-    """``scores_at`` for a band's pixels, whose rows count from the band's first (``start``)."""
-    return scores_at(rows + start, cols)
 
 
 def working_scores(logits: torch.Tensor, batch_size: tuple[int, int], own_size: tuple[int, int]) -> Scores:
@@ -417,8 +414,7 @@ def labels_in_bands(
     labels = np.empty((height, width), dtype=np.uint8)
     for start in range(0, height, step):
         stop = min(start + step, height)
-        band_at = None if scores_at is None else functools.partial(at_band, scores_at, start)
-        band = resized_labels(scores, rows.part(start, stop), cols, threshold, band_at)
+        band = resized_labels(scores, rows.part(start, stop), cols, threshold, scores_at)
         labels[start:stop] = band.cpu().numpy()
     return labels
 
@@ -606,7 +602,7 @@ class Item:
     size: tuple[int, int] | None = None  # the image's own (width, height): the mask's
     tensor: torch.Tensor | None = None  # normalised, at the model's working size
     working_size: tuple[int, int] = (0, 0)  # (h, w) of the model's input for this image
-    logits: torch.Tensor | None = None  # classes x h x w, this image's of its batch (see working_scores)
+    logits: torch.Tensor | None = None  # classes x h x w: this image's slice of its batch's (working_scores)
     batch_size: tuple[int, int] = (0, 0)  # (h, w) of the batch's input: the largest image's when padded
     error: ImageError | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
