@@ -1,7 +1,7 @@
 """segserve's performance harness: the full pipeline against TorchServe direct and in-process inference,
 for the chosen inference engine and for eager torch.
 
-    .venv/bin/python benchmarks/bench.py [--seconds 15] [--rounds 2] [--concurrency 8] [--engine onnxruntime]
+    .venv/bin/python benchmarks/bench.py [--seconds 15] [--rounds 2] [--concurrency 8] [--engine openvino]
 
 It builds one archive per engine (`segserve build-model --engine E`, the same seeded random weights), starts
 one stack per archive with `segserve up` (each its own ports and state directory; the one not measured sits
@@ -528,7 +528,7 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=8, help="clients, N (default: %(default)s)")
-    parser.add_argument("--engine", default="onnxruntime", help="the engine measured against eager torch")
+    parser.add_argument("--engine", default="openvino", help="the engine measured against eager torch")
     parser.add_argument(
         "--jobs", type=int, default=40, help="jobs timed for the added latency (default: %(default)s)"
     )

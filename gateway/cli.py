@@ -186,7 +186,7 @@ def parser() -> argparse.ArgumentParser:
         "--engine",
         choices=ENGINES,
         default=defaults.engine,
-        help="what runs the model, fp32 (default: onnxruntime on CPU, where it measured fastest; torch with CUDA)",
+        help="what runs the model, fp32 (default: openvino on CPU, where it measured fastest; torch with CUDA)",
     )
     p.add_argument(
         "--threads",

@@ -10,10 +10,11 @@ One answer per request, JSON: the class-index mask at the image's own size as a 
 per-class pixel counts and timings; or, for an image that cannot be processed, ``{"error": {code, message}}``
 with HTTP status 422 for that request only, so the rest of the batch still succeeds.
 
-Engines. The archive's model-config ``handler:`` section names the engine and its precision: ``onnxruntime``
-runs the ONNX export that ``segserve build-model`` packed (the default on CPU, about 3x faster than eager
-PyTorch there), ``torch`` runs the eager model from a state dict (the reference, and the CUDA path). Only
-``fp32`` is served. ``describe_handle()`` reports both, and the worker logs them when it loads.
+Engines. The archive's model-config ``handler:`` section names the engine and its precision: ``openvino``
+(the default on CPU, about 3x faster than eager PyTorch there) and ``onnxruntime`` run the ONNX export that
+``segserve build-model`` packed, ``torch`` runs the eager model from a state dict (the reference, and the
+CUDA path). Only ``fp32`` is served. ``describe_handle()`` reports both, and the worker logs them when it
+loads.
 
 Masks. The model sees the image with its short side at 520 pixels (its working size) and gives class
 scores (logits) there: at its stride, 1/16 of that on mobilenet_v3_large, which its last layer upsamples
@@ -65,7 +66,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.models import segmentation
-from ts.torch_handler.base_handler import BaseHandler
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ VARIANTS: dict[str, tuple[Any, Any]] = {
     ),
 }
 DEFAULT_MAX_PIXELS = 25_000_000
-ENGINES = ("onnxruntime", "torch")
+ENGINES = ("onnxruntime", "openvino", "torch")
 PRECISIONS = ("fp32",)
 # The names of the exported graph's input (N x 3 x H x W, normalised) and output (N x 21 x h x w logits at
 # the model's stride, before its last upsampling).
@@ -544,15 +544,39 @@ def ort_session(model_file: str, threads: int, spinning: bool, providers: list[A
     return ort.InferenceSession(model_file, options, providers=providers)
 
 
-class OnnxRuntimeEngine:
-    """ONNX Runtime on the exported graph (dynamic batch, height and width: no export per shape).
+class NarrowingEngine:
+    """An engine on the CPU whose workers may share the cores. With ``peers`` (the handler marks its worker
+    busy for each batch), a pass runs on ``threads`` while no other worker of the model is busy, so a lone
+    request has every core, and on ``narrow`` threads (a session of its own) while one is, so that workers
+    busy together do not share cores. Measured on 2 cores under 8 concurrent requests with ONNX Runtime:
+    2 workers x 2 threads kept 90-95% of the throughput of 2 x 1; narrowing kept 100% (see default_threads
+    in gateway/ops/archive.py)."""
 
-    With ``peers`` (the handler marks its worker busy for each batch), a pass runs on ``threads`` while no
-    other worker of the model is busy, so a lone request has every core, and on ``narrow`` threads (a
-    session of its own) while one is, so that workers busy together do not share cores. Measured on 2
-    cores under 8 concurrent requests: 2 workers x 2 threads kept 90-95% of the throughput of 2 x 1;
-    narrowing kept 100% (see default_threads in gateway/ops/archive.py).
-    """
+    device = torch.device("cpu")
+    session: Any
+    narrow: Any = None
+    peers: Peers | None = None
+
+    def __init__(self, threads: int, narrow: int | None, peers: Peers | None) -> None:
+        self.session = self._open(threads)
+        if narrow is not None and narrow < threads and peers is not None and self.device.type == "cpu":
+            self.narrow = self._open(narrow)
+            self.peers = peers
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        busy_peers = self.peers is not None and self.peers.busy_others() > 0
+        return self._run(self.narrow if busy_peers else self.session, batch)
+
+    def _open(self, threads: int) -> Any:
+        raise NotImplementedError
+
+    def _run(self, session: Any, batch: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class OnnxRuntimeEngine(NarrowingEngine):
+    """ONNX Runtime on the exported graph (dynamic batch, height and width: no export per shape), on its
+    CPU provider, or on CUDA where the build has it."""
 
     def __init__(
         self,
@@ -565,26 +589,44 @@ class OnnxRuntimeEngine:
     ) -> None:
         import onnxruntime as ort
 
-        providers: list[Any] = ["CPUExecutionProvider"]
-        self.device = torch.device("cpu")
+        self.model_file, self.spinning = model_file, spinning
+        self.providers: list[Any] = ["CPUExecutionProvider"]
         if gpu_id is not None and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu_id}))
+            self.providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu_id}))
             self.device = torch.device(f"cuda:{gpu_id}")
-        self.session = ort_session(model_file, threads, spinning, providers)
-        self.narrow: Any = None
-        self.peers: Peers | None = None
-        if narrow is not None and narrow < threads and peers is not None and self.device.type == "cpu":
-            self.narrow = ort_session(model_file, narrow, spinning, providers)
-            self.peers = peers
+        super().__init__(threads, narrow, peers)
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        busy_peers = self.peers is not None and self.peers.busy_others() > 0
-        return self._run(self.narrow if busy_peers else self.session, batch)
+    def _open(self, threads: int) -> Any:
+        return ort_session(self.model_file, threads, self.spinning, self.providers)
 
-    @staticmethod
-    def _run(session: Any, batch: torch.Tensor) -> torch.Tensor:
+    def _run(self, session: Any, batch: torch.Tensor) -> torch.Tensor:
         [logits] = session.run([ONNX_OUTPUT], {ONNX_INPUT: batch.cpu().numpy()})
         return torch.from_numpy(logits)
+
+
+class OpenVinoEngine(NarrowingEngine):
+    """OpenVINO's CPU plugin on the same exported graph, which it reads itself, at fp32."""
+
+    def __init__(self, model_file: str, threads: int, narrow: int | None = None, peers: Peers | None = None):
+        import openvino
+
+        self.core = openvino.Core()
+        self.model = self.core.read_model(model_file)
+        super().__init__(threads, narrow, peers)
+
+    def _open(self, threads: int) -> Any:
+        config = {
+            "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_PRECISION_HINT": "f32",  # not the bf16 it would pick where the CPU has AMX
+            "PERFORMANCE_HINT": "LATENCY",  # one stream: each request on all of this worker's threads
+            # Pinned, every worker's threads would take the same first cores; the kernel spreads them.
+            "ENABLE_CPU_PINNING": False,
+        }
+        return self.core.compile_model(self.model, "CPU", config).create_infer_request()
+
+    def _run(self, session: Any, batch: torch.Tensor) -> torch.Tensor:
+        logits = session.infer({ONNX_INPUT: batch.numpy()})[ONNX_OUTPUT]
+        return torch.from_numpy(logits.copy())  # the request reuses its output buffer on the next pass
 
 
 def model_peers(manifest: dict[str, Any]) -> Peers:
@@ -619,9 +661,16 @@ def intra_op_threads(config: dict[str, Any]) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, int(config.get("workers", 1))))
 
 
-class DeepLabV3Handler(BaseHandler):  # type: ignore[misc]  # TorchServe ships no type hints
+class DeepLabV3Handler:
     """Batch in, batch out: ``preprocess`` decodes, ``inference`` runs the model, ``postprocess`` makes the
-    full-size masks and encodes them."""
+    full-size masks and encodes them.
+
+    TorchServe's handler protocol (``initialize``, ``handle``, ``describe_handle``) without its
+    ``BaseHandler``: importing that imports ``openvino.torch`` and torch's compiler wherever OpenVINO is
+    installed, which added 6 s and 200 MB to each worker's start here, for nothing this handler uses."""
+
+    context: Any = None
+    initialized = False
 
     def initialize(self, context: Any) -> None:
         properties = context.system_properties
@@ -666,19 +715,27 @@ class DeepLabV3Handler(BaseHandler):  # type: ignore[misc]  # TorchServe ships n
         self.initialized = True
 
     def _load_engine(self, model_file: str, gpu_id: int | None, manifest: dict[str, Any]) -> Engine:
+        peers = model_peers(manifest) if self.narrow_threads else None
         if self.engine_name == "onnxruntime":
-            peers = model_peers(manifest) if self.narrow_threads else None
             return OnnxRuntimeEngine(
                 model_file, self.threads, self.spinning, gpu_id, self.narrow_threads, peers
             )
+        if self.engine_name == "openvino":
+            return OpenVinoEngine(model_file, self.threads, self.narrow_threads, peers)
         cuda = torch.cuda.is_available() and gpu_id is not None
         return TorchEngine(self.variant, model_file, torch.device(f"cuda:{gpu_id}" if cuda else "cpu"))
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
-        """TorchServe's batch, marked busy for the model's other workers from decoding to encoding."""
+        """TorchServe's batch, marked busy for the model's other workers from decoding to encoding; or, for
+        the management API's ``?customized=true``, the description."""
+        self.context = context
+        start = time.perf_counter()
+        if context.get_request_header(0, "describe") == "True":
+            return [self.describe_handle()]
         peers = getattr(self.engine, "peers", None)
         with peers.busy() if peers is not None else contextlib.nullcontext():
-            answers: list[Any] = super().handle(data, context)
+            answers = self.postprocess(self.inference(self.preprocess(data)))
+        context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
         return answers
 
     def describe_handle(self) -> str:

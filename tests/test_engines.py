@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 
 from gateway.ops.archive import (
+    GRAPH_ENGINES,
     BuildError,
     ServingConfig,
     build_archive,
@@ -49,7 +50,7 @@ def exported_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_handler(directory: Path, engine: str, **settings: Any) -> Any:
     context = Context(directory)
     context.manifest = {
-        "model": {"serializedFile": "model.onnx" if engine == "onnxruntime" else "weights.pth"}
+        "model": {"serializedFile": "model.onnx" if engine in GRAPH_ENGINES else "weights.pth"}
     }
     context.model_yaml_config["handler"].update({"engine": engine, "precision": "fp32", **settings})
     service = handler_module.DeepLabV3Handler()
@@ -67,28 +68,29 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a == b))
 
 
+@pytest.mark.parametrize("engine", GRAPH_ENGINES)
 @pytest.mark.parametrize(
     ("size", "mode"),
     [((640, 480), "RGB"), ((333, 251), "L"), ((200, 300), "RGBA"), ((97, 61), "P")],
     ids=["640x480-RGB", "333x251-L", "200x300-RGBA", "97x61-P"],
 )
-def test_onnxruntime_masks_agree_with_eager_torch(
-    engines: dict[str, Any], size: tuple[int, int], mode: str
+def test_exported_graph_masks_agree_with_eager_torch(
+    engines: dict[str, Any], engine: str, size: tuple[int, int], mode: str
 ) -> None:
     """One exported graph serves every shape (dynamic axes). It stops at the model's stride, before the
     upsampling that the handler does, and the masks are eager torch's."""
     body = encode(scene(*size).convert(mode), "PNG")
-    tensor = engines["onnxruntime"].transforms(handler_module.open_rgb(body, 10**8))[None]
-    exported, eager = engines["onnxruntime"].engine(tensor), engines["torch"].engine(tensor)
+    tensor = engines[engine].transforms(handler_module.open_rgb(body, 10**8))[None]
+    exported, eager = engines[engine].engine(tensor), engines["torch"].engine(tensor)
     assert eager.shape == (1, 21, *tensor.shape[2:])
     assert exported.shape[:2] == (1, 21) and exported.shape[2] * 8 <= tensor.shape[2]
-    [fast], _ = run(engines["onnxruntime"], [{"body": body}])
+    [fast], _ = run(engines[engine], [{"body": body}])
     [reference], _ = run(engines["torch"], [{"body": body}])
     assert agreement(mask_of(fast), mask_of(reference)) >= 0.999
     assert len(np.unique(mask_of(reference))) > 1, "a random model should still give several classes here"
 
 
-@pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("engine", handler_module.ENGINES)
 @pytest.mark.parametrize("size", [(640, 480), (1920, 1080)], ids=["640x480", "1920x1080"])
 def test_full_size_masks_agree_with_the_bilinear_reference(
     engines: dict[str, Any], engine: str, size: tuple[int, int]
@@ -272,13 +274,13 @@ def test_a_mixed_size_batch_gives_each_image_its_own_mask(engines: dict[str, Any
 # Archives ------------------------------------------------------------------------------------------------
 
 
-def test_a_cpu_build_picks_onnxruntime_and_records_it() -> None:
+def test_a_cpu_build_picks_openvino_and_records_it() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine builds for CUDA")
     serving = ServingConfig().resolved()
-    assert serving.engine == "onnxruntime"
+    assert serving.engine == "openvino"
     config = model_config(serving, "mobilenet_v3_large", "test", True)["handler"]
-    assert (config["engine"], config["precision"]) == ("onnxruntime", "fp32")
+    assert (config["engine"], config["precision"]) == ("openvino", "fp32")
     assert config["intra_op_threads"] == serving.threads and config["workers"] == serving.workers
     with pytest.raises(BuildError, match="unknown engine"):
         build_archive(random_seed=0, serving=ServingConfig(engine="tensorrt"), store=Path("/nonexistent"))
@@ -298,7 +300,7 @@ def test_build_model_offers_the_engines() -> None:
     result = subprocess.run(
         [str(BIN / "segserve"), "build-model", "--help"], capture_output=True, text=True, check=True
     )
-    assert "--engine {onnxruntime,torch}" in result.stdout
+    assert "--engine {onnxruntime,openvino,torch}" in result.stdout
 
 
 # Memory --------------------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def test_management_api_lists_the_model(torchserve: TorchServeServer) -> None:
     assert description["batchSize"] >= 1
     assert description["customizedMetadata"]["random_weights"] is True
     assert "meaningless" in description["customizedMetadata"]["weights"]
-    assert description["customizedMetadata"]["engine"] == "onnxruntime"
+    assert description["customizedMetadata"]["engine"] == "openvino"  # the default on CPU
     assert description["customizedMetadata"]["precision"] == "fp32"
     listing = torchserve.manage("GET", "/models").json()
     assert [m["modelName"] for m in listing["models"]] == ["deeplabv3"]

@@ -1,7 +1,8 @@
 """``segserve build-model``: a TorchServe archive (.mar) of DeepLabV3 with the project's handler.
 
-The archive carries what its engine runs: for ``onnxruntime`` (the default on CPU) a graph exported here,
-offline, with dynamic batch, height and width; for ``torch`` (the default on CUDA) the state dict.
+The archive carries what its engine runs: for ``openvino`` (the default on CPU) and ``onnxruntime`` a graph
+exported here, offline, with dynamic batch, height and width; for ``torch`` (the default on CUDA) the state
+dict.
 Weights come from one of three places, and the archive says which wherever it shows:
 - torchvision's published ``COCO_WITH_VOC_LABELS_V1`` checkpoint, downloaded and hash-checked;
 - a local ``.pth``, hash-checked when its file name is a published one (``<name>-<sha256 prefix>.pth``);
@@ -36,7 +37,8 @@ def handler_file() -> Path:
 
 
 VARIANTS = ("mobilenet_v3_large", "resnet50", "resnet101")
-ENGINES = ("onnxruntime", "torch")  # the handler's own ENGINES, without importing torch here
+ENGINES = ("onnxruntime", "openvino", "torch")  # the handler's own ENGINES, without importing torch here
+GRAPH_ENGINES = ("onnxruntime", "openvino")  # the engines that run the exported ONNX graph
 # torch.hub names published checkpoints <name>-<first 8+ hex digits of their SHA-256>.pth
 PUBLISHED_NAME = re.compile(r"^(?P<stem>.+)-(?P<prefix>[0-9a-f]{8,})\.pth$")
 
@@ -55,8 +57,9 @@ class ServingConfig:
     """TorchServe's per-model settings, written into the archive's model-config.yaml."""
 
     # None picks by the machine that builds the archive (normally the one that serves it), as measured:
-    # on CPU, ONNX Runtime with batches of one image (a forward pass of 4 images takes longer than 4 passes
-    # of one) and the workers and threads of default_threads; on CUDA, eager torch, one worker per GPU with
+    # on CPU, OpenVINO (faster than ONNX Runtime on the same graph: README's Performance) with batches of
+    # one image (a forward pass of 4 images takes longer than 4 passes of one) and the workers and threads
+    # of default_threads; on CUDA, eager torch, one worker per GPU with
     # batches of 8.
     batch_size: int | None = None
     max_batch_delay_ms: int = 5
@@ -70,7 +73,7 @@ class ServingConfig:
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         cores = os.cpu_count() or 1
-        engine = self.engine or ("torch" if gpus else "onnxruntime")
+        engine = self.engine or ("torch" if gpus else "openvino")
         workers = self.workers or gpus or min(cores, 8)
         return dataclasses.replace(
             self,
@@ -110,7 +113,7 @@ def default_threads(engine: str, cores: int, workers: int) -> int:
     worker computes on.
     Eager torch: the cores shared among the workers, as its OpenMP threads spin.
     """
-    if engine == "onnxruntime":
+    if engine in GRAPH_ENGINES:
         return cores
     return max(1, cores // workers)
 
@@ -310,7 +313,7 @@ def build_archive(
         workdir = Path(tmp)
         weights_path, label, is_random = prepare_weights(variant, weights, random_seed, workdir, log)
         served = weights_path
-        if serving.engine == "onnxruntime":  # the state dict stays out: the graph carries the weights
+        if serving.engine in GRAPH_ENGINES:  # the state dict stays out: the graph carries the weights
             served = export_onnx(variant, weights_path, workdir / "model.onnx")
         config_path = workdir / "model-config.yaml"
         config_path.write_text(
