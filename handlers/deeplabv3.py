@@ -607,7 +607,9 @@ class OnnxRuntimeEngine(NarrowingEngine):
 class OpenVinoEngine(NarrowingEngine):
     """OpenVINO's CPU plugin on the same exported graph, which it reads itself, at fp32."""
 
-    def __init__(self, model_file: str, threads: int, narrow: int | None = None, peers: Peers | None = None):
+    def __init__(
+        self, model_file: str, threads: int, narrow: int | None = None, peers: Peers | None = None
+    ) -> None:
         import openvino
 
         self.core = openvino.Core()

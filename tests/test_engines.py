@@ -121,18 +121,26 @@ def test_describe_and_session_follow_the_archive(exported_model: Path) -> None:
         make_handler(exported_model, "onnxruntime", precision="int8")
 
 
+def session_threads(engine: str, session: Any) -> int:
+    if engine == "openvino":
+        return int(session.get_compiled_model().get_property("INFERENCE_NUM_THREADS"))
+    return int(session.get_session_options().intra_op_num_threads)
+
+
+@pytest.mark.parametrize("engine_name", GRAPH_ENGINES)
 def test_workers_sharing_the_cores_narrow_while_another_computes(
-    exported_model: Path, tmp_path: Path
+    exported_model: Path, engine_name: str
 ) -> None:
     """2 workers x 2 threads on 2 cores: a lone pass has both cores, a pass beside a busy worker one."""
     cores = os.cpu_count() or 1
-    service = make_handler(exported_model, "onnxruntime", workers=cores, intra_op_threads=cores)
+    service = make_handler(exported_model, engine_name, workers=cores, intra_op_threads=cores)
     engine = service.engine
     if cores == 1:
         assert engine.peers is None, "one core: nothing to share"
         return
     assert service.narrow_threads == 1 and engine.narrow is not None
-    assert engine.narrow.get_session_options().intra_op_num_threads == 1
+    assert session_threads(engine_name, engine.session) == cores
+    assert session_threads(engine_name, engine.narrow) == 1
     used: list[Any] = []
     engine._run = lambda session, batch: used.append(session) or torch.zeros(1)
     other = handler_module.Peers(engine.peers.directory)  # another worker of the model
