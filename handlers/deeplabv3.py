@@ -27,8 +27,8 @@ threshold asks for every pixel's probability. The image's size is done in bands 
 scores per pixel are never held at once (``Scores``, ``working_scores``, ``full_size_mask``).
 
 Memory. Above the loaded, warm model, one image of the largest allowed size (25 MP, ``DEFAULT_MAX_PIXELS``)
-raises the worker's peak resident memory by less than 256 MB (``MEMORY_BOUND_MB``; measured: 107 MB for an
-RGB JPEG, with or without a threshold, and 190 MB for an RGBA or 16-bit PNG). What takes it: the decoded
+raises the worker's peak resident memory by less than 256 MB (``MEMORY_BOUND_MB``; measured with OpenVINO: 95 MB
+for an RGB JPEG, 93 MB with a threshold, 191 MB for an RGBA PNG; with ONNX Runtime 107, 107 and 190 MB). What takes it: the decoded
 pixels (4 bytes each in PIL, twice while a mode is converted), kept only until the model's input is made;
 the mask (1 byte each) and its PNG; and bands of at most ``BAND_BYTES`` per tensor.
 

@@ -301,7 +301,10 @@ def test_the_archive_carries_the_graph_not_the_state_dict(model_store: Path) -> 
         manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
     assert "model.onnx" in names and not any(name.endswith(".pth") for name in names)
     assert manifest["model"]["serializedFile"] == "model.onnx"
-    assert (config["handler"]["engine"], config["handler"]["precision"]) == ("onnxruntime", "fp32")
+    assert (config["handler"]["engine"], config["handler"]["precision"]) == (
+        "openvino",
+        "fp32",
+    )  # the default on CPU
 
 
 def test_build_model_offers_the_engines() -> None:
@@ -325,7 +328,7 @@ def resident_mb(field):
     status = Path("/proc/self/status").read_text()
     return int(status.split(field + ":")[1].split()[0]) / 1024
 
-service = make_handler(Path(sys.argv[2]), "onnxruntime")
+service = make_handler(Path(sys.argv[2]), sys.argv[4])
 run(service, [{"body": encode(scene(640, 480))}])  # warm: the engine's own buffers are the model's
 body = Path(sys.argv[3]).read_bytes()
 loaded = resident_mb("VmHWM")
@@ -338,13 +341,16 @@ print(json.dumps({"grew_mb": peak - before, "before_mb": before, "loading_peak_m
 """
 
 
-def test_the_largest_image_stays_under_the_memory_bound(exported_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", GRAPH_ENGINES)
+def test_the_largest_image_stays_under_the_memory_bound(
+    exported_model: Path, tmp_path: Path, engine: str
+) -> None:
     """The peak resident memory one image of the largest allowed size adds, in a process of its own (Linux's
     peak, reset after the model is loaded and warm)."""
     largest = tmp_path / "largest.jpg"
     largest.write_bytes(encode(scene(*LARGEST), "JPEG", quality=90))
     result = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, str(ROOT), str(exported_model), str(largest)],
+        [sys.executable, "-c", MEMORY_PROBE, str(ROOT), str(exported_model), str(largest), engine],
         capture_output=True, text=True, check=False, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
