@@ -59,8 +59,7 @@ class ServingConfig:
     # None picks by the machine that builds the archive (normally the one that serves it), as measured:
     # on CPU, OpenVINO (faster than ONNX Runtime on the same graph: README's Performance) with batches of
     # one image (a forward pass of 4 images takes longer than 4 passes of one) and the workers and threads
-    # of default_threads; on CUDA, eager torch, one worker per GPU with
-    # batches of 8.
+    # of default_threads; on CUDA, eager torch, one worker per GPU with batches of 8.
     batch_size: int | None = None
     max_batch_delay_ms: int = 5
     workers: int | None = None
@@ -93,12 +92,12 @@ class ServingConfig:
 def default_threads(engine: str, cores: int, workers: int) -> int:
     """Intra-op threads per worker on a CPU.
 
-    ONNX Runtime: every core in each worker, spinning off, and the handler narrows a pass to its share of
-    the cores (cores // workers) while another worker of the model is busy. Measured with the handler
-    in-process on 2 cores (640x480 JPEG, 12 interleaved rounds, medians; throughput paired round by round
-    with 2 x 1, as other work on the machine made single figures noisy), with the earlier graph that ended
-    with the model's upsampling (the engine alone: 76 ms on 2 threads, 136 ms on one; without that layer,
-    56 and 123 ms):
+    OpenVINO and ONNX Runtime: every core in each worker, spinning off, and the handler narrows a pass to
+    its share of the cores (cores // workers) while another worker of the model is busy. Measured with ONNX
+    Runtime and the handler in-process on 2 cores (640x480 JPEG, 12 interleaved rounds, medians; throughput
+    paired round by round with 2 x 1, as other work on the machine made single figures noisy), with the
+    earlier graph that ended with the model's upsampling (the engine alone: 76 ms on 2 threads, 136 ms on
+    one; without that layer, 56 and 123 ms):
 
         workers x threads                    lone request   8 concurrent   vs 2 x 1
         1 x 2, spinning                            130 ms      7.6 img/s
