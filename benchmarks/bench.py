@@ -555,8 +555,7 @@ def main() -> int:
                 (workdir / engine / "home").mkdir()
                 stacks[engine] = Stack(workdir / engine / "home", archive.parent)
                 stacks[engine].start()
-            for e in engines:
-                local[e] = Isolated(workdir / e / "model_store" / "deeplabv3.mar", workdir / e / "mar")
+                local[engine] = Isolated(archive, workdir / engine / "mar")
             agreed = agreement(local[args.engine], local["torch"], images["640x480"])
             configs = configurations(args.engine, stacks, local, args)
             print("warming up …", flush=True)

@@ -310,15 +310,20 @@ class ResizedScores(Scores):
         return upper * w_top + lower * w_bottom
 
     def block(self, start: int, stop: int) -> torch.Tensor:
-        rows = self.rows.part(start, stop)
-        upper, lower = self.across.index_select(0, rows.i0), self.across.index_select(0, rows.i1)
-        return upper * rows.w0[:, None, None] + lower * rows.w1[:, None, None]
+        return across_rows(self.across, self.rows.part(start, stop))
 
 
 def along_rows(block: torch.Tensor, cols: Taps) -> torch.Tensor:
     """A block of scores (rows x w x classes) interpolated along its rows to the columns of ``cols``."""
     left, right = block.index_select(1, cols.i0), block.index_select(1, cols.i1)
     return left * cols.w0[None, :, None] + right * cols.w1[None, :, None]
+
+
+def across_rows(block: torch.Tensor, rows: Taps, first: int = 0) -> torch.Tensor:
+    """A block of scores (rows x w x classes) whose first row is source row ``first``, interpolated across
+    its rows to the rows of ``rows``."""
+    upper, lower = block.index_select(0, rows.i0 - first), block.index_select(0, rows.i1 - first)
+    return upper * rows.w0[:, None, None] + lower * rows.w1[:, None, None]
 
 
 def interpolate_at(
@@ -351,9 +356,7 @@ def resized_labels(
     asks for every pixel's probability: then the band is interpolated whole."""
     if threshold > 0:
         first = int(rows.i0[0])
-        block = along_rows(source.block(first, int(rows.i1[-1]) + 1), cols)
-        upper, lower = block.index_select(0, rows.i0 - first), block.index_select(0, rows.i1 - first)
-        scores = upper * rows.w0[:, None, None] + lower * rows.w1[:, None, None]
+        scores = across_rows(along_rows(source.block(first, int(rows.i1[-1]) + 1), cols), rows, first)
         confidence, labels = torch.softmax(scores, dim=2).max(dim=2)
         return torch.where(confidence < threshold, 0, labels).to(torch.uint8)
     labels = source.cells.index_select(0, rows.i0).index_select(1, cols.i0)
@@ -672,7 +675,6 @@ class DeepLabV3Handler:
     installed, which added 6 s and 200 MB to each worker's start here, for nothing this handler uses."""
 
     context: Any = None
-    initialized = False
 
     def initialize(self, context: Any) -> None:
         properties = context.system_properties
@@ -714,7 +716,6 @@ class DeepLabV3Handler:
             "deeplabv3 %s ready on %s: engine %s, precision %s, %d intra-op threads, weights: %s",
             self.variant, self.device, self.engine_name, self.precision, self.threads, self.weights_label,
         )  # fmt: skip
-        self.initialized = True
 
     def _load_engine(self, model_file: str, gpu_id: int | None, manifest: dict[str, Any]) -> Engine:
         peers = model_peers(manifest) if self.narrow_threads else None

@@ -275,7 +275,7 @@ def check_export(model: Any, onnx_path: Path, handler: ModuleType) -> None:
         expected = model(sample)["out"].argmax(1).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     [logits] = session.run(None, {handler.ONNX_INPUT: sample.numpy()})
-    size = (200, 264)
+    size = tuple(sample.shape[2:])
     masks = [
         handler.full_size_mask(handler.working_scores(torch.from_numpy(one), size, size), *size)
         for one in logits
