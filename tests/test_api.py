@@ -450,13 +450,13 @@ def test_worker_keeps_only_what_torchserve_computes_soon(stack: Stack) -> None:
     own.start_worker()
     try:
         with httpx.Client(base_url=own.url, timeout=60) as c:
-            # TorchServe here has one ready worker with batches of 4 (the model_store fixture).
+            limit = 8  # TorchServe here has one ready worker with batches of 4 (the model_store fixture)
             wait_until(
-                lambda: [w["concurrency"] for w in c.get("/v1/queue").json()["workers"]] == [8], 60,
+                lambda: [w["concurrency"] for w in c.get("/v1/queue").json()["workers"]] == [limit], 60,
                 "the worker's heartbeat with the limit its TorchServe sets",
             )  # fmt: skip
             [model] = c.get("/v1/models").json()["models"]
-            assert 2 * model["workers_ready"] * model["batch_size"] == 8
+            assert 2 * model["workers_ready"] * model["batch_size"] == limit
             ids = [submit(c).json()["id"] for _ in range(30)]
             most_running, deadline = 0, time.monotonic() + 600
             while (
@@ -464,7 +464,6 @@ def test_worker_keeps_only_what_torchserve_computes_soon(stack: Stack) -> None:
             ) and time.monotonic() < deadline:
                 most_running = max(most_running, queue["running"])
                 time.sleep(0.05)
-            limit = 8
             assert 0 < most_running <= limit
             assert all(wait_done(c, i)["status"] == "succeeded" for i in ids)
     finally:
