@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from arq.connections import ArqRedis
 
+from gateway.jobs.connection import stop
 from gateway.jobs.records import Job, JobStatus
 from gateway.jobs.store import CHANGED_CHANNEL, JobStore
 
@@ -34,9 +35,7 @@ class Waiters:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop(self._task)
         await self.redis.aclose()
 
     async def _listen(self) -> None:

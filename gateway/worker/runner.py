@@ -30,7 +30,7 @@ from gateway.jobs import (
     now_ms,
     serialize,
 )  # fmt: skip
-from gateway.jobs.connection import worker_connection, worker_redis_settings
+from gateway.jobs.connection import stop, worker_connection, worker_redis_settings
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, ModelNotFound, TorchServe
 from gateway.worker.deliveries import Deliverer
@@ -81,9 +81,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     for name in ("heartbeat", "deliveries"):  # a delivery cut short is leased, and comes back to a worker
         task: asyncio.Task[None] | None = ctx.get(name)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop(task)
     store: JobStore = ctx["store"]
     with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
         await store.forget_worker(ctx["worker"].id)
@@ -225,9 +223,7 @@ class SegserveWorker(Worker):
 
     async def close(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await stop(self._listener)
         await super().close()
 
 
