@@ -187,6 +187,10 @@ class SegserveWorker(Worker):
             await asyncio.sleep(1)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        # A job stays in the queue until its try ends, so each look at the queue lists the jobs this worker
+        # runs first; arq would ask Redis about each of them (4 round trips a job) before it reaches one it
+        # can take. Those are known here.
+        job_ids = [job_id for job_id in job_ids if job_id.decode() not in self.tasks]
         try:
             await super().start_jobs(job_ids)
         except WatchError as exc:
