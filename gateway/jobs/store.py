@@ -230,12 +230,14 @@ class JobStore:
             job_id, repr(created), self.ttl_ms, self.max_queued, arq_job, sub.image, _flat(fields),
             ENQUEUED_CHANNEL, META_PREFIX,
         ]  # fmt: skip
-        # WAIT counts the replicas that have this connection's writes: it goes on the submit's connection.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            await self._scripts["submit"](keys=keys, args=args, client=pipe)
-            if self.min_replicas:
+        if self.min_replicas:
+            # WAIT counts the replicas that have this connection's writes: it goes on the submit's connection.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                await self._scripts["submit"](keys=keys, args=args, client=pipe)
                 pipe.execute_command("WAIT", self.min_replicas, self.replica_timeout_ms)
-            answer, *confirmed = await pipe.execute()
+                answer, *confirmed = await pipe.execute()
+        else:  # one round trip: a pipeline with a script asks Redis first whether it has the script
+            answer, confirmed = await self._scripts["submit"](keys=keys, args=args), []
         kind = answer[0].decode()
         if kind == "full":
             raise QueueFull()
