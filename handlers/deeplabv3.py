@@ -27,10 +27,11 @@ threshold asks for every pixel's probability. The image's size is done in bands 
 scores per pixel are never held at once (``Scores``, ``working_scores``, ``full_size_mask``).
 
 Memory. Above the loaded, warm model, one image of the largest allowed size (25 MP, ``DEFAULT_MAX_PIXELS``)
-raises the worker's peak resident memory by less than 256 MB (``MEMORY_BOUND_MB``; measured with OpenVINO: 95 MB
-for an RGB JPEG, 93 MB with a threshold, 191 MB for an RGBA PNG; with ONNX Runtime 107, 107 and 190 MB). What takes it: the decoded
-pixels (4 bytes each in PIL, twice while a mode is converted), kept only until the model's input is made;
-the mask (1 byte each) and its PNG; and bands of at most ``BAND_BYTES`` per tensor.
+raises the worker's peak resident memory by less than 256 MB (``MEMORY_BOUND_MB``; measured with OpenVINO:
+95 MB for an RGB JPEG, 93 MB with a threshold, 191 MB for an RGBA PNG; with ONNX Runtime 107, 107 and
+190 MB). What takes it: the decoded pixels (4 bytes each in PIL, twice while a mode is converted), kept
+only until the model's input is made; the mask (1 byte each) and its PNG; and bands of at most
+``BAND_BYTES`` per tensor.
 
 Batches. TorchServe hands the handler several requests at once. On CPU they run as one forward pass per
 group of equal input shape. Floats depend on the batch size (other kernels, other summation order), so a
@@ -352,8 +353,8 @@ def resized_labels(
 
     An output pixel whose four source pixels share one top class has that class (a convex mix of scores
     keeps the order), so only the pixels between differing source pixels are interpolated (by
-    ``interpolate_at``, or ``scores_at``, given output indices, when the output's scores have a quicker way), unless a threshold
-    asks for every pixel's probability: then the band is interpolated whole."""
+    ``interpolate_at``, or ``scores_at``, given output indices, when the output's scores have a quicker
+    way), unless a threshold asks for every pixel's probability: then the band is interpolated whole."""
     if threshold > 0:
         first = int(rows.i0[0])
         scores = across_rows(along_rows(source.block(first, int(rows.i1[-1]) + 1), cols), rows, first)
