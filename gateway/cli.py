@@ -24,6 +24,7 @@ def build_model(args: argparse.Namespace) -> int:
         response_timeout_s=args.response_timeout,
         engine=args.engine,
         threads=args.threads,
+        precision=args.precision,
     )
     try:
         build_archive(
@@ -74,7 +75,7 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from gateway.ops.archive import ENGINES, VARIANTS, ServingConfig
+    from gateway.ops.archive import ENGINES, PRECISIONS, VARIANTS, ServingConfig
 
     defaults = ServingConfig()
     root = argparse.ArgumentParser(
@@ -186,7 +187,14 @@ def parser() -> argparse.ArgumentParser:
         "--engine",
         choices=ENGINES,
         default=defaults.engine,
-        help="what runs the model, fp32 (default: openvino on CPU, where it measured fastest; torch with CUDA)",
+        help="what runs the model (default: openvino on CPU, where it measured fastest; torch with CUDA)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=defaults.precision,
+        help="fp32 (default), or bf16: openvino on CPUs with AVX-512 BF16 or AMX, its forward pass about "
+        "1.8x as fast, masks that differ where classes are close (README: Inference engines)",
     )
     p.add_argument(
         "--threads",

@@ -3,6 +3,7 @@ exported once per session, compared with torchvision's eager model."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openvino
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from PIL import Image
 
 from gateway.ops.archive import (
     GRAPH_ENGINES,
+    PRECISIONS,
     BuildError,
     ServingConfig,
     build_archive,
@@ -119,6 +122,36 @@ def test_describe_and_session_follow_the_archive(exported_model: Path) -> None:
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     with pytest.raises(ValueError, match="precision"):
         make_handler(exported_model, "onnxruntime", precision="int8")
+
+
+def cpu_computes_in_bf16() -> bool:
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def test_bf16_is_served_only_where_asked_and_says_so(exported_model: Path) -> None:
+    """An opt-in on OpenVINO, labelled as such; its masks differ from fp32's only where classes are close.
+    On these random weights (many near-ties) 93-99% of pixels agreed with eager torch (README); a broken
+    precision setting, or bf16 applied to the input, would land far below the bound."""
+    for engine in ("onnxruntime", "torch"):
+        with pytest.raises(ValueError, match="'bf16' is served by openvino"):
+            make_handler(exported_model, engine, precision="bf16")
+    if not cpu_computes_in_bf16():
+        with pytest.raises(ValueError, match="needs a CPU that computes in bf16"):
+            make_handler(exported_model, "openvino", precision="bf16")
+        return
+    service = make_handler(exported_model, "openvino", precision="bf16")
+    described = json.loads(service.describe_handle())
+    assert (described["engine"], described["precision"]) == ("openvino", "bf16")
+    compiled = service.engine.session.get_compiled_model()
+    assert compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.bf16
+    fp32 = make_handler(exported_model, "openvino")
+    assert (
+        fp32.engine.session.get_compiled_model().get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32
+    )
+    body = encode(scene(640, 480, seed=1), "JPEG", quality=90)
+    [answer], _ = run(service, [{"body": body}])
+    [reference], _ = run(fp32, [{"body": body}])
+    assert 0.9 <= agreement(mask_of(answer), mask_of(reference)) < 1.0
 
 
 def session_threads(engine: str, session: Any) -> int:
@@ -292,6 +325,14 @@ def test_a_cpu_build_picks_openvino_and_records_it() -> None:
     assert config["intra_op_threads"] == serving.threads and config["workers"] == serving.workers
     with pytest.raises(BuildError, match="unknown engine"):
         build_archive(random_seed=0, serving=ServingConfig(engine="tensorrt"), store=Path("/nonexistent"))
+    # A precision the engine does not serve is refused before any export.
+    with pytest.raises(BuildError, match="'bf16' is served by openvino, not by 'torch'"):
+        build_archive(
+            random_seed=0, serving=ServingConfig(engine="torch", precision="bf16"), store=Path("/nonexistent")
+        )
+    bf16 = dataclasses.replace(serving, precision="bf16")
+    assert model_config(bf16, "mobilenet_v3_large", "test", True)["handler"]["precision"] == "bf16"
+    assert tuple(handler_module.PRECISIONS) == PRECISIONS
 
 
 def test_the_archive_carries_the_graph_not_the_state_dict(model_store: Path) -> None:
@@ -312,6 +353,7 @@ def test_build_model_offers_the_engines() -> None:
         [str(BIN / "segserve"), "build-model", "--help"], capture_output=True, text=True, check=True
     )
     assert "--engine {onnxruntime,openvino,torch}" in result.stdout
+    assert "--precision {fp32,bf16}" in result.stdout
 
 
 # Memory --------------------------------------------------------------------------------------------------

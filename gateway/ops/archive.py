@@ -38,6 +38,7 @@ def handler_file() -> Path:
 
 VARIANTS = ("mobilenet_v3_large", "resnet50", "resnet101")
 ENGINES = ("onnxruntime", "openvino", "torch")  # the handler's own ENGINES, without importing torch here
+PRECISIONS = ("fp32", "bf16")  # the handler's own PRECISIONS
 GRAPH_ENGINES = ("onnxruntime", "openvino")  # the engines that run the exported ONNX graph
 # torch.hub names published checkpoints <name>-<first 8+ hex digits of their SHA-256>.pth
 PUBLISHED_NAME = re.compile(r"^(?P<stem>.+)-(?P<prefix>[0-9a-f]{8,})\.pth$")
@@ -66,6 +67,7 @@ class ServingConfig:
     response_timeout_s: int = 60
     engine: str | None = None
     threads: int | None = None  # intra-op threads per worker
+    precision: str = "fp32"  # bf16 is an opt-in: the handler's check_precision says where it is served
 
     def resolved(self) -> ServingConfig:
         import torch
@@ -306,8 +308,12 @@ def build_archive(
     if weights and random_seed is not None:
         raise BuildError("--weights and --random-weights exclude each other")
     store = store or model_store()
-    store.mkdir(parents=True, exist_ok=True)
     serving = serving.resolved()
+    try:
+        load_handler_module().check_precision(serving.engine, serving.precision)
+    except ValueError as exc:
+        raise BuildError(str(exc)) from exc
+    store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="segserve-build-") as tmp:
         workdir = Path(tmp)
         weights_path, label, is_random = prepare_weights(variant, weights, random_seed, workdir, log)
@@ -338,7 +344,7 @@ def build_archive(
     if is_random:
         log("WARNING: random weights: this model's masks are meaningless (fine for tests and demos)")
     log(
-        f"built {archive} ({variant}, version {version}, engine {serving.engine} fp32, "
+        f"built {archive} ({variant}, version {version}, engine {serving.engine} {serving.precision}, "
         f"{serving.workers} workers x {serving.threads} threads, weights: {label})"
     )
     return archive
@@ -357,7 +363,7 @@ def model_config(serving: ServingConfig, variant: str, label: str, is_random: bo
             "weights": label,
             "random_weights": is_random,
             "engine": serving.engine,
-            "precision": "fp32",
+            "precision": serving.precision,
             "workers": serving.workers,
             "intra_op_threads": serving.threads,
             "allow_spinning": serving.spinning,
