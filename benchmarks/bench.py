@@ -2,7 +2,7 @@
 for the chosen inference engine and for eager torch.
 
     .venv/bin/python benchmarks/bench.py [--seconds 15] [--rounds 2] [--concurrency 8] [--engine openvino]
-                                         [--warmup 20]
+                                         [--precision fp32] [--warmup 20]
 
 It builds one archive per engine (`segserve build-model --engine E`, the same seeded random weights), starts
 one stack per archive with `segserve up` (each its own ports and state directory; the one not measured sits
@@ -10,7 +10,7 @@ idle), then measures, with the configurations interleaved round by round so that
 of them alike:
   a   in-process, eager torch: the handler's own code (decode, preprocess, forward, postprocess), one image
       at a time with every core;
-  a'  the same with the chosen engine;
+  a'  the same with the chosen engine (at the chosen precision: `--precision bf16` names it "openvino bf16");
   b   TorchServe direct with the chosen engine: N concurrent HTTP clients against its archive;
   c   the pipeline (gateway -> Redis -> arq worker -> TorchServe) with `Prefer: wait`, and submit-then-poll,
       with the chosen engine, and with `Prefer: wait` on the eager torch archive;
@@ -449,10 +449,11 @@ def table(
     return "\n".join(lines)
 
 
-def build(engine: str, store: Path) -> Path:
+def build(engine: str, precision: str, store: Path) -> Path:
     """The archive for ``engine``, with the same seeded random weights as every other engine's."""
     subprocess.run(
-        [str(BIN / "segserve"), "build-model", "--engine", engine, "--random-weights", "--model-store", str(store)],
+        [str(BIN / "segserve"), "build-model", "--engine", engine, "--precision", precision,
+         "--random-weights", "--model-store", str(store)],
         cwd=ROOT, check=True,
     )  # fmt: skip
     return store / "deeplabv3.mar"
@@ -530,6 +531,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=8, help="clients, N (default: %(default)s)")
     parser.add_argument("--engine", default="openvino", help="the engine measured against eager torch")
+    parser.add_argument("--precision", default="fp32", help="the chosen engine's (default: %(default)s)")
     parser.add_argument(
         "--warmup",
         type=float,
@@ -548,23 +550,24 @@ def main() -> int:
         print("installing wrk, the load generator for the submit path …", flush=True)
         subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, capture_output=True)
     images = {"640x480": picture(640, 480), "128x128": picture(128, 128)}
-    engines = (args.engine, "torch")
+    chosen = args.engine if args.precision == "fp32" else f"{args.engine} {args.precision}"
+    engines = {chosen: (args.engine, args.precision), "torch": ("torch", "fp32")}  # by label
     with tempfile.TemporaryDirectory(prefix="segserve-bench-") as tmp:
         workdir = Path(tmp)
         stacks: dict[str, Stack] = {}
         local: dict[str, Isolated] = {}
         try:
-            for engine in engines:
+            for engine, (name, precision) in engines.items():
                 print(
                     f"building the {engine} archive and starting its stack with `segserve up` …", flush=True
                 )
-                archive = build(engine, workdir / engine / "model_store")
-                (workdir / engine / "home").mkdir()
-                stacks[engine] = Stack(workdir / engine / "home", archive.parent)
+                archive = build(name, precision, workdir / name / "model_store")
+                (workdir / name / "home").mkdir()
+                stacks[engine] = Stack(workdir / name / "home", archive.parent)
                 stacks[engine].start()
-                local[engine] = Isolated(archive, workdir / engine / "mar")
-            agreed = agreement(local[args.engine], local["torch"], images["640x480"])
-            configs = configurations(args.engine, stacks, local, args)
+                local[engine] = Isolated(archive, workdir / name / "mar")
+            agreed = agreement(local[chosen], local["torch"], images["640x480"])
+            configs = configurations(chosen, stacks, local, args)
             # TorchServe's JVM compiles its request path over the first few hundred requests: measured, its
             # own time around the handler fell from 6.4 ms (requests 5-60) to 4.3 ms (600-700). Measure the
             # steady state a running service is in.
@@ -577,17 +580,17 @@ def main() -> int:
             results = measure(configs, stacks, images, args.rounds)
             print("measuring the latency the pipeline adds …", flush=True)
             added = {
-                image: asyncio.run(pipeline_overhead(stacks[args.engine], body, args.jobs))
+                image: asyncio.run(pipeline_overhead(stacks[chosen], body, args.jobs))
                 for image, body in images.items()
             }
             print("measuring the submit path …", flush=True)
-            submit = submit_path(stacks[args.engine], args.seconds, workdir)
+            submit = submit_path(stacks[chosen], args.seconds, workdir)
         finally:
             for handler in local.values():
                 handler.close()
             for stack in stacks.values():
                 stack.stop()
-    report = table(results, args.concurrency, submit, added, args.engine, agreed)
+    report = table(results, args.concurrency, submit, added, chosen, agreed)
     print("\n" + report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
