@@ -36,7 +36,9 @@ def test_sync_client_round_trip(stack: Stack, tmp_path: Path) -> None:
 
 async def test_async_client_follows_a_job_behind_others_live(stack: Stack) -> None:
     async with AsyncClient(stack.url) as client:
-        ahead = [await client.submit(encode(scene(200, 150, seed=i))) for i in range(4)]
+        # More jobs ahead than the workers take at once: this one waits in the queue, however fast they are.
+        taken_at_once = sum(worker["concurrency"] for worker in (await client.queue())["workers"])
+        ahead = [await client.submit(encode(scene(200, 150, seed=i))) for i in range(taken_at_once + 4)]
         mine = await client.submit(encode(scene(64, 48)))
         states = [(job["status"], job.get("position")) async for job in client.events(mine["id"])]
         assert states[-1] == ("succeeded", None) and ("running", None) in states, states
