@@ -657,13 +657,16 @@ def check_precision(engine: str, precision: str) -> None:
     if engine not in PRECISIONS[precision]:
         served_by = ", ".join(PRECISIONS[precision])
         raise ValueError(f"precision {precision!r} is served by {served_by}, not by {engine!r}")
-    if precision == "bf16":
-        import openvino
+    if precision == "bf16" and not cpu_computes_in_bf16():
+        raise ValueError(
+            "precision 'bf16' needs a CPU that computes in bf16 (AVX-512 BF16 or AMX); this one does not"
+        )
 
-        if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            raise ValueError(
-                "precision 'bf16' needs a CPU that computes in bf16 (AVX-512 BF16 or AMX); this one does not"
-            )
+
+def cpu_computes_in_bf16() -> bool:
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def model_peers(manifest: dict[str, Any]) -> Peers:

@@ -124,10 +124,6 @@ def test_describe_and_session_follow_the_archive(exported_model: Path) -> None:
         make_handler(exported_model, "onnxruntime", precision="int8")
 
 
-def cpu_computes_in_bf16() -> bool:
-    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
 def test_bf16_is_served_only_where_asked_and_says_so(exported_model: Path) -> None:
     """An opt-in on OpenVINO, labelled as such; its masks differ from fp32's only where classes are close.
     On these random weights (many near-ties) 93-99% of pixels agreed with eager torch (README): bf16 must
@@ -135,7 +131,7 @@ def test_bf16_is_served_only_where_asked_and_says_so(exported_model: Path) -> No
     for engine in ("onnxruntime", "torch"):
         with pytest.raises(ValueError, match="'bf16' is served by openvino"):
             make_handler(exported_model, engine, precision="bf16")
-    if not cpu_computes_in_bf16():
+    if not handler_module.cpu_computes_in_bf16():
         with pytest.raises(ValueError, match="needs a CPU that computes in bf16"):
             make_handler(exported_model, "openvino", precision="bf16")
         return
