@@ -14,7 +14,7 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Settings:
-    # Where all state lives: jobs, inputs, results. Use a database of its own.
+    # Where job metadata lives (a few kB a job; images are in the blob store). Use a database of its own.
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Redis Sentinel: comma-separated host:port of the sentinels. Set, they name the primary (of this master
     # name), and redis_url gives only the database and password.
@@ -31,15 +31,36 @@ class Settings:
     torchserve_key_file: str = ".segserve/torchserve/key_file.json"
     # The model a job uses when it names none.
     default_model: str = "deeplabv3"
-    # Seconds a finished job (result, mask, input for the overlay) is kept; also the longest a job may queue.
+    # Seconds a finished job (its result and mask; a failed or canceled one's input too, for a retry) is kept;
+    # also the longest a job may queue.
     result_ttl: int = 3600
+    # Where inputs, masks and overlays live: a directory (one host) or s3://bucket/prefix (any S3 API).
+    blob_url: str = ".segserve/blobs"
+    # S3: the endpoint of a store other than AWS (Ceph RGW, MinIO, GCS's interop), and its region.
+    # Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a web identity or the instance's role.
+    blob_endpoint: str = ""
+    blob_region: str = ""
+    # Seconds one call to the blob store may take.
+    blob_timeout: float = 30.0
+    # S3: mask.png and overlay.png answer 307 to a URL signed for this many seconds; 0: streamed by the gateway.
+    blob_presign_seconds: int = 0
+    # A directory refuses new inputs (503 blob_store_full) when they would leave less free space than this.
+    blob_min_free_bytes: int = 1024 * MiB
+    # Seconds between two looks for blobs whose job is gone (what a crash can leave); one worker looks at a time.
+    blob_sweep_seconds: float = 3600.0
     # Limits on submissions.
     max_body_bytes: int = 20 * MiB
     max_pixels: int = 25_000_000
     max_queued: int = 1000
+    # Bytes of inputs of jobs accepted and not yet ended, at which submissions get 429 queue_bytes_full.
+    max_queued_bytes: int = 4096 * MiB
+    # The most image bytes a gateway holds at once (bodies being read, images by URL); the rest wait.
+    gateway_image_bytes: int = 256 * MiB
     # The worker: the most jobs one worker process takes at once. It takes fewer while its TorchServe computes
     # fewer at once (2 × ready workers × batch size), so the rest keep a true position in the queue.
     worker_concurrency: int = 8
+    # The most image bytes (inputs, masks, overlays) a worker process holds at once; the rest of its jobs wait.
+    worker_image_bytes: int = 256 * MiB
     # Workers are woken when a job is enqueued; this bounds how late a deferred retry starts.
     worker_poll_delay: float = 0.1
     # Seconds one TorchServe request may take before it counts as a transient failure.

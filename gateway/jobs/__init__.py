@@ -1,11 +1,18 @@
-"""The job protocol: every Redis read and write of a job, on typed records.
+"""The job protocol: every Redis read and write of a job, on typed records, and the blobs that go with it.
 
-Gateways submit, read, cancel and delete; workers start and complete; both go through ``JobStore``.
+Gateways submit, read, cancel and delete; workers start and complete; both go through ``JobStore``. Key names
+are in ``keys``, the image bytes in ``blobs``, webhook deliveries in ``outbox``, heartbeats and counters in
+``fleet``.
 """
 
+from gateway.jobs.blobs import Blobs, BlobStoreError, BlobStoreFull
+from gateway.jobs.fleet import BUCKETS, HISTOGRAMS, Counters, Fleet
+from gateway.jobs.keys import ENQUEUED_CHANNEL
+from gateway.jobs.outbox import Delivery, DeliveryState, Outbox
 from gateway.jobs.records import (
     Job,
     JobError,
+    JobParams,
     JobStatus,
     Outcome,
     QueueStats,
@@ -13,19 +20,17 @@ from gateway.jobs.records import (
     Submission,
     WorkerInfo,
     iso,
+    now_ms,
 )
 from gateway.jobs.store import (
-    BUCKETS,
-    ENQUEUED_CHANNEL,
     FUNCTION,
-    HISTOGRAMS,
-    Delivery,
     JobStore,
     NotReplicated,
     QueueFull,
-    Started,
+    RetryRefused,
+    StoreConfig,
     deserialize,
-    now_ms,
+    new_job_id,
     serialize,
     valid_id,
 )
@@ -36,22 +41,33 @@ __all__ = [
     "ENQUEUED_CHANNEL",
     "FUNCTION",
     "HISTOGRAMS",
+    "BlobStoreError",
+    "BlobStoreFull",
+    "Blobs",
+    "Counters",
     "Delivery",
+    "DeliveryState",
+    "Fleet",
     "Job",
     "JobError",
+    "JobParams",
     "JobStatus",
-    "JobStore", "NotReplicated",
+    "JobStore",
+    "NotReplicated",
+    "Outbox",
     "Outcome",
     "QueueFull",
     "QueueStats",
     "Result",
-    "Started",
+    "RetryRefused",
+    "StoreConfig",
     "Submission",
     "Waiters",
     "WorkerInfo",
     "deserialize",
     "iso",
+    "new_job_id",
     "now_ms",
     "serialize",
     "valid_id",
-]  # fmt: skip
+]

@@ -1,8 +1,13 @@
-"""The typed records of the job protocol: what crosses a module boundary is one of these, never a raw dict."""
+"""The typed records of the job protocol: what crosses a module boundary is one of these, never a raw dict.
+
+A job is stored as a Redis hash of strings; ``to_fields`` and ``from_fields`` are the one place that encodes
+and decodes it.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -18,6 +23,11 @@ class JobStatus(str, Enum):
 
     def is_terminal(self) -> bool:
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+def now_ms() -> float:
+    """Time as the job protocol keeps it: milliseconds since the epoch."""
+    return time.time() * 1000
 
 
 def iso(ms: float | None) -> str | None:
@@ -37,8 +47,24 @@ class JobError:
 
 
 @dataclass(frozen=True)
+class JobParams:
+    """What a job asks of the model, normalised."""
+
+    classes: list[int] | None = None  # keep only these class ids; None: all
+    threshold: float = 0.0  # pixels whose top class probability is below it become background
+    overlay: bool = False  # also draw the mask over the image, for GET .../overlay.png
+
+    def to_api(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> JobParams:
+        return cls(data.get("classes"), float(data.get("threshold", 0.0)), bool(data.get("overlay", False)))
+
+
+@dataclass(frozen=True)
 class Result:
-    """What a succeeded job found; the mask itself is stored beside the job."""
+    """What a succeeded job found; the mask itself is in the blob store."""
 
     width: int
     height: int
@@ -53,31 +79,80 @@ class Outcome:
     result: Result | None = None
     error: JobError | None = None
     mask_png: bytes | None = None
+    overlay_png: bytes | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    input_gone: bool = False  # its input was not in the blob store: a retry could not run it either
 
     @classmethod
-    def succeeded(cls, result: Result, mask_png: bytes, timings_ms: dict[str, float]) -> Outcome:
-        return cls(JobStatus.SUCCEEDED, result=result, mask_png=mask_png, timings_ms=timings_ms)
+    def succeeded(
+        cls, result: Result, mask_png: bytes, timings_ms: dict[str, float], overlay_png: bytes | None = None
+    ) -> Outcome:
+        return cls(JobStatus.SUCCEEDED, result, None, mask_png, overlay_png, timings_ms)
 
     @classmethod
     def failed(cls, code: str, message: str) -> Outcome:
         return cls(JobStatus.FAILED, error=JobError(code, message))
 
+    @classmethod
+    def input_missing(cls) -> Outcome:
+        error = JobError("input_missing", "the job's input is no longer in the blob store")
+        return cls(JobStatus.FAILED, error=error, input_gone=True)
+
+    def to_fields(
+        self, timings_ms: dict[str, float], mask: str | None, overlay: str | None
+    ) -> dict[str, str]:
+        """The job's fields this outcome sets, with the names of the blobs it wrote."""
+        fields = {"timings_ms": json.dumps(timings_ms)}
+        if self.input_gone:
+            fields["input_gone"] = "1"
+        if self.result is not None:
+            fields["result"] = json.dumps(asdict(self.result))
+        if self.error is not None:
+            fields["error"] = json.dumps(asdict(self.error))
+        if mask is not None:
+            fields["mask"] = mask
+        if overlay is not None:
+            fields["overlay"] = overlay
+        return fields
+
 
 @dataclass(frozen=True)
 class Submission:
-    """A new job as a gateway accepted it."""
+    """A new job as a gateway accepted it. Its input is already in the blob store, under the job's id."""
 
+    job_id: str
     model: str
-    params: dict[str, Any]  # {"classes": [ids] | None, "threshold": float}
-    image: bytes
+    params: JobParams
     content_type: str
+    input_bytes: int
+    width: int
+    height: int
     owner: str = ""  # the API key's owner id; "" when keys are off
     # Kept for the compatibility routes, which answer in the original service's shapes.
     image_path: str | None = None
     target_class_ids: list[int] | None = None
     webhook: str | None = None  # where the job's events are POSTed
     webhook_events: tuple[str, ...] = ("completed",)  # of "start", "completed"
+
+    def to_fields(self, created_ms: float) -> dict[str, str]:
+        fields = {
+            "model": self.model,
+            "params": json.dumps(self.params.to_api()),
+            "owner": self.owner,
+            "content_type": self.content_type,
+            "created_at": repr(created_ms),
+            "input_bytes": str(self.input_bytes),
+            "width": str(self.width),
+            "height": str(self.height),
+        }
+        if self.image_path is not None:
+            fields["image_path"] = self.image_path
+        if self.target_class_ids is not None:
+            fields["target_class_ids"] = json.dumps(self.target_class_ids)
+        if self.webhook is not None:
+            fields["webhook"] = self.webhook
+            fields["webhook_events"] = json.dumps(list(self.webhook_events))
+        return fields
 
 
 @dataclass(frozen=True)
@@ -87,11 +162,14 @@ class Job:
     id: str
     status: JobStatus
     model: str
-    params: dict[str, Any]
+    params: JobParams
     owner: str
     content_type: str
     created_at: float  # milliseconds since the epoch, as every time here
     expires_at: float
+    input_bytes: int = 0
+    width: int = 0  # of the input, as its header says
+    height: int = 0
     attempts: int = 0
     started_at: float | None = None
     finished_at: float | None = None
@@ -99,6 +177,8 @@ class Job:
     result: Result | None = None
     error: JobError | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    mask: str | None = None  # the mask's blob, once succeeded
+    overlay: str | None = None  # the overlay's blob, once succeeded, if it was asked for
     image_path: str | None = None
     target_class_ids: list[int] | None = None
     webhook: str | None = None
@@ -107,6 +187,56 @@ class Job:
         default_factory=dict
     )  # event type -> {id, state, attempts, last_status}
 
+    @classmethod
+    def from_fields(
+        cls, job_id: str, fields: dict[str, str], running: bool, position: int, ttl_ms: float
+    ) -> Job:
+        """The job from its stored fields and what arq's keys say of it: running (its in-progress key exists)
+        and its position (-1 when it is not in arq's queue)."""
+        created = float(fields["created_at"])
+        finished = float(fields["finished_at"]) if "finished_at" in fields else None
+        if "status" in fields:
+            status = JobStatus(fields["status"])
+        elif running:
+            status = JobStatus.RUNNING
+        elif position >= 0:
+            status = JobStatus.QUEUED
+        else:
+            status = JobStatus.FAILED  # neither queued, running nor ended: see below
+        error = JobError(**json.loads(fields["error"])) if "error" in fields else None
+        if status is JobStatus.FAILED and error is None:
+            # arq dropped the job without our outcome: it stayed queued past its TTL, or arq gave up on it
+            # after its worker died too many times (the worker's log says which).
+            error = JobError("expired", "the job ended without an outcome: it expired or its worker gave up")
+        target = fields.get("target_class_ids")
+        return cls(
+            id=job_id,
+            status=status,
+            model=fields["model"],
+            params=JobParams.from_api(json.loads(fields["params"])),
+            owner=fields.get("owner", ""),
+            content_type=fields["content_type"],
+            created_at=created,
+            expires_at=(finished or created) + ttl_ms,
+            input_bytes=int(fields.get("input_bytes", 0)),
+            width=int(fields.get("width", 0)),
+            height=int(fields.get("height", 0)),
+            attempts=int(fields.get("attempts", 0)),
+            started_at=float(fields["started_at"]) if "started_at" in fields else None,
+            finished_at=finished,
+            position=position if status is JobStatus.QUEUED else None,
+            result=Result(**json.loads(fields["result"])) if "result" in fields else None,
+            error=error,
+            timings_ms=json.loads(fields.get("timings_ms", "{}")),
+            mask=fields.get("mask"),
+            overlay=fields.get("overlay"),
+            image_path=fields.get("image_path"),
+            target_class_ids=json.loads(target) if target else None,
+            webhook=fields.get("webhook"),
+            webhook_events=tuple(json.loads(fields.get("webhook_events", "[]"))),
+            deliveries=json.loads(fields.get("deliveries", "{}")),
+        )
+
     @property
     def event_id(self) -> str:
         """Names this state of the job (a Server-Sent Event's id): every change of state gets a new one."""
@@ -114,7 +244,7 @@ class Job:
         return f"{self.attempts}-{self.status.value}{position}"
 
     def to_api(self) -> dict[str, Any]:
-        """The API's job object: what a client may see (never the owner)."""
+        """The API's job object: what a client may see (never the owner, nor where its blobs are)."""
         timings = dict(self.timings_ms)
         if self.started_at is not None and self.status is not JobStatus.QUEUED:
             timings.setdefault("queued", round(self.started_at - self.created_at, 1))
@@ -122,7 +252,7 @@ class Job:
             "id": self.id,
             "status": self.status.value,
             "model": self.model,
-            "params": self.params,
+            "params": self.params.to_api(),
             "created_at": iso(self.created_at),
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
@@ -139,12 +269,17 @@ class Job:
                 "classes": self.result.classes,
                 "mask_url": f"/v1/jobs/{self.id}/mask.png",
             }
+            if self.overlay is not None:
+                job["result"]["overlay_url"] = f"/v1/jobs/{self.id}/overlay.png"
         if self.status is JobStatus.FAILED:
             error = self.error or JobError("internal_error", "the job failed")
             job["error"] = {"code": error.code, "message": error.message}
         if self.webhook is not None:
-            job["webhook"] = {"url": self.webhook, "events_filter": list(self.webhook_events),
-                              "deliveries": self.deliveries}  # fmt: skip
+            job["webhook"] = {
+                "url": self.webhook,
+                "events_filter": list(self.webhook_events),
+                "deliveries": self.deliveries,
+            }
         return job
 
 

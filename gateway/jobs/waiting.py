@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 from arq.connections import ArqRedis
 
 from gateway.jobs.connection import stop
+from gateway.jobs.keys import CHANGED_CHANNEL
 from gateway.jobs.records import Job, JobStatus
-from gateway.jobs.store import CHANGED_CHANNEL, JobStore
+from gateway.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
 QUIET_SECONDS = 15.0  # a stream of changes says it is alive at least this often

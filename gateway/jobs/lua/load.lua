@@ -1,3 +1,4 @@
+#!lua flags=no-writes
 -- Everything a job's state is derived from, read in one atomic step: read apart, a job that ends between
 -- the reads would look neither queued, running nor ended.
 -- KEYS: 1 metadata, 2 arq's in-progress key, 3 arq's queue

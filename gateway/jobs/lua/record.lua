@@ -1,9 +1,10 @@
+#!lua flags=allow-oom
 -- One attempt at a webhook delivery has ended: count it, then schedule the next or close the delivery.
 -- KEYS: 1 the delivery, 2 the due set, 3 counters
 -- ARGV: 1 its id, 2 its state now ('pending', 'delivered' or 'failed'), 3 the receiver's HTTP status or '',
 --       4 when to try next (ms), if pending, 5 the body, kept from the first attempt on so every try sends
 --       the same ('' when it could not be made), 6 how long to keep a closed delivery (ms), 7 the attempt's
---       lease token
+--       lease token, 8 the metadata key prefix
 -- Returns the number of attempts so far, or 0 for a delivery that has expired or was leased again since
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[7] then return 0 end
 redis.call('HDEL', KEYS[1], 'lease')  -- the attempt is over
@@ -19,7 +20,7 @@ else
   redis.call('HINCRBY', KEYS[3], 'webhooks:' .. ARGV[2], 1)
 end
 -- The job object shows each event's delivery.
-local job_key = 'segserve:job:' .. redis.call('HGET', KEYS[1], 'job_id')
+local job_key = ARGV[8] .. redis.call('HGET', KEYS[1], 'job_id')
 local summary = redis.call('HGET', job_key, 'deliveries')
 local kind = redis.call('HGET', KEYS[1], 'type')
 if summary then

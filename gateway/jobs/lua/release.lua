@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 -- A try ends without an outcome, to be tried again later: unless a cancel or delete came first.
 -- KEYS: 1 metadata, 2 running set
 -- ARGV: 1 job id

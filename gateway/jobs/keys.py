@@ -1,0 +1,90 @@
+"""Every name segserve gives to something it stores: Redis keys and channels, and blob names.
+
+They are spelled here and nowhere else: the Lua scripts get each key, or the prefix it is made from, as an
+argument. arq's own keys are arq's (``arq.constants``), named here so every module takes them from one place.
+"""
+
+from __future__ import annotations
+
+from arq.constants import default_queue_name, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+
+# arq's: its queue (a sorted set of job ids, by when they may run), a job's record, its running try, its tries.
+QUEUE = default_queue_name
+ARQ_JOB_PREFIX = job_key_prefix
+IN_PROGRESS_PREFIX = in_progress_key_prefix
+ARQ_RETRY_PREFIX = retry_key_prefix
+
+JOB_PREFIX = "segserve:job:"  # hash: a job's facts and, once it has ended, its outcome
+RUNNING = "segserve:running"  # sorted set: job id -> deadline of its try (ms); stale entries age out
+PENDING = "segserve:pending"  # hash: job id -> bytes of its input, for each job accepted and not yet ended
+BLOB_EXPIRY = "segserve:blob-expiry"  # sorted set: job id -> when its blobs may go, if the job is gone (ms)
+STATS = "segserve:stats"  # hash of counters, histogram buckets and the pending bytes, shared by all processes
+WORKERS = "segserve:workers"  # sorted set: worker id -> last heartbeat (ms)
+WORKER_PREFIX = "segserve:worker:"  # a worker's last heartbeat, as JSON
+MODELS = "segserve:models"  # the last model catalog a worker reported: /v1/models while none is alive
+DELIVERIES = "segserve:deliveries"  # sorted set: webhook delivery id -> when it is due (ms)
+DELIVERY_PREFIX = "segserve:delivery:"  # hash: one webhook delivery
+IDEMPOTENCY_PREFIX = "segserve:idempotency:"  # <owner>:<Idempotency-Key> -> the first job's id
+ORPHAN_SWEEP_LOCK = "segserve:orphan-sweep"  # held by the one worker that lists the blob store
+
+CHANGED_CHANNEL = "segserve:changed"  # a job id, whenever that job's state changed
+ENQUEUED_CHANNEL = "segserve:enqueued"  # wakes idle workers at once instead of at their next poll
+
+PENDING_BYTES = "pending_bytes"  # the field of STATS that sums PENDING
+
+
+def job(job_id: str) -> str:
+    return JOB_PREFIX + job_id
+
+
+def arq_job(job_id: str) -> str:
+    return ARQ_JOB_PREFIX + job_id
+
+
+def in_progress(job_id: str) -> str:
+    return IN_PROGRESS_PREFIX + job_id
+
+
+def arq_retry(job_id: str) -> str:
+    return ARQ_RETRY_PREFIX + job_id
+
+
+def worker(worker_id: str) -> str:
+    return WORKER_PREFIX + worker_id
+
+
+def delivery(delivery_id: str) -> str:
+    return DELIVERY_PREFIX + delivery_id
+
+
+def idempotency(owner: str, key: str) -> str:
+    return f"{IDEMPOTENCY_PREFIX}{owner}:{key}"
+
+
+# Blobs: a job's input, mask and overlay, each under a prefix of its own (an S3 lifecycle rule can name it).
+INPUTS, MASKS, OVERLAYS = "inputs/", "masks/", "overlays/"
+
+
+def input_blob(job_id: str) -> str:
+    return INPUTS + job_id
+
+
+def mask_blob(job_id: str) -> str:
+    return f"{MASKS}{job_id}.png"
+
+
+def overlay_blob(job_id: str) -> str:
+    return f"{OVERLAYS}{job_id}.png"
+
+
+def blobs_of(job_id: str) -> tuple[str, ...]:
+    """Every blob a job may have."""
+    return input_blob(job_id), mask_blob(job_id), overlay_blob(job_id)
+
+
+def job_of_blob(name: str) -> str | None:
+    """The id of the job a blob belongs to; None for a name segserve does not give."""
+    for prefix in (INPUTS, MASKS, OVERLAYS):
+        if name.startswith(prefix):
+            return name[len(prefix) :].removesuffix(".png") or None
+    return None
