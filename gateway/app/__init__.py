@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,9 +20,10 @@ from starlette.responses import Response
 
 from gateway import urls
 from gateway.app import compat, routes, service
-from gateway.app.errors import EXCEPTION_HANDLERS, problem_response
+from gateway.app.errors import EXCEPTION_HANDLERS, job_store_full, problem_response
 from gateway.app.web import ModelCatalog, Services, load_api_keys
-from gateway.jobs import JobStore, Waiters
+from gateway.budget import MemoryBudget
+from gateway.jobs import BlobStoreError, BlobStoreFull, JobStore, Waiters
 from gateway.jobs.connection import connect
 from gateway.settings import Settings
 from gateway.webhooks import signing_key
@@ -32,13 +34,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     settings = Settings.from_env()
     # No ping here: the gateway starts, and answers 503, while Redis is still coming up.
     redis = connect(settings, socket_connect_timeout=2, socket_timeout=10)
-    store = JobStore(
-        redis,
-        settings.result_ttl,
-        settings.max_queued,
-        settings.redis_min_replicas,
-        settings.redis_replica_timeout_ms,
-    )
+    store = JobStore.from_settings(redis, settings)
     services = Services(
         settings=settings,
         redis=redis,
@@ -50,6 +46,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         openapi=yaml.safe_load(files("gateway.app").joinpath("static", "openapi.yaml").read_text()),
         http=urls.client(settings.url_timeout),
         allowed_url_hosts=urls.allowed_hosts(settings.allowed_url_hosts),
+        image_memory=MemoryBudget(settings.gateway_image_bytes),
     )
     if settings.webhook_secret:
         signing_key(settings.webhook_secret, "")  # a malformed secret stops the start, with what is wrong
@@ -64,7 +61,26 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
 
 async def redis_down(request: Request, exc: Exception) -> Response:
     return problem_response(
-        503, "redis_unavailable", "the job store (Redis) does not answer; try again shortly"
+        503,
+        "redis_unavailable",
+        "the job store (Redis) does not answer; try again shortly",
+        {"Retry-After": "1"},
+    )
+
+
+async def redis_full(request: Request, exc: Exception) -> Response:
+    problem = job_store_full()
+    return problem_response(problem.status, problem.code, problem.detail, problem.headers)
+
+
+async def blob_store_down(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, BlobStoreFull):
+        return problem_response(503, "blob_store_full", f"{exc}; try again later", {"Retry-After": "30"})
+    return problem_response(
+        503,
+        "blob_store_unavailable",
+        "the blob store does not answer; try again shortly",
+        {"Retry-After": "5"},
     )
 
 
@@ -75,5 +91,7 @@ app = Starlette(
         **EXCEPTION_HANDLERS,
         RedisConnectionError: redis_down,
         RedisTimeoutError: redis_down,
+        OutOfMemoryError: redis_full,
+        BlobStoreError: blob_store_down,
     },
 )

@@ -4,6 +4,8 @@ keep working unchanged. Jobs are ordinary segserve jobs; only the way in and the
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +14,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.app import images
-from gateway.app.errors import Problem
+from gateway.app.errors import Problem, queue_refusal
 from gateway.app.params import parse_classes, parse_threshold, parse_wait
-from gateway.app.web import authenticate, read_body, services
-from gateway.jobs import Job, JobStatus, QueueFull, Submission
+from gateway.app.submission import image_memory
+from gateway.app.uploads import body_too_large, read_body, store_bytes
+from gateway.app.web import authenticate, services
+from gateway.jobs import Job, JobParams, JobStatus, QueueFull, Submission
 
 DEFAULT_CLASS_IDS = [8, 17]  # cat and sheep: what the original service counted when asked for nothing
 RQ_STATUS = {
@@ -40,9 +43,28 @@ def resolve_image_path(root: str, image_path: Any) -> Path:
     candidate = (base / image_path).resolve()
     if not candidate.is_relative_to(base):
         raise Problem(403, "path_outside_root", "image_path is outside the image root")
-    if not candidate.is_file():
+    if not candidate.exists():
         raise Problem(404, "image_not_found", f"no image at {image_path!r}")
     return candidate
+
+
+def read_image_file(path: Path, limit: int) -> bytes:
+    """The file's bytes, read in one opening that cannot be swapped: no symlink as the last step, no FIFO or
+    device (O_NONBLOCK keeps a FIFO from hanging the open; fstat refuses it), and never past ``limit``, even
+    for a file that grows while it is read. Blocking: run it in a thread."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError as exc:
+        raise Problem(404, "image_not_found", "no image at image_path") from exc
+    except OSError as exc:
+        raise Problem(403, "path_outside_root", "image_path cannot be opened as a regular file") from exc
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Problem(404, "image_not_found", "image_path is not a regular file")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise body_too_large(limit, "the image")
+    return data
 
 
 async def predict(request: Request) -> Response:
@@ -50,27 +72,35 @@ async def predict(request: Request) -> Response:
     owner = authenticate(request)
     try:
         payload = json.loads(await read_body(request, 1 << 20))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise Problem(422, "invalid_body", "the body is not valid JSON") from exc
     if not isinstance(payload, dict):
         raise Problem(422, "invalid_body", 'expected {"image_path": ..., "target_class_ids": [...]}')
     class_ids = payload.get("target_class_ids") or DEFAULT_CLASS_IDS
     if not isinstance(class_ids, list) or not all(type(c) is int for c in class_ids):
         raise Problem(422, "invalid_parameter", "target_class_ids must be a list of integers")
-    params = {"classes": parse_classes(class_ids), "threshold": parse_threshold(payload.get("threshold"))}
-    path = resolve_image_path(svc.settings.image_root, payload.get("image_path"))
-    if path.stat().st_size > svc.settings.max_body_bytes:
-        raise Problem(
-            413, "body_too_large", f"the image is over the limit of {svc.settings.max_body_bytes} bytes"
-        )
-    image = await run_in_threadpool(path.read_bytes)
-    content_type, _, _ = images.check_image(image, svc.settings.max_pixels)
-    submission = Submission(svc.settings.default_model, params, image, content_type, owner,
-                            image_path=payload["image_path"], target_class_ids=class_ids)  # fmt: skip
+    params = JobParams(parse_classes(class_ids), parse_threshold(payload.get("threshold")))
+    limit = svc.settings.max_body_bytes
+    async with image_memory(svc, limit):
+        path = await run_in_threadpool(resolve_image_path, svc.settings.image_root, payload.get("image_path"))
+        image = await run_in_threadpool(read_image_file, path, limit)
+        stored = await store_bytes(svc.store, image, svc.settings.max_pixels)
+    submission = Submission(
+        job_id=stored.job_id,
+        model=svc.settings.default_model,
+        params=params,
+        content_type=stored.content_type,
+        input_bytes=stored.size,
+        width=stored.width,
+        height=stored.height,
+        owner=owner,
+        image_path=payload["image_path"],
+        target_class_ids=class_ids,
+    )
     try:
         job, _ = await svc.store.submit(submission)
-    except QueueFull:
-        raise Problem(429, "queue_full", "the queue is full; try again later", {"Retry-After": "5"}) from None
+    except QueueFull as exc:
+        raise queue_refusal(exc.limit) from None
     wait = parse_wait(None, request.headers.get("async_mode"))
     if wait > 0:
         done = await svc.waiters.wait_for_end(svc.store, job.id, owner, wait)
@@ -88,7 +118,7 @@ async def predict(request: Request) -> Response:
 
 def rq_result(job: Job) -> dict[str, Any]:
     """The original's result object for a finished job."""
-    requested = job.target_class_ids or job.params.get("classes") or []
+    requested = job.target_class_ids or job.params.classes or []
     succeeded = job.status is JobStatus.SUCCEEDED
     pixels = {c["id"]: c["pixels"] for c in job.result.classes} if job.result else {}
     error = job.error.message if job.error and job.status is JobStatus.FAILED else None

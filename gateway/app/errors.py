@@ -30,6 +30,21 @@ def job_not_found() -> Problem:
     return Problem(404, "job_not_found", "no such job (unknown, expired or deleted)")
 
 
+def queue_refusal(limit: str) -> Problem:
+    """A bound of the queue refused a job: 'queue' (jobs), 'bytes' (inputs waiting) or 'memory' (Redis)."""
+    if limit == "bytes":
+        detail = "the inputs of the jobs waiting have reached the byte budget (SEGSERVE_MAX_QUEUED_BYTES); try again later"
+        return Problem(429, "queue_bytes_full", detail, {"Retry-After": "5"})
+    if limit == "memory":
+        return job_store_full()
+    return Problem(429, "queue_full", "the queue is full; try again later", {"Retry-After": "5"})
+
+
+def job_store_full() -> Problem:
+    detail = "the job store (Redis) is near its memory limit and takes no new jobs; try again later"
+    return Problem(503, "job_store_full", detail, {"Retry-After": "5"})
+
+
 TITLES = {
     400: "Bad Request",
     401: "Unauthorized",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import IO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -16,14 +17,15 @@ FORMATS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP"
            "BMP": "image/bmp", "TIFF": "image/tiff"}  # fmt: skip
 
 
-def check_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
-    """(content type, width, height) of an acceptable image; a 415 or 422 Problem otherwise."""
+def check_image(data: bytes | IO[bytes], max_pixels: int) -> tuple[str, int, int]:
+    """(content type, width, height) of an acceptable image, from its bytes or a file that reads only as far
+    as the header needs; a 415 or 422 Problem otherwise."""
     if not data:
         raise Problem(415, "not_an_image", "the body is empty, not an image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
                 image_format, (width, height) = image.format, image.size
     except Image.DecompressionBombError as exc:
         raise Problem(422, "too_many_pixels", f"the image is over the limit of {max_pixels} pixels") from exc
@@ -39,23 +41,3 @@ def check_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     if width < 1 or height < 1:
         raise Problem(422, "invalid_image", f"the image has no pixels ({width}x{height})")
     return FORMATS[image_format], width, height
-
-
-def overlay(image_data: bytes, mask_png: bytes, alpha: float = 0.5) -> bytes:
-    """The mask's colours blended over the image, as PNG, for people to look at. Blocking: run it in a thread."""
-    from PIL import ImageOps
-
-    with Image.open(io.BytesIO(mask_png)) as mask:
-        colours = mask.convert("RGB")
-        # The palette indices are the class ids; background (0) stays unpainted.
-        painted = Image.frombytes("L", mask.size, mask.tobytes()).point(lambda v: 255 if v else 0)
-    with Image.open(io.BytesIO(image_data)) as raw:
-        raw.load()
-        image = (ImageOps.exif_transpose(raw) or raw).convert("RGB")
-    if image.size != colours.size:
-        image = image.resize(colours.size)
-    blended = Image.blend(image, colours, alpha)
-    image.paste(blended, mask=painted)
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()

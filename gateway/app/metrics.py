@@ -11,14 +11,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from gateway.jobs import BUCKETS, HISTOGRAMS, JobStatus, JobStore
+from gateway.jobs import BUCKETS, HISTOGRAMS, Counters, JobStatus, JobStore, keys
 
 ENDED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 
 
 class StoreCollector(Collector):
-    def __init__(self, stats: dict[str, float], in_queue: int, running: int) -> None:
-        self.stats, self.in_queue, self.running = stats, in_queue, running
+    def __init__(self, counters: Counters) -> None:
+        self.stats, self.in_queue, self.running = counters.stats, counters.in_queue, counters.running
 
     def collect(self) -> Iterator[Any]:
         stats = self.stats
@@ -42,6 +42,11 @@ class StoreCollector(Collector):
         queued = max(0, self.in_queue - self.running)
         yield GaugeMetricFamily("segserve_queue_depth", "Jobs waiting for a worker", value=queued)
         yield GaugeMetricFamily("segserve_jobs_running", "Jobs a worker is running", value=self.running)
+        yield GaugeMetricFamily(
+            "segserve_pending_input_bytes",
+            "Bytes of the inputs of jobs accepted and not yet ended, as SEGSERVE_MAX_QUEUED_BYTES counts them",
+            value=stats.get(keys.PENDING_BYTES, 0),
+        )
         for name, doc in HISTOGRAMS.items():
             cumulative, buckets = 0.0, []
             for le in [*map(repr, BUCKETS), "+Inf"]:
@@ -54,6 +59,6 @@ class StoreCollector(Collector):
 
 async def render(store: JobStore) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StoreCollector(*await store.counters()))
+    registry.register(StoreCollector(await store.fleet.counters()))
     registry.register(ProcessCollector(registry=None))
     return generate_latest(registry)

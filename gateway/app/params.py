@@ -98,3 +98,17 @@ def parse_events_filter(value: Any) -> tuple[str, ...]:
     ):
         raise Problem(422, "invalid_parameter", "webhook_events_filter must list start and/or completed")
     return tuple(dict.fromkeys(i.strip() for i in items))
+
+
+def parse_overlay(value: Any) -> bool:
+    """``overlay``: a JSON boolean, or true/false (1/0, yes/no) in a query string or form."""
+    if value is None or value == "":
+        return False
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in ("true", "1", "yes"):
+        return True
+    if word in ("false", "0", "no"):
+        return False
+    raise Problem(422, "invalid_parameter", f"overlay must be true or false, got {str(value)[:40]!r}")

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.app import images
-from gateway.app.errors import Problem, job_not_found
+from gateway.app.errors import Problem, job_not_found, queue_refusal
 from gateway.app.params import parse_wait
 from gateway.app.submission import read_submission
 from gateway.app.web import Services, authenticate, services
@@ -26,14 +24,14 @@ async def submit_job(request: Request) -> Response:
     svc = services(request)
     owner = authenticate(request)
     wait = parse_wait(request.headers.get("prefer"), request.headers.get("async_mode"))
-    submission = await read_submission(request, svc, owner)
     idempotency = request.headers.get("idempotency-key")
     if idempotency is not None and not 0 < len(idempotency) <= 255:
         raise Problem(422, "invalid_parameter", "Idempotency-Key must be 1 to 255 characters")
+    submission = await read_submission(request, svc, owner)
     try:
         job, created = await svc.store.submit(submission, idempotency)
-    except QueueFull:
-        raise Problem(429, "queue_full", "the queue is full; try again later", {"Retry-After": "5"}) from None
+    except QueueFull as exc:
+        raise queue_refusal(exc.limit) from None
     except NotReplicated as exc:
         raise Problem(503, "not_replicated", f"{exc}; try again", {"Retry-After": "1"}) from None
     headers = {"Location": f"/v1/jobs/{job.id}"}
@@ -69,22 +67,35 @@ def not_succeeded(job: Job) -> Problem:
     )
 
 
+async def blob_response(svc: Services, name: str) -> Response:
+    """A result PNG: a redirect to a signed URL when the store signs and the setting asks for it (large
+    results then skip the gateway), else streamed from the store in small chunks."""
+    seconds = svc.settings.blob_presign_seconds
+    if seconds > 0 and svc.store.blobs.signs:
+        url = await svc.store.blobs.sign(name, seconds)
+        return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
+    blob = await svc.store.blobs.stream(name)
+    if blob is None:
+        raise Problem(404, "result_not_found", "the job's result is no longer in the blob store")
+    headers = {"Content-Length": str(blob.size), "Cache-Control": "private, max-age=3600"}
+    return StreamingResponse(blob.chunks, media_type="image/png", headers=headers)
+
+
 async def get_mask(request: Request) -> Response:
     svc, job = await load_job(request)
-    mask = await svc.store.mask(job.id) if job.status is JobStatus.SUCCEEDED else None
-    if mask is None:
+    if job.status is not JobStatus.SUCCEEDED or job.mask is None:
         raise not_succeeded(job)
-    return Response(mask, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    return await blob_response(svc, job.mask)
 
 
 async def get_overlay(request: Request) -> Response:
     svc, job = await load_job(request)
-    mask = await svc.store.mask(job.id) if job.status is JobStatus.SUCCEEDED else None
-    image = await svc.store.image(job.id) if mask is not None else None
-    if mask is None or image is None:
+    if job.status is not JobStatus.SUCCEEDED:
         raise not_succeeded(job)
-    picture = await run_in_threadpool(images.overlay, image, mask)
-    return Response(picture, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    if job.overlay is None:
+        detail = "the job was submitted without overlay=true, so no overlay was drawn"
+        raise Problem(409, "overlay_not_requested", detail)
+    return await blob_response(svc, job.overlay)
 
 
 async def cancel_job(request: Request) -> Response:
@@ -102,7 +113,10 @@ async def cancel_job(request: Request) -> Response:
 
 async def retry_job(request: Request) -> Response:
     svc, job = await load_job(request)
-    refused = await svc.store.retry(job.id)
+    try:
+        refused = await svc.store.retry(job.id)
+    except QueueFull as exc:
+        raise queue_refusal(exc.limit) from None
     if refused is None:
         queued = await svc.store.load(job.id, job.owner)
         if queued is None:
@@ -111,7 +125,7 @@ async def retry_job(request: Request) -> Response:
     if refused.reason == "missing":
         raise job_not_found()
     if refused.reason == "no_input":
-        raise Problem(409, "job_input_expired", "the job's input has expired, so it cannot run again")
+        raise Problem(409, "job_input_expired", "the job's input is gone, so it cannot run again")
     if refused.reason == "ending":
         detail = "the job was canceled while it ran, and that try is still ending; retry in a moment"
         raise Problem(409, "job_not_retryable", detail, {"Retry-After": "1"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from importlib.resources import files
 
@@ -14,11 +15,12 @@ from starlette.staticfiles import StaticFiles
 
 from gateway.app import metrics
 from gateway.app.errors import Problem, problem_response
-from gateway.app.web import authenticate, services
+from gateway.app.web import Services, authenticate, services
 from gateway.jobs import WorkerInfo
 from gateway.webhooks import signing_key
 
 STATIC = files("gateway.app").joinpath("static")
+PROBE_SECONDS = 2.0
 
 
 async def list_models(request: Request) -> Response:
@@ -44,7 +46,7 @@ async def webhook_secret(request: Request) -> Response:
 async def queue(request: Request) -> Response:
     svc = services(request)
     authenticate(request)
-    return JSONResponse(dataclasses.asdict(await svc.store.queue_stats()))
+    return JSONResponse(dataclasses.asdict(await svc.store.fleet.queue_stats()))
 
 
 async def healthz(request: Request) -> Response:
@@ -52,27 +54,39 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """200 while the gateway can accept jobs, which needs Redis alone: with no worker alive (a deployment
-    scaled to zero) or TorchServe away, jobs wait in the queue. The body names each part's state, and says
-    "ready" when all are up, "degraded" otherwise; 503 only when Redis does not answer."""
+    """200 while the gateway can serve, which needs Redis alone: with no worker alive (a deployment scaled to
+    zero) or TorchServe away, jobs wait in the queue; with the blob store away, jobs can still be read. The
+    body names each part's state, and says "ready" when all are up, "degraded" otherwise; 503 only when Redis
+    does not answer."""
     svc = services(request)
+    blobs = await blob_state(svc)
     try:
         await svc.redis.ping()
-        workers = await svc.store.live_workers()
+        workers = await svc.store.fleet.live_workers()
     except (RedisConnectionError, RedisTimeoutError, OSError):
         checks = {
             "redis": "down",
+            "blobs": blobs,
             "workers": "unknown: Redis is down",
             "torchserve": "unknown: Redis is down",
         }
         return problem_response(503, "not_ready", "not ready: Redis is down", extra={"checks": checks})
     checks = {
         "redis": "ok",
+        "blobs": blobs,
         "workers": f"ok: {len(workers)} alive" if workers else "none alive: jobs wait in the queue",
         "torchserve": torchserve_state(workers, svc.settings.default_model),
     }
     up = all(state.startswith("ok") for state in checks.values())
     return JSONResponse({"status": "ready" if up else "degraded", "checks": checks})
+
+
+async def blob_state(svc: Services) -> str:
+    """ "ok" when the blob store answers (and lets us in) within a probe's patience, else why not."""
+    try:
+        return await asyncio.wait_for(svc.store.blobs.health(), PROBE_SECONDS)
+    except asyncio.TimeoutError:
+        return f"down: no answer in {PROBE_SECONDS:g} s"
 
 
 def torchserve_state(workers: list[WorkerInfo], model: str) -> str:

@@ -1,84 +1,177 @@
 """How a submission arrives (raw bytes, a form, JSON with the image inline or by URL), and every check it
-passes before it becomes a job: size, parameters, image header, webhook URL, model."""
+passes before it becomes a job: size, parameters, webhook URL and model first, then the image itself, once
+it is in the blob store (see uploads)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from gateway import urls
-from gateway.app import images
+from gateway.app import images, uploads
 from gateway.app.errors import Problem
-from gateway.app.params import parse_classes, parse_events_filter, parse_model, parse_threshold
-from gateway.app.web import Services, read_body
-from gateway.jobs import Submission
+from gateway.app.params import parse_classes, parse_events_filter, parse_model, parse_overlay, parse_threshold
+from gateway.app.uploads import STREAM_MEMORY, StoredImage, body_too_large
+from gateway.app.web import Services
+from gateway.budget import BudgetTimeout
+from gateway.jobs import JobParams, Submission
+
+# A JSON body holds its image three times at the peak: the body, the base64 string, the decoded bytes.
+JSON_COPIES = 3
+MEMORY_WAIT_S = 5.0  # how long a request waits for the gateway's image memory before it is asked to come back
+FORM_OVERHEAD = 65536  # a form's fields and boundaries, beside its image
+
+
+@dataclass(frozen=True)
+class Asked:
+    """A submission's parameters, checked."""
+
+    model: str
+    params: JobParams
+    webhook: str | None
+    webhook_events: tuple[str, ...]
 
 
 async def read_submission(request: Request, svc: Services, owner: str) -> Submission:
-    """The job to make from this request, every part of it checked; a Problem otherwise."""
-    image, raw = await parse_submission(request, svc)
-    if len(image) > svc.settings.max_body_bytes:  # a JSON or multipart body holds more than its image
-        limit = svc.settings.max_body_bytes
-        raise Problem(413, "body_too_large", f"the image is over the limit of {limit} bytes")
-    params = {
-        "classes": parse_classes(raw.get("classes")),
-        "threshold": parse_threshold(raw.get("threshold")),
-    }
-    model = parse_model(raw.get("model"), svc.settings.default_model)
-    content_type, _, _ = images.check_image(image, svc.settings.max_pixels)
-    webhook, events = await check_webhook(svc, raw)
-    await check_model(svc, model)
-    return Submission(model, params, image, content_type, owner, webhook=webhook, webhook_events=events)
-
-
-async def parse_submission(request: Request, svc: Services) -> tuple[bytes, dict[str, Any]]:
-    """The image and the raw parameters, from raw bytes, multipart form or JSON (with the image inline or
-    by URL)."""
-    settings = svc.settings
+    """The job to make from this request, every part of it checked and its input stored; a Problem
+    otherwise (and nothing stored)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
-        body = await read_body(request, settings.max_body_bytes * 4 // 3 + 65536)
+        stored, asked = await from_json(request, svc)
+    elif content_type == "multipart/form-data":
+        stored, asked = await from_form(request, svc)
+    elif content_type in images.CONTENT_TYPES or content_type == "application/octet-stream":
+        stored, asked = await from_raw(request, svc)
+    else:
+        raise Problem(
+            415,
+            "unsupported_media_type",
+            f"unsupported content type {content_type or '(none)'!r}; send image bytes, multipart/form-data "
+            "with a file field 'image', or JSON with base64 'image'",
+        )
+    return Submission(
+        job_id=stored.job_id,
+        model=asked.model,
+        params=asked.params,
+        content_type=stored.content_type,
+        input_bytes=stored.size,
+        width=stored.width,
+        height=stored.height,
+        owner=owner,
+        webhook=asked.webhook,
+        webhook_events=asked.webhook_events,
+    )
+
+
+@contextlib.asynccontextmanager
+async def image_memory(svc: Services, nbytes: int) -> AsyncIterator[None]:
+    """Hold ``nbytes`` of the gateway's image memory; 503 when it stays taken (other large images)."""
+    try:
+        async with svc.image_memory.hold(nbytes, MEMORY_WAIT_S):
+            yield
+    except BudgetTimeout:
+        raise Problem(
+            503,
+            "gateway_busy",
+            "this gateway is busy with other images; try again shortly",
+            {"Retry-After": "2"},
+        ) from None
+
+
+async def from_raw(request: Request, svc: Services) -> tuple[StoredImage, Asked]:
+    """Raw image bytes, parameters in the query string: checked first, then the body streams to the store."""
+    asked = await check_parameters(svc, dict(request.query_params))
+    limit = svc.settings.max_body_bytes
+    uploads.refuse_declared(request, limit)
+    async with image_memory(svc, STREAM_MEMORY):
+        stored = await uploads.store_stream(
+            svc.store, request.stream(), limit, svc.settings.max_pixels, uploads.declared_length(request) or 0
+        )
+    return stored, asked
+
+
+async def from_form(request: Request, svc: Services) -> tuple[StoredImage, Asked]:
+    """A form with a file field ``image``; its other fields (else the query string) are the parameters."""
+    settings = svc.settings
+    async with image_memory(svc, STREAM_MEMORY):
+        limited = uploads.size_limited(request, settings.max_body_bytes + FORM_OVERHEAD)
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise Problem(422, "invalid_body", "the body is not valid JSON") from exc
-        if isinstance(payload, dict) and isinstance(payload.get("image_url"), str) and "image" not in payload:
-            return await fetch_image(svc, payload["image_url"]), payload
-        if not isinstance(payload, dict) or not isinstance(payload.get("image"), str):
+            form = await limited.form(max_files=1, max_fields=16)
+        except Problem:
+            raise
+        except Exception as exc:  # python-multipart's errors for malformed bodies have no common base
+            raise Problem(422, "invalid_body", "the multipart body cannot be parsed") from exc
+        try:
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise Problem(422, "missing_image", "the form has no file field named 'image'")
+            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+            asked = await check_parameters(svc, {**dict(request.query_params), **fields})
+            chunks = uploads.file_chunks(upload)
+            stored = await uploads.store_stream(
+                svc.store, chunks, settings.max_body_bytes, settings.max_pixels, upload.size or 0
+            )
+        finally:
+            await form.close()
+    return stored, asked
+
+
+async def from_json(request: Request, svc: Services) -> tuple[StoredImage, Asked]:
+    """JSON with the image as base64 (``image``) or by URL (``image_url``); the other members are the
+    parameters."""
+    settings = svc.settings
+    limit = settings.max_body_bytes * 4 // 3 + 65536
+    async with image_memory(svc, JSON_COPIES * min(uploads.declared_length(request) or limit, limit)):
+        payload = parse_json(await uploads.read_body(request, limit))
+        by_url = isinstance(payload.get("image_url"), str) and "image" not in payload
+        if not by_url and not isinstance(payload.get("image"), str):
             raise Problem(
                 422, "invalid_body", 'expected {"image": "<base64>", ...} or {"image_url": "https://…", ...}'
             )
+        asked = await check_parameters(svc, payload)
+        if by_url:
+            async with image_memory(svc, settings.max_body_bytes):
+                image = await fetch_image(svc, payload["image_url"])
+                return await uploads.store_bytes(svc.store, image, settings.max_pixels), asked
         try:
-            image = base64.b64decode(payload["image"], validate=True)
+            image = base64.b64decode(payload.pop("image"), validate=True)
         except (binascii.Error, ValueError) as exc:
             raise Problem(422, "invalid_base64", "image is not valid base64") from exc
-        return image, payload
-    if content_type == "multipart/form-data":
-        await read_body(request, settings.max_body_bytes + 65536)
-        try:
-            form = await request.form(max_files=1, max_fields=16)
-        except Exception as exc:  # python-multipart's errors for malformed bodies have no common base
-            raise Problem(422, "invalid_body", "the multipart body cannot be parsed") from exc
-        upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise Problem(422, "missing_image", "the form has no file field named 'image'")
-        image = await upload.read()
-        fields = {k: v for k, v in form.items() if isinstance(v, str)}
-        await form.close()
-        return image, {**dict(request.query_params), **fields}
-    if content_type in images.CONTENT_TYPES or content_type == "application/octet-stream":
-        return await read_body(request, settings.max_body_bytes), dict(request.query_params)
-    raise Problem(
-        415,
-        "unsupported_media_type",
-        f"unsupported content type {content_type or '(none)'!r}; send image bytes, multipart/form-data "
-        "with a file field 'image', or JSON with base64 'image'",
+        if len(image) > settings.max_body_bytes:
+            raise body_too_large(settings.max_body_bytes, "the image")
+        return await uploads.store_bytes(svc.store, image, settings.max_pixels), asked
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise Problem(422, "invalid_body", "the body is not valid JSON") from exc
+    if not isinstance(payload, dict):
+        raise Problem(
+            422, "invalid_body", 'expected {"image": "<base64>", ...} or {"image_url": "https://…", ...}'
+        )
+    return payload
+
+
+async def check_parameters(svc: Services, raw: dict[str, Any]) -> Asked:
+    params = JobParams(
+        classes=parse_classes(raw.get("classes")),
+        threshold=parse_threshold(raw.get("threshold")),
+        overlay=parse_overlay(raw.get("overlay")),
     )
+    model = parse_model(raw.get("model"), svc.settings.default_model)
+    webhook, events = await check_webhook(svc, raw)
+    await check_model(svc, model)
+    return Asked(model, params, webhook, events)
 
 
 def refused(exc: urls.UrlRefused) -> Problem:
@@ -94,9 +187,7 @@ async def fetch_image(svc: Services, url: str) -> bytes:
     except urls.UrlRefused as exc:
         raise refused(exc) from exc
     except urls.TooLarge as exc:
-        raise Problem(
-            413, "body_too_large", f"the image at image_url is over the limit of {limit} bytes"
-        ) from exc
+        raise body_too_large(limit, "the image at image_url") from exc
     except urls.FetchFailed as exc:
         raise Problem(422, "fetch_failed", f"cannot fetch image_url: {exc}") from exc
     if 300 <= answer.status < 400:

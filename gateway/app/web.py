@@ -1,4 +1,4 @@
-"""What every route needs: the services built in the lifespan, authentication, a size-bounded body."""
+"""What every route needs: the services built in the lifespan, and authentication."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import httpx
 from arq.connections import ArqRedis
 from starlette.requests import Request
 
-from gateway.app.errors import Problem, unauthorized
+from gateway.app.errors import unauthorized
+from gateway.budget import MemoryBudget
 from gateway.jobs import JobStore, Waiters
 from gateway.settings import Settings
 
@@ -30,6 +31,7 @@ class Services:
     openapi: dict[str, Any]
     http: httpx.AsyncClient  # for the URLs clients give us (gateway.urls)
     allowed_url_hosts: frozenset[str]
+    image_memory: MemoryBudget  # the image bytes this gateway holds at once
 
 
 class ModelCatalog:
@@ -45,7 +47,7 @@ class ModelCatalog:
     async def list(self) -> list[dict[str, Any]] | None:
         """None while no worker has ever reported its models."""
         if time.monotonic() - self._fetched > self.ttl:
-            self._models = await self.store.models()
+            self._models = await self.store.fleet.models()
             self._fetched = time.monotonic()
         return self._models
 
@@ -83,19 +85,3 @@ def authenticate(request: Request) -> str:
         if hmac.compare_digest(known, digest):
             return owner
     raise unauthorized()
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes, before it is all read."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise Problem(413, "body_too_large", f"the body is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Problem(413, "body_too_large", f"the body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # so request.form() parses what was read instead of reading again
-    return body
