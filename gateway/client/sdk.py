@@ -130,9 +130,11 @@ class AsyncClient:
         idempotency_key: str | None = None,
         webhook: str | None = None,
         webhook_events: Sequence[str] = ("completed",),
+        overlay: bool = False,
     ) -> dict[str, Any]:
         """Submit one image (a path or its bytes); with ``wait``, hold up to that many seconds for the end.
-        With ``webhook``, the server POSTs the job's events (``start``, ``completed``) there, signed."""
+        With ``webhook``, the server POSTs the job's events (``start``, ``completed``) there, signed. With
+        ``overlay``, the worker also draws the mask over the image (``overlay()`` fetches it)."""
         if isinstance(image, bytes):
             body, content_type = image, "application/octet-stream"
         else:
@@ -149,6 +151,8 @@ class AsyncClient:
         if webhook:
             params["webhook"] = webhook
             params["webhook_events_filter"] = ",".join(webhook_events)
+        if overlay:
+            params["overlay"] = "true"
         headers = {"Content-Type": content_type}
         if wait > 0:
             headers["Prefer"] = f"wait={min(wait, MAX_WAIT):g}"

@@ -20,7 +20,7 @@ import httpx
 from redis.exceptions import RedisError
 
 from gateway import urls
-from gateway.jobs import Delivery, JobStore, iso, now_ms
+from gateway.jobs import Delivery, DeliveryState, JobStore, iso, now_ms
 from gateway.settings import Settings
 from gateway.webhooks import signed_headers, signing_key
 
@@ -44,7 +44,7 @@ class Deliverer:
                 claimed: list[Delivery] = []
                 try:
                     if len(in_flight) < IN_FLIGHT:
-                        claimed = await self.store.claim_deliveries(self.lease_ms, IN_FLIGHT - len(in_flight))
+                        claimed = await self.store.outbox.claim(self.lease_ms, IN_FLIGHT - len(in_flight))
                 except RedisError as exc:  # Redis restarting: the deliveries wait there
                     logger.warning("webhook deliveries paused: %s", exc)
                     await asyncio.sleep(1)
@@ -73,7 +73,7 @@ class Deliverer:
         if state != "delivered":
             logger.info("webhook %s for %s: %s (HTTP %s)", delivery.id, delivery.job.id, state, status)
         try:
-            await self.store.record_delivery(delivery, state, status, now_ms() + delay * 1000, body)
+            await self.store.outbox.record(delivery, state, status, now_ms() + delay * 1000, body)
         except RedisError as exc:  # the lease runs out, and the delivery comes back
             logger.warning("webhook %s: the attempt could not be recorded: %s", delivery.id, exc)
 
@@ -83,7 +83,7 @@ class Deliverer:
 
     async def send(
         self, http: httpx.AsyncClient, delivery: Delivery, body: bytes
-    ) -> tuple[str, int | None, float]:
+    ) -> tuple[DeliveryState, int | None, float]:
         """(state, the receiver's status, seconds until the next attempt if any)."""
         key = signing_key(self.settings.webhook_secret, delivery.owner)
         headers = signed_headers(key, delivery.id, body, datetime.now(timezone.utc))

@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
+from gateway.budget import MemoryBudget
 from gateway.jobs import (
     ENQUEUED_CHANNEL,
     FUNCTION,
@@ -29,12 +30,14 @@ from gateway.jobs import (
     iso,
     now_ms,
     serialize,
-)  # fmt: skip
+)
 from gateway.jobs.connection import stop, worker_connection, worker_redis_settings
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, ModelNotFound, TorchServe
 from gateway.worker.deliveries import Deliverer
 from gateway.worker.segment import segment
+from gateway.worker.state import WorkerState, state_of
+from gateway.worker.sweeper import Sweeper
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 2.0
@@ -52,16 +55,15 @@ def show_logs_like_arq() -> None:
 async def startup(ctx: dict[str, Any]) -> None:
     show_logs_like_arq()
     settings = Settings.from_env()
-    ctx["settings"] = settings
-    ctx["store"] = JobStore(ctx["redis"], settings.result_ttl)
-    ctx["torchserve"] = TorchServe(
+    store = JobStore.from_settings(ctx["redis"], settings)
+    torchserve = TorchServe(
         settings.torchserve_url,
         settings.torchserve_management_url,
         settings.key_file,
         timeout=settings.inference_timeout,
         max_connections=settings.worker_concurrency * 2,
     )
-    ctx["worker"] = WorkerInfo(
+    info = WorkerInfo(
         id=f"{socket.gethostname()}:{os.getpid()}",
         host=socket.gethostname(),
         pid=os.getpid(),
@@ -69,23 +71,25 @@ async def startup(ctx: dict[str, Any]) -> None:
         last_seen="",
         concurrency=settings.worker_concurrency,
     )
-    ctx["in_flight"] = settings.worker_concurrency  # until TorchServe says how many it computes at once
-    ctx["heartbeat"] = asyncio.create_task(heartbeat(ctx))
+    # Until TorchServe says how many it computes at once, it takes as many as it may.
+    state = WorkerState(settings, store, torchserve, info, MemoryBudget(settings.worker_image_bytes),
+                        in_flight=settings.worker_concurrency)  # fmt: skip
+    ctx["state"] = state
+    state.loops.append(asyncio.create_task(heartbeat(state)))
+    state.loops.append(asyncio.create_task(Sweeper(store, settings).run()))
     if settings.webhook_secret:
-        ctx["deliveries"] = asyncio.create_task(Deliverer(ctx["store"], settings).run())
+        state.loops.append(asyncio.create_task(Deliverer(store, settings).run()))
     else:
         logger.warning("SEGSERVE_WEBHOOK_SECRET is unset: this worker delivers no webhooks")
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    for name in ("heartbeat", "deliveries"):  # a delivery cut short is leased, and comes back to a worker
-        task: asyncio.Task[None] | None = ctx.get(name)
-        if task is not None:
-            await stop(task)
-    store: JobStore = ctx["store"]
+    state = state_of(ctx)
+    for loop in state.loops:  # a delivery cut short is leased, and comes back to a worker
+        await stop(loop)
     with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
-        await store.forget_worker(ctx["worker"].id)
-    await ctx["torchserve"].aclose()
+        await state.store.fleet.forget_worker(state.info.id)
+    await state.torchserve.aclose()
 
 
 # What a job reads when arq ended it without an outcome of ours.
@@ -97,27 +101,28 @@ GAVE_UP = JobError(
 
 async def after_job_end(ctx: dict[str, Any]) -> None:
     """arq has ended a try. A job it ended without our outcome fails with a code, instead of vanishing."""
-    store: JobStore = ctx["store"]
-    if await store.abandon(ctx["job_id"], GAVE_UP):
+    if await state_of(ctx).store.abandon(ctx["job_id"], GAVE_UP):
         logger.warning("%s: arq ended the job without an outcome; it failed with worker_error", ctx["job_id"])
 
 
-async def heartbeat(ctx: dict[str, Any]) -> None:
+async def heartbeat(state: WorkerState) -> None:
     """Each worker says every few seconds that it is alive, and what its TorchServe serves: gateways
     read this for ``/v1/queue``, ``/v1/models`` and ``/readyz`` instead of reaching TorchServe. It also
     sets how many jobs the worker takes at once (``in_flight_limit``)."""
-    store: JobStore = ctx["store"]
-    worker: WorkerInfo = ctx["worker"]
-    cap = ctx["settings"].worker_concurrency
+    cap = state.settings.worker_concurrency
     while True:
         try:  # whatever goes wrong, say so and keep beating (Redis restarting, an odd answer)
-            backend, models = await describe_backend(ctx["torchserve"])
-            ctx["in_flight"] = in_flight_limit(models, cap) or ctx["in_flight"]  # none ready: as it was
+            backend, models = await describe_backend(state.torchserve)
+            state.in_flight = in_flight_limit(models, cap) or state.in_flight  # none ready: as it was
             now = now_ms()
             beat = dataclasses.replace(
-                worker, last_seen=iso(now) or "", backend=backend, models=models, concurrency=ctx["in_flight"]
+                state.info,
+                last_seen=iso(now) or "",
+                backend=backend,
+                models=models,
+                concurrency=state.in_flight,
             )
-            await store.heartbeat(beat, now)
+            await state.store.fleet.heartbeat(beat, now)
         except Exception as exc:
             logger.warning("heartbeat failed: %s", exc)
         await asyncio.sleep(HEARTBEAT_SECONDS)
@@ -146,7 +151,7 @@ class SegserveWorker(Worker):
 
     arq's worker sleeps ``poll_delay`` between looks at the queue. A short delay costs CPU that the model on
     the same machine needs (measured: 20 ms more per inference at 2 ms), a long one adds latency to every
-    job. Gateways publish on ``segserve:enqueued``; ``poll_delay`` stays as the bound for deferred retries.
+    job. Gateways publish on ``keys.ENQUEUED_CHANNEL``; ``poll_delay`` stays as the bound for deferred retries.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -173,7 +178,8 @@ class SegserveWorker(Worker):
                 await asyncio.sleep(1)
 
     async def _poll_iteration(self) -> None:
-        self.max_jobs = self.ctx.get("in_flight", self.max_jobs)  # arq reads it before each take
+        if "state" in self.ctx:  # arq reads max_jobs before each take
+            self.max_jobs = state_of(self.ctx).in_flight
         if self._listener is None:
             self._listener = asyncio.create_task(self._listen())
         with contextlib.suppress(asyncio.TimeoutError):
@@ -222,8 +228,7 @@ class SegserveWorker(Worker):
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         """arq gives up on a job before running it (too many tries): it fails with a code, as in after_job_end."""
         await super().finish_failed_job(job_id, result_data)
-        store: JobStore = self.ctx["store"]
-        await store.abandon(job_id, GAVE_UP)
+        await state_of(self.ctx).store.abandon(job_id, GAVE_UP)
 
     async def close(self) -> None:
         if self._listener is not None:

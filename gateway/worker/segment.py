@@ -1,4 +1,4 @@
-"""One job, one try: take it, send its image to the model server, complete it with the outcome."""
+"""One job, one try: take it, send its input to the model server, complete it with the outcome."""
 
 from __future__ import annotations
 
@@ -9,13 +9,20 @@ from typing import Any
 
 from arq import Retry
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.jobs import Job, JobStore, Outcome, Result, now_ms
+from gateway.budget import BudgetTimeout
+from gateway.jobs import BlobStoreError, Job, Outcome, Result, now_ms
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, InputRejected, ModelNotFound, TorchServe
+from gateway.worker.overlay import draw_overlay, memory_needed
+from gateway.worker.state import WorkerState, state_of
 
 logger = logging.getLogger(__name__)
+# The job store or the blob store cannot take this try's step now (Redis restarting or failing over, Redis
+# out of memory, a bucket that does not answer): the try runs again later, and the job is not failed for it.
+STORES_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, BlobStoreError)
 
 
 def backoff(settings: Settings, attempt: int) -> float:
@@ -23,57 +30,82 @@ def backoff(settings: Settings, attempt: int) -> float:
 
 
 async def segment(ctx: dict[str, Any], job_id: str) -> None:
-    """arq's job function. The outcome goes into the job store; arq keeps no result of its own. A job store
-    that does not answer (Redis restarting, Sentinel failing over) makes this try run again later, so the
-    job is not failed for it."""
+    """arq's job function. The outcome goes into the job store; arq keeps no result of its own."""
+    state = state_of(ctx)
+    attempt: int = ctx["job_try"]
     try:
-        await one_try(ctx, job_id)
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        delay = backoff(ctx["settings"], ctx["job_try"])
-        logger.warning("%s: the job store does not answer (%s), try again in %.1fs", job_id, exc, delay)
+        await one_try(state, job_id, attempt)
+    except STORES_UNAVAILABLE as exc:
+        delay = backoff(state.settings, attempt)
+        logger.warning("%s: a store does not answer (%s), try again in %.1fs", job_id, exc, delay)
         raise Retry(defer=delay) from exc
 
 
-async def one_try(ctx: dict[str, Any], job_id: str) -> None:
-    store: JobStore = ctx["store"]
-    settings: Settings = ctx["settings"]
-    attempt: int = ctx["job_try"]
+def memory_of(job: Job) -> int:
+    """The image bytes a try of the job holds: its input, the answer with its mask, and its overlay if asked."""
+    pixels = job.width * job.height
+    return job.input_bytes + pixels + (memory_needed(job.width, job.height) if job.params.overlay else 0)
+
+
+async def one_try(state: WorkerState, job_id: str, attempt: int) -> None:
+    settings, store = state.settings, state.store
     deadline = now_ms() + (settings.inference_timeout + 10) * 1000
-    started = await store.start(job_id, deadline)
-    if started is None:  # deleted, canceled or already ended: nothing to do
+    job = await store.start(job_id, deadline)
+    if job is None:  # deleted, canceled or already ended: nothing to do
         return
-    if started.image is None:
-        outcome = Outcome.failed("expired", "the job's input expired before it ran")
-    else:
-        try:
-            # Our own bound, inside arq's job timeout: the outcome is ours to write, not arq's to drop.
-            outcome = await asyncio.wait_for(
-                predict(ctx["torchserve"], started.job, started.image), settings.inference_timeout
-            )
-        except (BackendUnavailable, asyncio.TimeoutError) as exc:
-            reason = str(exc) or f"no answer in {settings.inference_timeout:g} s"
-            if attempt < settings.max_attempts:
-                if not await store.release(job_id):
-                    return  # canceled or deleted meanwhile: no next try
-                delay = backoff(settings, attempt)
-                logger.info(
-                    "%s: backend unavailable (%s), try %d again in %.1fs", job_id, reason, attempt, delay
-                )
-                raise Retry(defer=delay) from exc
-            message = f"model server unavailable after {attempt} tries ({reason})"
-            outcome = Outcome.failed("backend_unavailable", message)
-        except Exception:  # a bug of ours must fail this job, not lose it
-            logger.exception("%s: unexpected error", job_id)
-            outcome = Outcome.failed("internal_error", "the worker failed to process this job")
-    await store.complete(started.job, outcome)
+    try:
+        async with state.image_memory.hold(memory_of(job), timeout=settings.inference_timeout / 2):
+            outcome = await outcome_of(state, job, attempt)
+            if outcome is not None:
+                await store.complete(job, outcome)  # inside the hold: the outcome holds the mask and overlay
+    except (BudgetTimeout, BlobStoreError) as exc:
+        # Busy with other images, or the blob store does not answer: this try ends, the job waits.
+        if not await store.release(job_id):
+            return  # canceled or deleted meanwhile: no next try
+        delay = backoff(settings, attempt)
+        logger.info("%s: %s; try %d again in %.1fs", job_id, exc, attempt, delay)
+        raise Retry(defer=delay) from exc
+
+
+async def outcome_of(state: WorkerState, job: Job, attempt: int) -> Outcome | None:
+    """The try's outcome; None when the job was canceled or deleted while its backend was away (no next try).
+    Retry when it is worth trying again later."""
+    settings = state.settings
+    image = await state.store.input(job)
+    if image is None:
+        return Outcome.input_missing()
+    try:
+        # Our own bound, inside arq's job timeout: the outcome is ours to write, not arq's to drop.
+        outcome = await asyncio.wait_for(predict(state.torchserve, job, image), settings.inference_timeout)
+        if job.params.overlay and outcome.mask_png is not None:
+            overlay = await asyncio.to_thread(draw_overlay, image, outcome.mask_png)
+            outcome = Outcome.succeeded(outcome.result, outcome.mask_png, outcome.timings_ms, overlay)  # type: ignore[arg-type]
+        return outcome
+    except (BackendUnavailable, asyncio.TimeoutError) as exc:
+        reason = str(exc) or f"no answer in {settings.inference_timeout:g} s"
+        if attempt < settings.max_attempts:
+            if not await state.store.release(job.id):
+                return None
+            delay = backoff(settings, attempt)
+            logger.info("%s: backend unavailable (%s), try %d again in %.1fs", job.id, reason, attempt, delay)
+            raise Retry(defer=delay) from exc
+        message = f"model server unavailable after {attempt} tries ({reason})"
+        return Outcome.failed("backend_unavailable", message)
+    except STORES_UNAVAILABLE:
+        raise
+    except Exception:  # a bug of ours must fail this job, not lose it
+        logger.exception("%s: unexpected error", job.id)
+        return Outcome.failed("internal_error", "the worker failed to process this job")
 
 
 async def predict(torchserve: TorchServe, job: Job, image: bytes) -> Outcome:
     """The model server's answer as an outcome; BackendUnavailable when it is worth trying again."""
     request_started = time.perf_counter()
-    classes, threshold = job.params.get("classes"), job.params.get("threshold", 0.0)
+    params = job.params
     try:
-        prediction = await torchserve.predict(job.model, image, classes, threshold, job.content_type)
+        prediction = await torchserve.predict(
+            job.model, image, params.classes, params.threshold, job.content_type
+        )
     except ModelNotFound:
         return Outcome.failed("model_not_found", f"model {job.model!r} is not served")
     except InputRejected as exc:
