@@ -31,12 +31,15 @@ from gateway.settings import Settings
 from gateway.webhooks import new_secret
 
 READY_TIMEOUT_S = 300
+# Redis holds job metadata only (images are blobs): a few kB a job, so 256 MB keep tens of thousands of jobs
+# (docs/storage.md sizes it). noeviction: a full Redis refuses new jobs; it never drops accepted ones.
+REDIS_MAXMEMORY = "256mb"
 QUICK_EXIT_S = 10.0  # a child that exits sooner than this after its start failed "at once"
 QUICK_EXITS = 5  # so many such exits in a row, and the stack stops
 
 
 def state_dir() -> Path:
-    """Redis data, TorchServe's keys and logs, every child's log: ``.segserve`` here, or SEGSERVE_HOME."""
+    """Redis data, blobs, TorchServe's keys and logs, every child's log: ``.segserve`` here, or SEGSERVE_HOME."""
     return Path(os.environ.get("SEGSERVE_HOME", ".segserve")).resolve()
 
 
@@ -103,7 +106,8 @@ def stack(
         Child(
             "redis",
             ["redis-server", "--bind", redis.hostname or "127.0.0.1", "--port", str(redis.port or 6379),
-             "--dir", str(redis_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+             "--dir", str(redis_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+             "--maxmemory", REDIS_MAXMEMORY, "--maxmemory-policy", "noeviction"],
         ),
         Child(
             "torchserve",
@@ -277,6 +281,8 @@ def up(host: str, port: int, workers: int, model: str) -> int:
         "SEGSERVE_TORCHSERVE_KEY_FILE": str(home / "torchserve" / "key_file.json"),
         "SEGSERVE_DEFAULT_MODEL": model,
         "SEGSERVE_WEBHOOK_SECRET": settings.webhook_secret or kept_webhook_secret(home),
+        # Inputs, masks and overlays: in the state directory, unless SEGSERVE_BLOB_URL names a bucket.
+        "SEGSERVE_BLOB_URL": os.environ.get("SEGSERVE_BLOB_URL") or str(home / "blobs"),
         "PYTHONUNBUFFERED": "1",
     }
     children = stack(settings, home, store, model, workers, host, port)
