@@ -331,10 +331,12 @@ class Stack:
             stop_process(self.gateway)
 
 
-def stack_env(redis: RedisServer, torchserve: TorchServeServer) -> dict[str, str]:
+def stack_env(redis: RedisServer, torchserve: TorchServeServer, blobs: Path) -> dict[str, str]:
+    """The environment of a gateway and workers on ``redis`` and ``torchserve``, with blobs in ``blobs``."""
     return {
         **os.environ,
         "SEGSERVE_REDIS_URL": redis.url,
+        "SEGSERVE_BLOB_URL": str(blobs),
         "SEGSERVE_TORCHSERVE_URL": torchserve.inference_url,
         "SEGSERVE_TORCHSERVE_MANAGEMENT_URL": torchserve.management_url,
         "SEGSERVE_TORCHSERVE_KEY_FILE": str(torchserve.key_file),
@@ -352,7 +354,9 @@ def stack_env(redis: RedisServer, torchserve: TorchServeServer) -> dict[str, str
 def stack(
     redis_server: RedisServer, torchserve: TorchServeServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    running = Stack(redis_server, torchserve, stack_env(redis_server, torchserve))
+    running = Stack(
+        redis_server, torchserve, stack_env(redis_server, torchserve, tmp_path_factory.mktemp("blobs"))
+    )
     running.log_dir = tmp_path_factory.mktemp("logs")
     running.start_gateway()
     running.start_worker()
@@ -361,27 +365,32 @@ def stack(
     running.stop()
 
 
-_databases = iter(range(2, 16))  # 0: the session's stack, 1: test_arq_check_tells_the_truth
+_databases = iter(range(1, 16))  # 0: the session's stack
 
 
-def isolated_db(stack: Stack) -> str:
-    """The session Redis's URL with a database no other test uses."""
-    return stack.redis.url.rsplit("/", 1)[0] + f"/{next(_databases)}"
+def isolated_env(stack: Stack, **extra: str) -> dict[str, str]:
+    """The stack's environment with a Redis database and a blob directory no other test uses."""
+    database = next(_databases)
+    return {
+        **stack.env,
+        "SEGSERVE_REDIS_URL": stack.redis.url.rsplit("/", 1)[0] + f"/{database}",
+        "SEGSERVE_BLOB_URL": str(stack.log_dir.parent / f"blobs-db{database}"),
+        **extra,
+    }
 
 
 @pytest.fixture
 def isolated(stack: Stack) -> Iterator[Stack]:
     """A gateway and one worker on a fresh Redis database, with quick retries and a tight job timeout."""
-    env = {
-        **stack.env,
-        "SEGSERVE_REDIS_URL": isolated_db(stack),
+    env = isolated_env(
+        stack,
         # Job timeout 25 s: a killed worker's job runs again 35 s later. Tighter, a machine at half speed (a
         # TorchServe warming up after a restart) times every try out while it still computes the last ones.
-        "SEGSERVE_INFERENCE_TIMEOUT": "20",
-        "SEGSERVE_MAX_ATTEMPTS": "200",
-        "SEGSERVE_RETRY_DELAY": "0.2",
-        "SEGSERVE_RETRY_MAX_DELAY": "1",
-    }
+        SEGSERVE_INFERENCE_TIMEOUT="20",
+        SEGSERVE_MAX_ATTEMPTS="200",
+        SEGSERVE_RETRY_DELAY="0.2",
+        SEGSERVE_RETRY_MAX_DELAY="1",
+    )
     own = Stack(stack.redis, stack.torchserve, env, log_dir=stack.log_dir)
     own.start_gateway()
     own.start_worker()

@@ -26,7 +26,7 @@ from tests.conftest import (
     Stack,
     encode,
     free_port,
-    isolated_db,
+    isolated_env,
     scene,
     wait_until,
 )
@@ -87,14 +87,14 @@ def gateway(stack: Stack) -> Iterator[object]:
 def test_submit_poll_and_fetch_mask(client: httpx.Client) -> None:
     body = encode(scene(200, 150), "PNG")
     response = client.post(
-        "/v1/jobs?classes=cat,0&threshold=0", content=body, headers={"Content-Type": "image/png"}
+        "/v1/jobs?classes=cat,0&threshold=0&overlay=true", content=body, headers={"Content-Type": "image/png"}
     )
     assert response.status_code == 202, response.text
     job = response.json()
     assert response.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["id"].startswith("j_") and len(job["id"]) == 34
     assert job["status"] in ("queued", "running")
-    assert job["params"] == {"classes": [8, 0], "threshold": 0.0}
+    assert job["params"] == {"classes": [8, 0], "threshold": 0.0, "overlay": True}
     assert job["model"] == "deeplabv3"
     job = wait_done(client, job["id"])
     assert job["status"] == "succeeded", job
@@ -116,9 +116,13 @@ def test_submit_poll_and_fetch_mask(client: httpx.Client) -> None:
     counts = dict(zip(*np.unique(np.asarray(mask), return_counts=True), strict=True))
     assert {int(k): int(v) for k, v in counts.items()} == {c["id"]: c["pixels"] for c in result["classes"]}
 
-    overlay = client.get(f"/v1/jobs/{job['id']}/overlay.png")
-    assert overlay.status_code == 200
-    assert Image.open(io.BytesIO(overlay.content)).size == (200, 150)
+    overlay_response = client.get(result["overlay_url"])
+    assert overlay_response.status_code == 200
+    overlay = Image.open(io.BytesIO(overlay_response.content)).convert("RGB")
+    assert overlay.size == (200, 150)
+    original = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+    labels = np.asarray(mask)
+    assert (np.asarray(overlay)[labels == 0] == original[labels == 0]).all()  # background is left as it is
 
 
 def test_multipart_and_json_submissions(client: httpx.Client) -> None:
@@ -127,11 +131,11 @@ def test_multipart_and_json_submissions(client: httpx.Client) -> None:
         data={"classes": "dog,person", "threshold": "0.25"},
     )  # fmt: skip
     assert form.status_code == 202, form.text
-    assert form.json()["params"] == {"classes": [12, 15], "threshold": 0.25}
+    assert form.json()["params"] == {"classes": [12, 15], "threshold": 0.25, "overlay": False}
     payload = {"image": base64.b64encode(SMALL).decode(), "classes": ["cat", 12], "threshold": 0.5}
     as_json = client.post("/v1/jobs", json=payload)
     assert as_json.status_code == 202, as_json.text
-    assert as_json.json()["params"] == {"classes": [8, 12], "threshold": 0.5}
+    assert as_json.json()["params"] == {"classes": [8, 12], "threshold": 0.5, "overlay": False}
     for response in (form, as_json):
         assert wait_done(client, response.json()["id"])["status"] == "succeeded"
 
@@ -413,7 +417,7 @@ def test_position_counts_jobs_ahead(stack: Stack) -> None:
     idle = Stack(
         stack.redis,
         stack.torchserve,
-        {**stack.env, "SEGSERVE_REDIS_URL": isolated_db(stack)},
+        isolated_env(stack),
         log_dir=stack.log_dir,
     )
     idle.start_gateway()  # no worker yet: the queue stands still
@@ -443,7 +447,7 @@ def test_worker_keeps_only_what_torchserve_computes_soon(stack: Stack) -> None:
     own = Stack(
         stack.redis,
         stack.torchserve,
-        {**stack.env, "SEGSERVE_REDIS_URL": isolated_db(stack), "SEGSERVE_WORKER_CONCURRENCY": "20"},
+        isolated_env(stack, SEGSERVE_WORKER_CONCURRENCY="20"),
         log_dir=stack.log_dir,
     )
     own.start_gateway()
@@ -532,7 +536,7 @@ def test_compat_predict_is_off_without_an_image_root(client: httpx.Client) -> No
 
 
 def test_arq_check_tells_the_truth(stack: Stack) -> None:
-    env = {**stack.env, "SEGSERVE_REDIS_URL": stack.redis.url.replace("/0", "/1")}  # a queue of its own
+    env = isolated_env(stack)  # a queue of its own
     check = [str(BIN / "arq"), "gateway.worker.WorkerSettings", "--check"]
     assert subprocess.run(check, env=env, cwd=ROOT, capture_output=True).returncode != 0
     worker = Stack(stack.redis, stack.torchserve, env, log_dir=stack.log_dir)

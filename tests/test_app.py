@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,16 +18,18 @@ from arq.connections import ArqRedis
 from PIL import Image
 from starlette.testclient import TestClient
 
-from gateway.jobs import JobStore, Outcome, Result, WorkerInfo, now_ms
+from gateway.jobs import Fleet, Outcome, Result, WorkerInfo, now_ms
 from tests.conftest import RedisServer, encode, free_port, scene
+from tests.jobs_support import directory_store
 
 IMAGE = encode(scene(32, 24))
 JPEG = {"Content-Type": "image/jpeg"}
 
 
 @pytest.fixture
-def env(fresh_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> RedisServer:
+def env(fresh_redis: RedisServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> RedisServer:
     monkeypatch.setenv("SEGSERVE_REDIS_URL", fresh_redis.url)
+    monkeypatch.setenv("SEGSERVE_BLOB_URL", str(tmp_path / "blobs"))
     return fresh_redis
 
 
@@ -37,16 +41,17 @@ def api(env: RedisServer) -> Iterator[TestClient]:
         yield client
 
 
-def complete(redis: RedisServer, job_id: str, mask: Image.Image) -> None:
-    """Take and complete the job as a worker would, through the job store."""
+def complete(redis: RedisServer, job_id: str, mask: Image.Image, overlay: bytes | None = None) -> None:
+    """Take and complete the job as a worker would, through the job store (blobs where the app keeps them)."""
 
     async def run() -> None:
-        store = JobStore(ArqRedis.from_url(redis.url), result_ttl=3600)
+        store = directory_store(redis.url, Path(os.environ["SEGSERVE_BLOB_URL"]))
         started = await store.start(job_id, deadline_ms=4e12)
         assert started is not None
         classes = [{"id": 0, "name": "__background__", "pixels": 768, "fraction": 1.0}]
         png = encode(mask, "PNG")
-        await store.complete(started.job, Outcome.succeeded(Result(32, 24, classes), png, {"inference": 3.0}))
+        outcome = Outcome.succeeded(Result(32, 24, classes), png, {"inference": 3.0}, overlay)
+        await store.complete(started, outcome)
         await store.redis.aclose()
 
     asyncio.run(run())
@@ -62,7 +67,7 @@ def assert_problem(response, status: int, code: str) -> None:  # type: ignore[no
 def test_three_ways_in(api: TestClient) -> None:
     raw = api.post("/v1/jobs?classes=cat,dog&threshold=0.5", content=IMAGE, headers=JPEG)
     assert raw.status_code == 202 and raw.headers["location"] == f"/v1/jobs/{raw.json()['id']}"
-    assert raw.json()["params"] == {"classes": [8, 12], "threshold": 0.5}
+    assert raw.json()["params"] == {"classes": [8, 12], "threshold": 0.5, "overlay": False}
     assert raw.json()["status"] == "queued" and raw.json()["position"] == 0
     form = api.post("/v1/jobs", files={"image": ("a.jpg", IMAGE, "image/jpeg")}, data={"classes": "person"})
     assert form.status_code == 202 and form.json()["params"]["classes"] == [15]
@@ -118,19 +123,30 @@ def test_idempotency_key(api: TestClient) -> None:
     )
 
 
-def test_a_completed_job_serves_its_mask_and_overlay(api: TestClient, env: RedisServer) -> None:
-    job = api.post("/v1/jobs", content=IMAGE, headers=JPEG).json()
+def test_a_completed_job_serves_its_mask_and_the_overlay_it_asked_for(
+    api: TestClient, env: RedisServer
+) -> None:
+    job = api.post("/v1/jobs?overlay=true", content=IMAGE, headers=JPEG).json()
+    assert job["params"]["overlay"] is True
     assert_problem(api.get(f"/v1/jobs/{job['id']}/mask.png"), 409, "job_not_succeeded")
-    complete(env, job["id"], Image.new("P", (32, 24)))
+    assert_problem(api.get(f"/v1/jobs/{job['id']}/overlay.png"), 409, "job_not_succeeded")
+    complete(env, job["id"], Image.new("P", (32, 24)), overlay=encode(Image.new("RGB", (32, 24)), "PNG"))
     done = api.get(f"/v1/jobs/{job['id']}").json()
     assert done["status"] == "succeeded" and done["result"]["mask_url"] == f"/v1/jobs/{job['id']}/mask.png"
     mask = api.get(done["result"]["mask_url"])
     assert mask.status_code == 200 and Image.open(io.BytesIO(mask.content)).size == (32, 24)
-    overlay = api.get(f"/v1/jobs/{job['id']}/overlay.png")
+    assert mask.headers["content-length"] == str(len(mask.content))
+    overlay = api.get(done["result"]["overlay_url"])
     assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(overlay.content)).size == (32, 24)
     assert_problem(api.post(f"/v1/jobs/{job['id']}/cancel"), 409, "job_finished")
     waited = api.get(f"/v1/jobs/{job['id']}", headers={"Prefer": "wait=5"})
     assert waited.json()["status"] == "succeeded"
+    plain = api.post("/v1/jobs", content=IMAGE, headers=JPEG).json()
+    complete(env, plain["id"], Image.new("P", (32, 24)))
+    assert "overlay_url" not in api.get(f"/v1/jobs/{plain['id']}").json()["result"]
+    assert_problem(api.get(f"/v1/jobs/{plain['id']}/overlay.png"), 409, "overlay_not_requested")
+    assert_problem(api.post("/v1/jobs?overlay=maybe", content=IMAGE, headers=JPEG), 422, "invalid_parameter")
 
 
 def test_cancel_and_delete(api: TestClient) -> None:
@@ -219,10 +235,10 @@ def beat(redis: RedisServer, host: str, backend: str, models: list[dict[str, Any
     """A worker's heartbeat, as a worker on another host sends it, through the job store."""
 
     async def run() -> None:
-        store = JobStore(ArqRedis.from_url(redis.url), result_ttl=3600)
+        redis_client = ArqRedis.from_url(redis.url)
         info = WorkerInfo(f"{host}:1", host, 1, "", "", 8, backend, models)
-        await store.heartbeat(info, at_ms)
-        await store.redis.aclose()
+        await Fleet(redis_client).heartbeat(info, at_ms)
+        await redis_client.aclose()
 
     asyncio.run(run())
 

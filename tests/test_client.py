@@ -19,7 +19,7 @@ def test_sync_client_round_trip(stack: Stack, tmp_path: Path) -> None:
     image = tmp_path / "scene.png"
     image.write_bytes(encode(scene(96, 72), "PNG"))
     with Client(stack.url) as client:
-        job = client.segment(image, classes=["cat", 0], threshold=0.0)
+        job = client.segment(image, classes=["cat", 0], threshold=0.0, overlay=True)
         assert job["status"] == "succeeded" and job["params"]["classes"] == [8, 0]
         assert client.mask(job["id"]).startswith(b"\x89PNG")
         assert client.overlay(job["id"]).startswith(b"\x89PNG")

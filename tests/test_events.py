@@ -12,11 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 
-from gateway.jobs import JobStore, Outcome, Result
+from gateway.jobs import Outcome, Result
 from tests.conftest import BIN, ROOT, RedisServer, encode, free_port, scene, spawn, stop_process, wait_until
+from tests.jobs_support import directory_store
 
 IMAGE = encode(scene(32, 24))
 RESULT = Result(32, 24, [{"id": 0, "name": "__background__", "pixels": 768, "fraction": 1.0}])
@@ -25,7 +25,7 @@ RESULT = Result(32, 24, [{"id": 0, "name": "__background__", "pixels": 768, "fra
 @pytest.fixture
 def live_gateway(fresh_redis: RedisServer, tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    env = {**os.environ, "SEGSERVE_REDIS_URL": fresh_redis.url,
+    env = {**os.environ, "SEGSERVE_REDIS_URL": fresh_redis.url, "SEGSERVE_BLOB_URL": str(tmp_path / "blobs"),
            "SEGSERVE_TORCHSERVE_MANAGEMENT_URL": f"http://127.0.0.1:{free_port()}"}  # fmt: skip
     process = spawn([str(BIN / "uvicorn"), "gateway.app:app", "--port", str(port), "--log-level", "warning"],
                     tmp_path / "gateway.log", cwd=ROOT, env=env)  # fmt: skip
@@ -38,14 +38,15 @@ def live_gateway(fresh_redis: RedisServer, tmp_path: Path) -> Iterator[str]:
 class Worker:
     """Moves jobs as a worker does: arq's in-progress key, then the store's start; complete; arq's end."""
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, blobs: Path) -> None:
         self.redis_url = redis_url
+        self.blobs = blobs
 
     def run(self, step: str, job_id: str) -> None:
         asyncio.run(self._run(step, job_id))
 
     async def _run(self, step: str, job_id: str) -> None:
-        store = JobStore(ArqRedis.from_url(self.redis_url), result_ttl=60)
+        store = directory_store(self.redis_url, self.blobs, result_ttl_s=60)
         try:
             if step == "start":
                 await store.redis.set(in_progress_key_prefix + job_id, b"1", px=60_000)
@@ -81,10 +82,10 @@ def submit(url: str) -> str:
 
 
 def test_a_job_behind_others_streams_each_change_then_closes(
-    live_gateway: str, fresh_redis: RedisServer
+    live_gateway: str, fresh_redis: RedisServer, tmp_path: Path
 ) -> None:
     first, second, mine = submit(live_gateway), submit(live_gateway), submit(live_gateway)
-    worker = Worker(fresh_redis.url)
+    worker = Worker(fresh_redis.url, tmp_path / "blobs")
     seen: list[tuple[str, dict]] = []  # type: ignore[type-arg]
     with httpx.stream("GET", f"{live_gateway}/v1/jobs/{mine}/events", timeout=30) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -133,7 +134,7 @@ def test_events_of_an_unknown_or_deleted_job(live_gateway: str) -> None:
     assert [j["status"] for _, j in seen] == ["queued"]
 
 
-def test_retry_over_http(live_gateway: str, fresh_redis: RedisServer) -> None:
+def test_retry_over_http(live_gateway: str, fresh_redis: RedisServer, tmp_path: Path) -> None:
     job = submit(live_gateway)
     refused = httpx.post(f"{live_gateway}/v1/jobs/{job}/retry")
     assert refused.status_code == 409 and refused.json()["code"] == "job_not_retryable"
@@ -141,8 +142,8 @@ def test_retry_over_http(live_gateway: str, fresh_redis: RedisServer) -> None:
     retried = httpx.post(f"{live_gateway}/v1/jobs/{job}/retry")
     assert retried.status_code == 202 and retried.headers["location"] == f"/v1/jobs/{job}"
     assert retried.json()["status"] == "queued" and retried.json()["position"] == 0
-    Worker(fresh_redis.url).run("start", job)
-    Worker(fresh_redis.url).run("complete", job)
+    Worker(fresh_redis.url, tmp_path / "blobs").run("start", job)
+    Worker(fresh_redis.url, tmp_path / "blobs").run("complete", job)
     done = httpx.get(f"{live_gateway}/v1/jobs/{job}").json()
     assert done["status"] == "succeeded" and done["attempts"] == 1
     assert httpx.post(f"{live_gateway}/v1/jobs/{job}/retry").status_code == 409

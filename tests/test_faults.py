@@ -15,7 +15,7 @@ import httpx
 import psutil
 
 from gateway.client import Client
-from tests.conftest import Receiver, Stack, encode, free_port, isolated_db, scene, stop_process, wait_until
+from tests.conftest import Receiver, Stack, encode, free_port, isolated_env, scene, stop_process, wait_until
 
 SMALL = encode(scene(64, 48))
 
@@ -83,8 +83,7 @@ def test_torchserve_outage_then_recovery(isolated: Stack, stack: Stack) -> None:
 
 
 def test_backend_unavailable_past_the_retry_bound(stack: Stack) -> None:
-    env = {**stack.env, "SEGSERVE_REDIS_URL": isolated_db(stack),
-           "SEGSERVE_TORCHSERVE_URL": "http://127.0.0.1:9", "SEGSERVE_MAX_ATTEMPTS": "3"}  # fmt: skip
+    env = isolated_env(stack, SEGSERVE_TORCHSERVE_URL="http://127.0.0.1:9", SEGSERVE_MAX_ATTEMPTS="3")
     nowhere = Stack(stack.redis, stack.torchserve, env, log_dir=stack.log_dir)
     nowhere.start_gateway()
     nowhere.start_worker()

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from arq.connections import ArqRedis
 
 from gateway.client import Client, SegserveError
-from gateway.jobs import JobStore, NotReplicated, Submission
+from gateway.jobs import NotReplicated
 from tests.conftest import (
     RedisServer,
     Stack,
@@ -29,6 +28,7 @@ from tests.conftest import (
     stop_process,
     wait_until,
 )
+from tests.jobs_support import directory_store, submit
 
 IMAGE = encode(scene(48, 36))
 MASTER = "segserve"
@@ -114,11 +114,10 @@ def replicated(redis_binary: str, tmp_path: Path) -> Iterator[ReplicatedRedis]:
     servers.stop()
 
 
-async def test_an_accepted_job_is_on_a_replica(replicated: ReplicatedRedis) -> None:
-    redis = ArqRedis.from_url(replicated.primary.url)
-    store = JobStore(redis, result_ttl=60, max_queued=100, min_replicas=2, replica_timeout_ms=500)
-    sub = Submission("deeplabv3", {"classes": None, "threshold": 0.0}, IMAGE, "image/jpeg")
-    job, _ = await store.submit(sub)
+async def test_an_accepted_job_is_on_a_replica(replicated: ReplicatedRedis, tmp_path: Path) -> None:
+    store = directory_store(replicated.primary.url, tmp_path, min_replicas=2, replica_timeout_ms=500)
+    redis = store.redis
+    job = await submit(store, IMAGE)
     for server in replicated.replicas:
         with server.client() as replica:
             assert (
@@ -126,7 +125,7 @@ async def test_an_accepted_job_is_on_a_replica(replicated: ReplicatedRedis) -> N
             )
     replicated.replicas[0].stop()  # now only one replica can confirm a write, and two are asked for
     with pytest.raises(NotReplicated):
-        await store.submit(sub)
+        await submit(store, IMAGE)
     assert await redis.zcard("arq:queue") == 1, "a job no replica confirmed is taken back"
     await redis.aclose()
 
@@ -136,7 +135,7 @@ def test_a_failover_under_load_loses_no_accepted_job(
     replicated: ReplicatedRedis, torchserve: TorchServeServer, tmp_path: Path
 ) -> None:
     env = {
-        **stack_env(replicated.primary, torchserve),
+        **stack_env(replicated.primary, torchserve, tmp_path / "blobs"),
         "SEGSERVE_REDIS_SENTINELS": replicated.addresses,
         "SEGSERVE_REDIS_SENTINEL_MASTER": MASTER,
         "SEGSERVE_REDIS_MIN_REPLICAS": "1",

@@ -13,9 +13,9 @@ import gzip
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
-from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
@@ -23,11 +23,13 @@ from starlette.testclient import TestClient
 
 from gateway import urls
 from gateway.app.web import load_api_keys
-from gateway.jobs import Job, JobStatus, JobStore, Outcome, Result, Submission
+from gateway.jobs import Job, JobStatus, JobStore, Outcome, Result
 from gateway.settings import Settings
 from gateway.webhooks import signing_key
 from gateway.worker.deliveries import Deliverer
 from tests.conftest import WEBHOOK_SECRET, Receiver, RedisServer, encode, free_port, scene
+from tests.jobs_support import directory_store
+from tests.jobs_support import submit as submit_image
 
 IMAGE = encode(scene(32, 24))
 RESULT = Result(32, 24, [{"id": 0, "name": "__background__", "pixels": 768, "fraction": 1.0}])
@@ -36,10 +38,10 @@ SETTINGS = Settings(webhook_secret=WEBHOOK_SECRET, webhook_retry_delay=0.2, allo
 
 
 @pytest.fixture
-async def store(fresh_redis: RedisServer) -> AsyncIterator[JobStore]:
-    redis = ArqRedis.from_url(fresh_redis.url)
-    yield JobStore(redis, result_ttl=60, max_queued=100)
-    await redis.aclose()
+async def store(fresh_redis: RedisServer, tmp_path: Path) -> AsyncIterator[JobStore]:
+    job_store = directory_store(fresh_redis.url, tmp_path / "blobs", result_ttl_s=60, max_queued=100)
+    yield job_store
+    await job_store.redis.aclose()
 
 
 @pytest.fixture
@@ -53,10 +55,7 @@ async def deliverer(store: JobStore) -> AsyncIterator[Deliverer]:
 
 
 async def submit(store: JobStore, url: str, events: tuple[str, ...] = ("completed",), owner: str = "") -> Job:
-    sub = Submission("deeplabv3", {"classes": None, "threshold": 0.0}, IMAGE, "image/jpeg", owner, webhook=url,
-                     webhook_events=events)  # fmt: skip
-    job, _ = await store.submit(sub)
-    return job
+    return await submit_image(store, IMAGE, owner, webhook=url, webhook_events=events)
 
 
 async def run_to_the_end(store: JobStore, job: Job) -> None:
@@ -64,7 +63,7 @@ async def run_to_the_end(store: JobStore, job: Job) -> None:
     await store.redis.set(in_progress_key_prefix + job.id, b"1")
     started = await store.start(job.id, deadline_ms=4e12)
     assert started is not None
-    await store.complete(started.job, Outcome.succeeded(RESULT, b"PNG", {}))
+    await store.complete(started, Outcome.succeeded(RESULT, b"PNG", {}))
     await store.redis.delete(in_progress_key_prefix + job.id, job_key_prefix + job.id)
     await store.redis.zrem("arq:queue", job.id)
 
@@ -186,7 +185,7 @@ async def test_every_event_has_its_own_id_and_body(
     await store.redis.set(in_progress_key_prefix + job.id, b"1")
     started = await store.start(job.id, deadline_ms=4e12)
     assert started is not None
-    await store.complete(started.job, Outcome.failed("invalid_image", "broken"))
+    await store.complete(started, Outcome.failed("invalid_image", "broken"))
     await store.redis.delete(in_progress_key_prefix + job.id, job_key_prefix + job.id)
     await store.redis.zrem("arq:queue", job.id)
     await delivered(store, job.id, "job.completed")
@@ -212,10 +211,10 @@ async def test_delete_forgets_the_deliveries_too(store: JobStore, receiver: Rece
 async def test_an_attempt_past_its_lease_records_nothing(store: JobStore, receiver: Receiver) -> None:
     job = await submit(store, receiver.url)
     await run_to_the_end(store, job)
-    (stale,) = await store.claim_deliveries(lease_ms=0, limit=10)  # its lease is over at once
-    (current,) = await store.claim_deliveries(lease_ms=60_000, limit=10)
-    await store.record_delivery(stale, "failed", 500, 0, b"{}")  # too late: someone else holds it
-    await store.record_delivery(current, "delivered", 200, 0, b"{}")
+    (stale,) = await store.outbox.claim(lease_ms=0, limit=10)  # its lease is over at once
+    (current,) = await store.outbox.claim(lease_ms=60_000, limit=10)
+    await store.outbox.record(stale, "failed", 500, 0, b"{}")  # too late: someone else holds it
+    await store.outbox.record(current, "delivered", 200, 0, b"{}")
     done = await store.load(job.id)
     assert done is not None and done.deliveries["job.completed"]["state"] == "delivered"
     assert done.deliveries["job.completed"]["attempts"] == 1
@@ -271,9 +270,12 @@ async def test_the_guard_lets_listed_hosts_through_and_pins_the_address() -> Non
 
 
 @pytest.fixture
-def api(fresh_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., TestClient]]:
+def api(
+    fresh_redis: RedisServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[Callable[..., TestClient]]:
     """The gateway in-process, with webhooks on, two API keys, and the settings a test adds."""
     monkeypatch.setenv("SEGSERVE_REDIS_URL", fresh_redis.url)
+    monkeypatch.setenv("SEGSERVE_BLOB_URL", str(tmp_path / "blobs"))
     monkeypatch.setenv("SEGSERVE_TORCHSERVE_MANAGEMENT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("SEGSERVE_WEBHOOK_SECRET", WEBHOOK_SECRET)
     monkeypatch.setenv("SEGSERVE_API_KEYS", "alice-key,bob-key")
