@@ -47,11 +47,16 @@ def setup(args: argparse.Namespace) -> int:
     from gateway.ops.setup import setup as install
 
     try:
-        install(with_browser=args.with_browser)
+        install(with_browser=args.with_browser, with_s3=args.with_s3)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print("redis-server and Java 17+ are installed" + (", and chromium" if args.with_browser else ""))
+    extras = [
+        name
+        for name, wanted in (("chromium", args.with_browser), ("Ceph's RADOS Gateway", args.with_s3))
+        if wanted
+    ]
+    print("redis-server and Java 17+ are installed" + "".join(f", and {extra}" for extra in extras))
     return 0
 
 
@@ -142,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("setup", help="install redis-server and Java 17+ when missing (Debian/Ubuntu)")
     p.add_argument("--with-browser", action="store_true", help="also chromium, for the web page's test")
+    p.add_argument("--with-s3", action="store_true", help="also Ceph's RADOS Gateway, the tests' S3 server")
     p.set_defaults(run=setup)
 
     p = commands.add_parser("build-model", help="build model_store/<name>.mar for TorchServe")

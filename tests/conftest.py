@@ -20,10 +20,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from tests.s3_server import CephS3
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -474,3 +478,18 @@ def receiver() -> Iterator[Receiver]:
     server = Receiver()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephS3]:
+    """Ceph's RADOS Gateway, a real S3 API server, once per session; each test takes a bucket of its own."""
+    from tests.s3_server import CephS3
+
+    if not shutil.which("radosgw"):
+        pytest.fail(
+            "Ceph's RADOS Gateway is not installed: run `segserve setup --with-s3` (the README's test command does)"
+        )
+    server = CephS3(tmp_path_factory.mktemp("ceph"))
+    server.start()
+    yield server
+    server.stop()

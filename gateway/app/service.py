@@ -82,7 +82,7 @@ async def readyz(request: Request) -> Response:
 
 
 async def blob_state(svc: Services) -> str:
-    """ "ok" when the blob store answers (and lets us in) within a probe's patience, else why not."""
+    """The blob store's state, "ok" when it answers (and lets us in) within a probe's patience."""
     try:
         return await asyncio.wait_for(svc.store.blobs.health(), PROBE_SECONDS)
     except asyncio.TimeoutError:

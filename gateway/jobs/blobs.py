@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import shutil
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -137,13 +138,16 @@ class Blobs:
 
         return BlobStream(result.meta["size"], chunks())
 
-    def reader(self, name: str) -> IO[bytes]:
+    @contextlib.contextmanager
+    def reader(self, name: str) -> Iterator[IO[bytes]]:
         """A file-like view of the blob that reads only what is asked (ranged reads on S3), for an image
         decoder that needs a header from anywhere in the file. Blocking: use it in a thread."""
         try:
-            return obstore.open_reader(self.store, name)  # type: ignore[return-value]
+            file = io.BufferedReader(BlobFile(obstore.open_reader(self.store, name)), buffer_size=CHUNK)
         except (ObstoreError, OSError) as exc:
             raise BlobStoreError(f"cannot read {name}: {one_line(exc)}") from exc
+        with file:
+            yield file
 
     async def delete(self, names: Iterable[str]) -> None:
         """Delete the blobs; those that do not exist are no error."""
@@ -193,14 +197,42 @@ class Blobs:
             )
 
     async def health(self) -> str:
-        """ "ok" when the store answers and lets us in, else why not (for /readyz)."""
+        """Whether the store answers and lets us list it (the bucket exists, the keys are right): "ok", else
+        why not, for /readyz. It lists a prefix that holds nothing, so the answer is small."""
         try:
-            await obstore.head_async(self.store, "segserve-health-probe")
-        except FileNotFoundError:
-            return "ok"  # it answered, and knows no such blob: reachable, and we may read it
+            await obstore.list_with_delimiter_async(self.store, "health-probe/")
         except (ObstoreError, OSError) as exc:
             return f"down: {one_line(exc, 120)}"
         return "ok"
+
+
+class BlobFile(io.RawIOBase):
+    """obstore's reader as a standard binary file: its reads answer obstore's own buffer type, which image
+    decoders do not take."""
+
+    def __init__(self, reader: Any) -> None:
+        self._reader = reader
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = memoryview(self._reader.read(len(buffer)))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return int(self._reader.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self._reader.tell())
+
+    def close(self) -> None:
+        self._reader.close()
+        super().close()
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
