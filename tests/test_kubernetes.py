@@ -669,17 +669,74 @@ def test_gateway_deployment_autoscaling_and_disruption_budget(rendered: Rendered
     assert len(budgets) == 1
 
 
-def test_the_gateway_needs_only_redis(rendered: Rendered) -> None:
+def test_the_gateway_needs_redis_and_the_blob_store(rendered: Rendered) -> None:
     (gateway,) = pod_spec(rendered.gateway)["containers"]
     env = env_of(gateway)
     segserve = {name for name in env if name.startswith("SEGSERVE_")}
     assert segserve == {
         "SEGSERVE_REDIS_URL", "SEGSERVE_REDIS_SENTINELS", "SEGSERVE_REDIS_SENTINEL_MASTER",
-        "SEGSERVE_REDIS_MIN_REPLICAS", "SEGSERVE_API_KEYS", "SEGSERVE_WEBHOOK_SECRET",
+        "SEGSERVE_REDIS_MIN_REPLICAS", "SEGSERVE_API_KEYS", "SEGSERVE_WEBHOOK_SECRET", *BLOB_SETTINGS,
+        "SEGSERVE_GATEWAY_IMAGE_BYTES",
     }  # fmt: skip
     assert env["SEGSERVE_REDIS_MIN_REPLICAS"]["value"] == "1"
     for name in ("SEGSERVE_API_KEYS", "SEGSERVE_WEBHOOK_SECRET"):
         assert "secretKeyRef" in env[name]["valueFrom"], name
+
+
+BLOB_SETTINGS = {
+    "SEGSERVE_BLOB_URL": "url",
+    "SEGSERVE_BLOB_ENDPOINT": "endpoint",
+    "SEGSERVE_BLOB_REGION": "region",
+}
+# What a gateway and a worker take beside their image budgets (measured: ~80 and ~100 MB; docs/storage.md).
+BASE_MEMORY = {"gateway": 128 << 20, "worker": 160 << 20}
+
+
+def quantity(text: str) -> int:
+    """Bytes of a Kubernetes quantity ("512Mi") or a Redis one ("1gb")."""
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", text.strip()).groups()  # type: ignore[union-attr]
+    scale = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
+    return int(number) * scale[unit]
+
+
+def test_gateways_and_workers_share_one_bucket_and_their_limits_fit_their_image_budgets(
+    rendered: Rendered,
+) -> None:
+    """Each process keeps its image bytes within a budget (SEGSERVE_*_IMAGE_BYTES); its memory limit must hold
+    that budget and its base, or a burst of large images gets it OOM-killed."""
+    containers = {"gateway": pod_spec(rendered.gateway)["containers"][0],
+                  "worker": containers_of(rendered.worker)["worker"]}  # fmt: skip
+    config = rendered.one("ConfigMap", "segserve-blobs")["data"]
+    assert config["url"].startswith("s3://") and set(config) == set(BLOB_SETTINGS.values())
+    for role, container in containers.items():
+        env = env_of(container)
+        for name, key in BLOB_SETTINGS.items():
+            assert env[name]["valueFrom"]["configMapKeyRef"] == {"name": "segserve-blobs", "key": key}, (
+                role,
+                name,
+            )
+        for name, key in (
+            ("AWS_ACCESS_KEY_ID", "access-key-id"),
+            ("AWS_SECRET_ACCESS_KEY", "secret-access-key"),
+        ):
+            assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "segserve-blobs", (role, name)
+            assert env[name]["valueFrom"]["secretKeyRef"]["key"] == key
+        budget = int(env[f"SEGSERVE_{role.upper()}_IMAGE_BYTES"]["value"])
+        limit = quantity(container["resources"]["limits"]["memory"])
+        assert limit >= BASE_MEMORY[role] + budget, (
+            f"{role}: a {limit >> 20} MiB limit under a {budget >> 20} MiB budget"
+        )
+
+
+def test_redis_is_sized_for_metadata_and_never_evicts(rendered: Rendered) -> None:
+    script = rendered.one("ConfigMap", "segserve-redis-scripts")["data"]["redis.sh"]
+    maxmemory = quantity(re.search(r"^\s*maxmemory (\S+)$", script, re.M).group(1))  # type: ignore[union-attr]
+    assert re.search(r"^\s*maxmemory-policy noeviction$", script, re.M)
+    redis = containers_of(rendered.one("StatefulSet", "segserve-redis"))["redis"]
+    limit = quantity(redis["resources"]["limits"]["memory"])
+    # Room beside maxmemory for the AOF rewrite's fork and the clients' buffers, but sized from metadata:
+    # nowhere near what images would need.
+    assert 1.25 * maxmemory <= limit <= 4 << 30, (maxmemory, limit)
 
 
 def test_prometheus_scrapes_the_gateway(rendered: Rendered) -> None:

@@ -22,7 +22,7 @@ from gateway.ops.archive import (
     check_published_hash,
     load_handler_module,
 )
-from gateway.ops.launcher import stack
+from gateway.ops.launcher import REDIS_MAXMEMORY, stack
 from gateway.settings import Settings, env_table
 from gateway.webhooks import signing_key
 from tests.conftest import BIN, ROOT, encode, free_port, scene, side_by_side_env, wait_until
@@ -130,7 +130,13 @@ def test_compose_runs_what_the_launcher_runs(tmp_path: Path) -> None:
         == "yes"
         == launched["redis"][launched["redis"].index("--appendonly") + 1]
     )
+    for command in (redis_command, launched["redis"]):  # metadata only, and a full Redis refuses new jobs
+        assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+        assert command[command.index("--maxmemory") + 1] == REDIS_MAXMEMORY
     assert "redis-data:/data" in services["redis"]["volumes"]
+    blobs = services["gateway"]["environment"]["SEGSERVE_BLOB_URL"]
+    for name in ("worker", "gateway"):  # one store, both see it
+        assert f"blobs:{blobs}" in services[name]["volumes"]
     assert services["worker"]["deploy"]["replicas"] >= 1
     assert {s["restart"] for s in services.values()} == {"unless-stopped"}  # as the launcher restarts them
 
@@ -165,3 +171,11 @@ def test_build_model_errors_are_clear(tmp_path: Path) -> None:
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 1 and "weights file not found" in result.stderr
+
+
+def test_the_image_compose_builds_leaves_state_and_secrets_out() -> None:
+    """compose builds with `COPY . .`: the state directory (webhook secret, TorchServe's keys, Redis's AOF,
+    customers' images), archives, the venv and the history must not go into the image."""
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert "COPY . ." in (ROOT / "compose.yaml").read_text()
+    assert {".segserve/", ".venv/", ".git/", "model_store/*.mar", "key_file.json"} <= ignored
