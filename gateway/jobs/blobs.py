@@ -106,8 +106,17 @@ class Blobs:
     async def put(self, name: str, data: bytes | AsyncIterable[bytes] | Iterable[bytes] | IO[bytes]) -> None:
         """Write the blob whole: readers see all of it or none. An error raised by ``data`` itself (a body over
         its limit) comes through as it is, and nothing is written."""
+        # Bytes already in memory go in one request (faster); a stream goes in parts, so it is never held whole.
+        in_parts = not isinstance(data, bytes)
         try:
-            await obstore.put_async(self.store, name, data, chunk_size=PART, max_concurrency=PARTS_IN_FLIGHT)
+            await obstore.put_async(
+                self.store,
+                name,
+                data,
+                use_multipart=in_parts,
+                chunk_size=PART,
+                max_concurrency=PARTS_IN_FLIGHT,
+            )
         except (ObstoreError, OSError) as exc:
             if self.directory is not None and await self.free_bytes(fresh=True) < self.min_free_bytes:
                 raise BlobStoreFull(f"the blob directory {self.directory} is full") from exc
