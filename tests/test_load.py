@@ -1,6 +1,6 @@
 """Mixed load from 50 concurrent clients for a fixed time, good and bad images interleaved: every good job
-succeeds, every bad one is refused or fails with its code, nothing answers 5xx, and Redis keeps no input it
-does not need.
+succeeds, every bad one is refused or fails with its code, nothing answers 5xx, and the blob store keeps no
+input it does not need.
 
 The load is bounded by time, not count, so it means the same on a slow machine: it sends for SECONDS, and
 each client then waits for its own last job (generously bounded by the per-test timeout)."""
@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 from PIL import Image
@@ -75,10 +76,12 @@ def test_mixed_load(isolated: Stack) -> None:
     assert succeeded >= 10 and len(tally) == len(expected), tally  # every kind was sent, good ones ran
 
     with isolated.redis.client(db=int(isolated.env["SEGSERVE_REDIS_URL"].rsplit("/", 1)[1])) as redis:
-        inputs = len(redis.keys("segserve:input:*"))
         queue = redis.zcard("arq:queue")
         used = int(redis.info("memory")["used_memory"])
-    accepted = sum(n for (_, status, _), n in tally.items() if status == 202)
-    assert inputs == accepted, "every accepted job keeps its input (for overlay.png or a retry), no more"
+    blobs = Path(isolated.env["SEGSERVE_BLOB_URL"])
+    inputs, masks = (len(list((blobs / kind).glob("j_*"))) for kind in ("inputs", "masks"))
+    failed = sum(n for (_, status, code), n in tally.items() if status == 202 and code != "succeeded")
+    assert inputs == failed, "a failed job keeps its input for a retry; a succeeded one needs it no more"
+    assert masks == succeeded
     assert queue == 0
     assert used < 64 << 20, f"Redis holds {used / 2**20:.0f} MB after the load"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 from gateway.settings import env_table
@@ -69,3 +70,26 @@ def test_readme_links_only_into_the_repository() -> None:
         if target.startswith(("http://", "https://", "#")):
             continue
         assert (ROOT / target).exists(), f"README links to {target}, which a clone does not have"
+
+
+def test_every_error_code_is_documented() -> None:
+    """Each code the gateway answers with, and each code a worker fails a job with, is in docs/api.md."""
+    source = "\n".join(path.read_text() for path in (ROOT / "gateway").rglob("*.py"))
+    made = r'(?:Problem|problem_response|Outcome\.failed|JobError)\(\s*(?:\d{3},\s*)?"([a-z_]+)"'
+    codes = set(re.findall(made, source))
+    assert {"queue_full", "blob_store_full", "input_missing", "not_ready"} <= codes  # the pattern finds them
+    api_page = (ROOT / "docs" / "api.md").read_text()
+    assert not {code for code in codes if f"`{code}`" not in api_page}, "docs/api.md lacks these codes"
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    """docs name the test behind each guarantee (`tests/x.py::name`, then `::name` for more of the same file)."""
+    missing = []
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for cell in re.findall(r"`(tests/[\w/]+\.py)::(\w+)`((?:, `::\w+`)*)", page.read_text()):
+            path, first, more = cell
+            source = (ROOT / path).read_text() if (ROOT / path).exists() else ""
+            for name in [first, *re.findall(r"::(\w+)", more)]:
+                if not re.search(rf"^(async )?def {name}\(", source, re.M):
+                    missing.append(f"{page.name}: {path}::{name}")
+    assert not missing, missing
