@@ -19,7 +19,9 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from gateway.jobs import Fleet, Outcome, Result, WorkerInfo, now_ms
-from tests.conftest import RedisServer, encode, free_port, scene
+from tests.harness.images import encode, scene
+from tests.harness.processes import free_port
+from tests.harness.servers import RedisServer
 from tests.jobs_support import directory_store
 
 IMAGE = encode(scene(32, 24))

@@ -32,7 +32,9 @@ from gateway.ops.archive import (
     load_handler_module,
     model_config,
 )
-from tests.conftest import BIN, ROOT, SEED, encode, scene
+from tests.harness.images import encode, scene
+from tests.harness.processes import BIN, ROOT
+from tests.harness.servers import SEED
 from tests.test_handler import Context, full_size_probabilities, mask_of, run
 
 handler_module = load_handler_module()
@@ -358,7 +360,7 @@ MEMORY_PROBE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from tests.conftest import encode, scene
+from tests.harness.images import encode, scene
 from tests.test_engines import make_handler
 from tests.test_handler import run
 

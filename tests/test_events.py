@@ -15,7 +15,9 @@ import pytest
 from arq.constants import in_progress_key_prefix
 
 from gateway.jobs import Outcome, Result
-from tests.conftest import BIN, ROOT, RedisServer, encode, free_port, scene, spawn, stop_process, wait_until
+from tests.harness.images import encode, scene
+from tests.harness.processes import BIN, ROOT, free_port, spawn, stop_process, wait_until
+from tests.harness.servers import RedisServer
 from tests.jobs_support import directory_store
 
 IMAGE = encode(scene(32, 24))

@@ -15,7 +15,7 @@ from PIL import Image
 
 from gateway.app.params import VOC_CLASSES
 from gateway.ops.archive import calibrate_batch_norm, load_handler_module
-from tests.conftest import encode, scene
+from tests.harness.images import encode, scene
 
 handler_module = load_handler_module()
 

@@ -32,7 +32,10 @@ import redis
 from standardwebhooks import Webhook
 
 from gateway.client import Client, SegserveError
-from tests.conftest import BIN, ROOT, WEBHOOK_SECRET, Received, Receiver, encode, scene, spawn, wait_until
+from tests.harness.images import encode, scene
+from tests.harness.processes import BIN, ROOT, spawn, wait_until
+from tests.harness.receiver import Received, Receiver
+from tests.harness.servers import WEBHOOK_SECRET
 from tests.test_sentinel import MASTER, primary_address, sentinel_config
 
 REDIS_PORT, SENTINEL_PORT, GATEWAY_PORT = 6379, 26379, 8000

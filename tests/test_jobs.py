@@ -36,7 +36,9 @@ from gateway.jobs import (
 from gateway.jobs.connection import stop, worker_connection
 from gateway.jobs.scripts import STEPS
 from gateway.settings import Settings
-from tests.conftest import BIN, ROOT, RedisServer, encode, free_port, scene, spawn, stop_process, wait_until
+from tests.harness.images import encode, scene
+from tests.harness.processes import BIN, ROOT, free_port, spawn, stop_process, wait_until
+from tests.harness.servers import RedisServer
 from tests.jobs_support import directory_store
 from tests.jobs_support import submit as submit_image
 

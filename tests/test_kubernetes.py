@@ -26,7 +26,7 @@ import yaml
 from arq.constants import default_queue_name
 
 from gateway.settings import Settings
-from tests.conftest import ROOT
+from tests.harness.processes import ROOT
 
 DEPLOY = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ("cpu", "gpu")

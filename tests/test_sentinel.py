@@ -17,17 +17,9 @@ import pytest
 
 from gateway.client import Client, SegserveError
 from gateway.jobs import NotReplicated
-from tests.conftest import (
-    RedisServer,
-    Stack,
-    TorchServeServer,
-    encode,
-    free_port,
-    scene,
-    stack_env,
-    stop_process,
-    wait_until,
-)
+from tests.harness.images import encode, scene
+from tests.harness.processes import free_port, stop_process, wait_until
+from tests.harness.servers import RedisServer, Stack, TorchServeServer, stack_env
 from tests.jobs_support import directory_store, submit
 
 IMAGE = encode(scene(48, 36))

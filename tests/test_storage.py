@@ -18,7 +18,8 @@ from starlette.testclient import TestClient
 
 from gateway.jobs import JobStore, Outcome, Result, keys
 from gateway.settings import Settings
-from tests.conftest import RedisServer, encode, scene
+from tests.harness.images import encode, scene
+from tests.harness.servers import RedisServer
 from tests.s3_server import CephS3
 
 JPEG = {"Content-Type": "image/jpeg"}

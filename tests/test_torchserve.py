@@ -21,7 +21,9 @@ import yaml
 from PIL import Image
 
 from gateway.ops.archive import load_handler_module, load_model, prepare_weights
-from tests.conftest import SEED, Stack, TorchServeServer, encode, scene, wait_until
+from tests.harness.images import encode, scene
+from tests.harness.processes import wait_until
+from tests.harness.servers import SEED, Stack, TorchServeServer
 
 handler_module = load_handler_module()
 

@@ -27,7 +27,10 @@ from gateway.jobs import Job, JobStatus, JobStore, Outcome, Result
 from gateway.settings import Settings
 from gateway.webhooks import signing_key
 from gateway.worker.deliveries import Deliverer
-from tests.conftest import WEBHOOK_SECRET, Receiver, RedisServer, encode, free_port, scene
+from tests.harness.images import encode, scene
+from tests.harness.processes import free_port
+from tests.harness.receiver import Receiver
+from tests.harness.servers import WEBHOOK_SECRET, RedisServer
 from tests.jobs_support import directory_store
 from tests.jobs_support import submit as submit_image
 

@@ -1,0 +1,13 @@
+"""The test harness: real processes, really started, for the suite's fixtures (tests/conftest.py), its test
+modules and the benchmarks (benchmarks/). A module per concern; import from the module that holds a name:
+
+- ``processes``: the checkout (``ROOT``) and its commands (``BIN``); ``free_port``; ``spawn`` and
+  ``stop_process`` for process groups; ``wait_until``, which says what it last saw when it times out.
+- ``servers``: ``RedisServer``, ``TorchServeServer`` (on free ports, from the project's config.properties),
+  a ``Stack`` of uvicorn gateways and arq workers in front of them, and their environments (``stack_env``,
+  ``side_by_side_env``); the random-weights archive (``build_model_store``, ``SEED``); ``WEBHOOK_SECRET``.
+- ``receiver``: a webhook ``Receiver``, an HTTP server in the test's process that records each request.
+- ``images``: ``scene`` draws a picture with large shapes; ``encode`` makes it a file's bytes.
+
+Nothing here is a fixture, and importing a module starts nothing: the fixtures decide what runs when.
+"""
