@@ -8,6 +8,8 @@ modules and the benchmarks (benchmarks/). A module per concern; import from the 
   ``side_by_side_env``); the random-weights archive (``build_model_store``, ``SEED``); ``WEBHOOK_SECRET``.
 - ``receiver``: a webhook ``Receiver``, an HTTP server in the test's process that records each request.
 - ``images``: ``scene`` draws a picture with large shapes; ``encode`` makes it a file's bytes.
+- ``handler``: the TorchServe handler in the test's own process (``Context``, ``make_handler``, ``run``)
+  and the reference its masks are held to (``mask_of``, ``full_size_probabilities``). Imports torch.
 
 Nothing here is a fixture, and importing a module starts nothing: the fixtures decide what runs when.
 """
