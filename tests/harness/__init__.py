@@ -10,6 +10,11 @@ modules and the benchmarks (benchmarks/). A module per concern; import from the 
 - ``images``: ``scene`` draws a picture with large shapes; ``encode`` makes it a file's bytes.
 - ``handler``: the TorchServe handler in the test's own process (``Context``, ``make_handler``, ``run``)
   and the reference its masks are held to (``mask_of``, ``full_size_probabilities``). Imports torch.
+- ``sentinel``: Redis with replicas and Sentinel (``ReplicatedRedis`` on loopback, ``sentinel_config``),
+  and what a test asks them (``primary_address``, ``online_replicas``).
+- ``namespaces``: many hosts on one machine, as Linux network namespaces on a bridge (``Network``,
+  ``Host``); needs root (``namespaces_unavailable`` says why not).
+- ``hosts``: what runs on those hosts: Redis, Sentinel, TorchServe, an arq worker and a gateway.
 
 Nothing here is a fixture, and importing a module starts nothing: the fixtures decide what runs when.
 """
