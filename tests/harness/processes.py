@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -54,9 +55,10 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, ti
     process.wait(timeout=5)
 
 
-def spawn(command: list[str], log: Path, **kwargs: object) -> subprocess.Popen[bytes]:
-    """Start a process in its own group, its output appended to ``log``."""
+def spawn(command: list[str], log: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start a process in its own group, its output appended to ``log``; ``kwargs`` go to Popen."""
     with log.open("ab") as out:
-        return subprocess.Popen(
+        process: subprocess.Popen[bytes] = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
-        )  # type: ignore[call-overload, no-any-return]
+        )
+        return process
