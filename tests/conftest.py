@@ -7,13 +7,13 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
 from tests.harness.processes import free_port, wait_until
 from tests.harness.receiver import Receiver
+from tests.harness.s3 import CephS3
 from tests.harness.servers import (
     RedisServer,
     Stack,
@@ -22,9 +22,6 @@ from tests.harness.servers import (
     isolated_env,
     stack_env,
 )
-
-if TYPE_CHECKING:
-    from tests.s3_server import CephS3
 
 # Tests that start TorchServe (directly or through a stack) are the slow tier: `pytest -m "not slow"` skips
 # them and runs what needs only Redis, in-process where it can.
@@ -130,8 +127,6 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture(scope="session")
 def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephS3]:
     """Ceph's RADOS Gateway, a real S3 API server, once per session; each test takes a bucket of its own."""
-    from tests.s3_server import CephS3
-
     if not shutil.which("radosgw"):
         pytest.fail(
             "Ceph's RADOS Gateway is not installed: run `segserve setup --with-s3` (the README's test command does)"

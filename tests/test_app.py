@@ -20,9 +20,9 @@ from starlette.testclient import TestClient
 
 from gateway.jobs import Fleet, Outcome, Result, WorkerInfo, now_ms
 from tests.harness.images import encode, scene
+from tests.harness.jobs import directory_store
 from tests.harness.processes import free_port
 from tests.harness.servers import RedisServer
-from tests.jobs_support import directory_store
 
 IMAGE = encode(scene(32, 24))
 JPEG = {"Content-Type": "image/jpeg"}

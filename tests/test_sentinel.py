@@ -16,10 +16,10 @@ import pytest
 from gateway.client import Client, SegserveError
 from gateway.jobs import NotReplicated
 from tests.harness.images import encode, scene
+from tests.harness.jobs import directory_store, submit
 from tests.harness.processes import wait_until
 from tests.harness.sentinel import MASTER, ReplicatedRedis
 from tests.harness.servers import Stack, TorchServeServer, stack_env
-from tests.jobs_support import directory_store, submit
 
 IMAGE = encode(scene(48, 36))
 

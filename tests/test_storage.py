@@ -19,8 +19,8 @@ from starlette.testclient import TestClient
 from gateway.jobs import JobStore, Outcome, Result, keys
 from gateway.settings import Settings
 from tests.harness.images import encode, scene
+from tests.harness.s3 import CephS3
 from tests.harness.servers import RedisServer
-from tests.s3_server import CephS3
 
 JPEG = {"Content-Type": "image/jpeg"}
 RESULT = Result(640, 480, [{"id": 0, "name": "__background__", "pixels": 307200, "fraction": 1.0}])

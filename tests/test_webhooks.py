@@ -28,11 +28,11 @@ from gateway.settings import Settings
 from gateway.webhooks import signing_key
 from gateway.worker.deliveries import Deliverer
 from tests.harness.images import encode, scene
+from tests.harness.jobs import directory_store
+from tests.harness.jobs import submit as submit_image
 from tests.harness.processes import free_port
 from tests.harness.receiver import Receiver
 from tests.harness.servers import WEBHOOK_SECRET, RedisServer
-from tests.jobs_support import directory_store
-from tests.jobs_support import submit as submit_image
 
 IMAGE = encode(scene(32, 24))
 RESULT = Result(32, 24, [{"id": 0, "name": "__background__", "pixels": 768, "fraction": 1.0}])

@@ -7,6 +7,9 @@ modules and the benchmarks (benchmarks/). A module per concern; import from the 
   a ``Stack`` of uvicorn gateways and arq workers in front of them, and their environments (``stack_env``,
   ``side_by_side_env``); the random-weights archive (``build_model_store``, ``SEED``); ``WEBHOOK_SECRET``.
 - ``receiver``: a webhook ``Receiver``, an HTTP server in the test's process that records each request.
+- ``s3``: ``CephS3``, a one-node Ceph cluster with its RADOS Gateway: a real S3 API server on loopback.
+- ``jobs``: jobs made as a gateway makes them (the input in the blob store first), for tests that drive the
+  job store directly (``directory_store``, ``directory_blobs``, ``submit``).
 - ``images``: ``scene`` draws a picture with large shapes; ``encode`` makes it a file's bytes.
 - ``handler``: the TorchServe handler in the test's own process (``Context``, ``make_handler``, ``run``)
   and the reference its masks are held to (``mask_of``, ``full_size_probabilities``). Imports torch.
