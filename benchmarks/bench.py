@@ -48,7 +48,8 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the helpers that start stacks are the test suite's
-from tests.conftest import free_port, side_by_side_env  # noqa: E402
+from tests.harness.processes import free_port  # noqa: E402
+from tests.harness.servers import side_by_side_env  # noqa: E402
 
 BIN = Path(sys.executable).parent
 POLL_INTERVAL = 0.05  # what a sensible polling client does: 20 looks a second

@@ -34,7 +34,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: reuse the benchmark's stack and the tests' helpers
 from benchmarks.bench import BIN, Stack, picture  # noqa: E402
-from tests.conftest import side_by_side_env  # noqa: E402
+from tests.harness.servers import side_by_side_env  # noqa: E402
 
 IMAGE = picture(128, 96)
 ENDED = ("succeeded", "failed", "canceled")

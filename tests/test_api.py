@@ -18,18 +18,10 @@ from PIL import Image
 from standardwebhooks import Webhook
 
 from gateway.app.params import VOC_CLASSES
-from tests.conftest import (
-    BIN,
-    ROOT,
-    Received,
-    Receiver,
-    Stack,
-    encode,
-    free_port,
-    isolated_env,
-    scene,
-    wait_until,
-)
+from tests.harness.images import encode, scene
+from tests.harness.processes import BIN, ROOT, free_port, wait_until
+from tests.harness.receiver import Received, Receiver
+from tests.harness.servers import Stack, isolated_env
 
 SMALL = encode(scene(64, 48))
 

@@ -19,8 +19,10 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from gateway.jobs import Fleet, Outcome, Result, WorkerInfo, now_ms
-from tests.conftest import RedisServer, encode, free_port, scene
-from tests.jobs_support import directory_store
+from tests.harness.images import encode, scene
+from tests.harness.jobs import directory_store
+from tests.harness.processes import free_port
+from tests.harness.servers import RedisServer
 
 IMAGE = encode(scene(32, 24))
 JPEG = {"Content-Type": "image/jpeg"}

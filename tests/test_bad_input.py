@@ -12,7 +12,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.conftest import Stack, encode, scene
+from tests.harness.images import encode, scene
+from tests.harness.servers import Stack
 
 GOOD = encode(scene(64, 48))
 

@@ -1,5 +1,5 @@
 """The blob store on both of its backends: a local directory, and an S3 API served by a real server process
-(Ceph's RADOS Gateway, tests/s3_server.py), through the same client."""
+(Ceph's RADOS Gateway, tests/harness/s3.py), through the same client."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 
 from gateway.jobs import Blobs, BlobStoreError, BlobStoreFull
 from gateway.settings import Settings
-from tests.jobs_support import directory_blobs
-from tests.s3_server import CephS3
+from tests.harness.jobs import directory_blobs
+from tests.harness.s3 import CephS3
 
 ROOT = Path(__file__).resolve().parent.parent
 

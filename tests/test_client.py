@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from gateway.client import AsyncClient, Client, SegserveError
-from tests.conftest import BIN, ROOT, Stack, encode, scene
+from tests.harness.images import encode, scene
+from tests.harness.processes import BIN, ROOT
+from tests.harness.servers import Stack
 
 
 def test_sync_client_round_trip(stack: Stack, tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ import re
 import httpx
 import yaml
 
-from tests.conftest import ROOT, Stack, encode, scene
+from tests.harness.images import encode, scene
+from tests.harness.processes import ROOT
+from tests.harness.servers import Stack
 
 PROMQL_FUNCTIONS = {"sum", "max", "rate", "by", "histogram_quantile", "clamp_min", "le", "status", "model_name", "job",
                     "instance", "outcome"}  # fmt: skip

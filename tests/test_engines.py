@@ -29,13 +29,13 @@ from gateway.ops.archive import (
     build_archive,
     calibrate_batch_norm,
     export_onnx,
-    load_handler_module,
     model_config,
 )
-from tests.conftest import BIN, ROOT, SEED, encode, scene
-from tests.test_handler import Context, full_size_probabilities, mask_of, run
+from tests.harness.handler import full_size_probabilities, handler_module, make_handler, mask_of, run
+from tests.harness.images import encode, scene
+from tests.harness.processes import BIN, ROOT
+from tests.harness.servers import SEED
 
-handler_module = load_handler_module()
 LARGEST = (6124, 4082)  # 24,998,168 pixels: the largest image DEFAULT_MAX_PIXELS allows, near 3:2
 
 
@@ -48,17 +48,6 @@ def exported_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.save(model.state_dict(), directory / "weights.pth")
     export_onnx("mobilenet_v3_large", directory / "weights.pth", directory / "model.onnx")
     return directory
-
-
-def make_handler(directory: Path, engine: str, **settings: Any) -> Any:
-    context = Context(directory)
-    context.manifest = {
-        "model": {"serializedFile": "model.onnx" if engine in GRAPH_ENGINES else "weights.pth"}
-    }
-    context.model_yaml_config["handler"].update({"engine": engine, "precision": "fp32", **settings})
-    service = handler_module.DeepLabV3Handler()
-    service.initialize(context)
-    return service
 
 
 @pytest.fixture(scope="module")
@@ -358,9 +347,8 @@ MEMORY_PROBE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from tests.conftest import encode, scene
-from tests.test_engines import make_handler
-from tests.test_handler import run
+from tests.harness.images import encode, scene
+from tests.harness.handler import make_handler, run
 
 def resident_mb(field):
     status = Path("/proc/self/status").read_text()

@@ -15,8 +15,10 @@ import pytest
 from arq.constants import in_progress_key_prefix
 
 from gateway.jobs import Outcome, Result
-from tests.conftest import BIN, ROOT, RedisServer, encode, free_port, scene, spawn, stop_process, wait_until
-from tests.jobs_support import directory_store
+from tests.harness.images import encode, scene
+from tests.harness.jobs import directory_store
+from tests.harness.processes import BIN, ROOT, free_port, spawn, stop_process, wait_until
+from tests.harness.servers import RedisServer
 
 IMAGE = encode(scene(32, 24))
 RESULT = Result(32, 24, [{"id": 0, "name": "__background__", "pixels": 768, "fraction": 1.0}])

@@ -15,7 +15,10 @@ import httpx
 import psutil
 
 from gateway.client import Client
-from tests.conftest import Receiver, Stack, encode, free_port, isolated_env, scene, stop_process, wait_until
+from tests.harness.images import encode, scene
+from tests.harness.processes import free_port, stop_process, wait_until
+from tests.harness.receiver import Receiver
+from tests.harness.servers import Stack, isolated_env
 
 SMALL = encode(scene(64, 48))
 

@@ -2,53 +2,18 @@
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from gateway.app.params import VOC_CLASSES
 from gateway.ops.archive import calibrate_batch_norm, load_handler_module
-from tests.conftest import encode, scene
-
-handler_module = load_handler_module()
-
-
-class Context:
-    """What the handler uses of TorchServe's context."""
-
-    def __init__(self, model_dir: Path, headers: list[dict[str, str]] | None = None) -> None:
-        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None, "batch_size": 8}
-        self.manifest = {"model": {"serializedFile": "weights.pth"}}
-        self.model_yaml_config = {
-            "handler": {"variant": "mobilenet_v3_large", "weights": "test", "random_weights": True}
-        }
-        self.headers = headers or []
-        self.status: dict[int, tuple[int, str]] = {}
-        self.metrics = Metrics()
-
-    def get_all_request_header(self, idx: int) -> dict[str, str]:
-        return self.headers[idx] if idx < len(self.headers) else {}
-
-    def get_request_header(self, idx: int, key: str) -> str | None:
-        return self.get_all_request_header(idx).get(key)
-
-    def set_response_status(self, code: int, phrase: str = "", idx: int = 0) -> None:
-        self.status[idx] = (code, phrase)
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        pass
-
-
-class Metrics:
-    def add_time(self, *args: Any, **kwargs: Any) -> None:
-        pass
+from tests.harness.handler import Context, full_size_probabilities, handler_module, mask_of, run
+from tests.harness.images import encode, scene
 
 
 @pytest.fixture(scope="module")
@@ -65,28 +30,6 @@ def handler(model_dir: Path) -> Any:
     service = handler_module.DeepLabV3Handler()
     service.initialize(Context(model_dir))
     return service
-
-
-def run(
-    handler: Any, requests: list[dict[str, Any]], headers: list[dict[str, str]] | None = None
-) -> tuple[list[Any], Context]:
-    context = Context(Path("."), headers)
-    return handler.handle(requests, context), context
-
-
-def mask_of(answer: dict[str, Any]) -> np.ndarray:
-    image = Image.open(io.BytesIO(base64.b64decode(answer["mask_png"])))
-    assert image.mode == "P"
-    return np.asarray(image)
-
-
-def full_size_probabilities(model: Any, transforms: Any, image: Image.Image) -> torch.Tensor:
-    """torchvision's own path: the published transforms, the model, then its logits interpolated bilinearly
-    to the image's size, as the model does inside, and softmax (1 x classes x H x W)."""
-    with torch.inference_mode():
-        logits = model(transforms(image)[None])["out"]
-        full = F.interpolate(logits, size=image.size[::-1], mode="bilinear", align_corners=False)
-        return torch.softmax(full, dim=1)
 
 
 def reference_mask(handler: Any, image: Image.Image) -> np.ndarray:

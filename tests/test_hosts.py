@@ -8,212 +8,46 @@ Needs root (iproute2's `ip netns`); skipped, saying why, where namespaces cannot
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import re
-import secrets
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
 from standardwebhooks import Webhook
 
 from gateway.client import Client, SegserveError
-from tests.conftest import BIN, ROOT, WEBHOOK_SECRET, Received, Receiver, encode, scene, spawn, wait_until
-from tests.test_sentinel import MASTER, primary_address, sentinel_config
+from tests.harness.hosts import (
+    REDIS_PORT,
+    SENTINEL_PORT,
+    redis_client,
+    start_gateway,
+    start_redis,
+    start_sentinel,
+    start_torchserve,
+    start_worker,
+    wait_for_torchserve,
+)
+from tests.harness.images import encode, scene
+from tests.harness.namespaces import Host, Network, namespaces_unavailable
+from tests.harness.processes import wait_until
+from tests.harness.receiver import Received, Receiver
+from tests.harness.sentinel import MASTER, online_replicas, primary_address
+from tests.harness.servers import WEBHOOK_SECRET
 
-REDIS_PORT, SENTINEL_PORT, GATEWAY_PORT = 6379, 26379, 8000
 # The model sees every image with its short side at 520 pixels: square pictures cost the least. A few seeds,
 # so that masks differ.
 IMAGES = [encode(scene(64, 64, seed=seed)) for seed in range(5)]
-LOCK = Path("/tmp/segserve-test-hosts.lock")  # held while a run picks its subnet, so two runs pick two
 JobObject = dict[str, Any]
-
-
-def namespaces_unavailable() -> str | None:
-    """Why network namespaces cannot be made here, or None when they can."""
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    for tool in ("ip", "unshare"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` is not installed (iproute2, util-linux)"
-    probe = f"segserve-probe-{secrets.token_hex(3)}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"`ip netns add` fails here: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-def clean_environment(**settings: str) -> dict[str, str]:
-    """This process's environment without any SEGSERVE_ or TS_ setting of its own, plus ``settings``
-    (``redis_url="..."`` becomes ``SEGSERVE_REDIS_URL``)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEGSERVE_", "TS_"))}
-    env.update({f"SEGSERVE_{name.upper()}": value for name, value in settings.items()})
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-@dataclass
-class Host:
-    """A network namespace with ``address`` on the bridge; ``veth`` is its cable's end at the bridge.
-
-    Its processes run under its own host name (a UTS namespace each), which ``/etc/netns/<netns>/hosts``
-    resolves, as ``ip netns exec`` puts that file in place of /etc/hosts for them."""
-
-    name: str
-    netns: str
-    address: str
-    veth: str
-    directory: Path
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def command(self, *argv: str) -> list[str]:
-        # `ip netns exec` and `unshare` exec, and so does the shell: the process started is argv's own.
-        naming = 'hostname "$0" && exec "$@"'
-        return ["ip", "netns", "exec", self.netns, "unshare", "--uts", "sh", "-c", naming, self.name, *argv]
-
-    def run(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(*argv), capture_output=True, text=True, timeout=timeout)
-
-    def spawn(
-        self, label: str, argv: list[str], env: dict[str, str], cwd: Path | None = None
-    ) -> subprocess.Popen[bytes]:
-        """Start ``argv`` inside this host, in a process group of its own, its output in ``log(label)``."""
-        process = spawn(self.command(*argv), self.log(label), env=env, cwd=cwd or self.directory)
-        self.processes[label] = process
-        return process
-
-    def log(self, label: str) -> Path:
-        return self.directory / f"{label}.log"
-
-    def read_log(self, label: str) -> str:
-        """What the process wrote so far ("" when it never started)."""
-        path = self.log(label)
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def pids(self) -> list[int]:
-        listed = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True, text=True)
-        return [int(pid) for pid in listed.stdout.split()]
-
-    def kill(self) -> None:
-        """SIGKILL every process inside the host, those its processes started included."""
-        for _ in range(100):  # a parent killed mid-fork may leave a child born after the listing
-            pids = self.pids()
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.05)
-        for process in self.processes.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=10)
-
-    def down(self) -> None:
-        """The host vanishes: its cable is pulled first (no goodbye reaches anyone), then it loses power."""
-        ip("link", "set", self.veth, "down")
-        self.kill()
-
-
-class Network:
-    """A bridge on a private /24 of its own, the runner at .1 on it, and hosts joined to it by veth pairs.
-    Every name carries a per-run suffix, so runs side by side (and leftovers of a killed run) never meet."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.suffix = secrets.token_hex(3)
-        self.bridge = f"sgb{self.suffix}"
-        self.hosts: list[Host] = []
-        self.prefix = ""
-        try:
-            with LOCK.open("a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                self.prefix = self.free_prefix()
-                ip("link", "add", self.bridge, "type", "bridge")
-                ip("addr", "add", f"{self.runner_address}/24", "dev", self.bridge)
-                ip("link", "set", self.bridge, "up")
-        except BaseException:
-            self.close()
-            raise
-
-    @staticmethod
-    def free_prefix() -> str:
-        """10.213.N with no address of this machine in it."""
-        used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=True).stdout
-        for n in range(256):
-            if f" 10.213.{n}." not in used:
-                return f"10.213.{n}"
-        raise RuntimeError("every 10.213.N.0/24 is in use")
-
-    @property
-    def runner_address(self) -> str:
-        return f"{self.prefix}.1"
-
-    def add(self, name: str) -> Host:
-        """A new host: its own namespace, loopback up, one address on the bridge, its name resolvable."""
-        number = len(self.hosts) + 2
-        host = Host(
-            name=name,
-            netns=f"segserve-{self.suffix}-{name}",
-            address=f"{self.prefix}.{number}",
-            veth=f"sg{self.suffix}h{number}",
-            directory=self.directory / name,
-        )
-        host.directory.mkdir()
-        self.hosts.append(host)  # before it exists, so close() removes whatever part of it was made
-        hosts_file = Path("/etc/netns") / host.netns / "hosts"
-        hosts_file.parent.mkdir(parents=True)
-        hosts_file.write_text(f"127.0.0.1 localhost\n{host.address} {host.name}\n")
-        ip("netns", "add", host.netns)
-        ip("link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
-        ip("link", "set", host.veth, "master", self.bridge, "up")
-        ip("-n", host.netns, "addr", "add", f"{host.address}/24", "dev", "eth0")
-        ip("-n", host.netns, "link", "set", "eth0", "up")
-        ip("-n", host.netns, "link", "set", "lo", "up")  # 127.0.0.1 inside is the host's own
-        return host
-
-    def close(self) -> None:
-        for host in reversed(self.hosts):
-            host.kill()
-            for args in (("netns", "del", host.netns), ("link", "del", host.veth)):
-                subprocess.run(["ip", *args], capture_output=True)
-            shutil.rmtree(Path("/etc/netns") / host.netns, ignore_errors=True)
-        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
-
-    def tails(self, lines: int = 25) -> str:
-        parts = []
-        for host in self.hosts:
-            for log in sorted(host.directory.glob("*.log")):
-                tail = [line[:300] for line in log.read_text(errors="replace").splitlines()[-lines:]]
-                parts.append(f"----- {host.name} ({host.address}) {log.name} -----\n" + "\n".join(tail))
-        return "\n".join(parts)
-
-    @contextlib.contextmanager
-    def explained(self) -> Iterator[None]:
-        """On failure, print the tail of every process's log, so the report says what each host saw."""
-        try:
-            yield
-        except BaseException:
-            print(self.tails())
-            raise
 
 
 @pytest.fixture
@@ -226,106 +60,6 @@ def network(tmp_path: Path) -> Iterator[Network]:
         yield net
     finally:
         net.close()
-
-
-# What runs on the hosts.
-
-
-def start_redis(host: Host, *options: str) -> None:
-    """redis-server on the host's bridge address, with the AOF on as the session's Redis has it."""
-    host.spawn(
-        "redis",
-        ["redis-server", "--port", str(REDIS_PORT), "--bind", host.address, "--dir", str(host.directory),
-         "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no", *options],
-        clean_environment(),
-    )  # fmt: skip
-    wait_until(lambda: redis_client(host).ping(), 30, f"redis-server on {host.name}")
-
-
-def redis_client(host: Host, port: int = REDIS_PORT) -> redis.Redis:
-    return redis.Redis(host=host.address, port=port, socket_connect_timeout=1, socket_timeout=5)
-
-
-def start_sentinel(host: Host, primary: Host) -> None:
-    conf = host.directory / "sentinel.conf"  # Sentinel rewrites it with what it learns
-    conf.write_text(
-        sentinel_config(SENTINEL_PORT, host.address, host.directory, (primary.address, REDIS_PORT))
-        + "protected-mode no\n"
-    )
-    host.spawn("sentinel", ["redis-server", str(conf), "--sentinel"], clean_environment())
-
-
-def unused_socket_port() -> int:
-    """TorchServe's backends listen on unix sockets, /tmp/.ts.sock.<port>: paths, which namespaces share,
-    so each TorchServe needs ports of its own there (one per backend worker)."""
-    while True:
-        port = 40000 + secrets.randbelow(20000)
-        if not any(Path(f"/tmp/.ts.sock.{port + n}").exists() for n in range(8)):
-            return port
-
-
-def start_torchserve(host: Host, model_store: Path) -> Path:
-    """TorchServe from the project's config.properties, on the host's own 127.0.0.1:8080/8081 (the same
-    ports on every host: loopback is private to each). Returns its key file."""
-    directory = host.directory / "torchserve"
-    directory.mkdir()
-    config = (ROOT / "config.properties").read_text() + f"\ninitial_worker_port={unused_socket_port()}\n"
-    (directory / "config.properties").write_text(config)
-    host.spawn(
-        "torchserve",
-        [str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", "config.properties",
-         "--model-store", str(model_store), "--models", "deeplabv3=deeplabv3.mar"],
-        {**clean_environment(), "LOG_LOCATION": str(directory / "logs"), "TMPDIR": str(directory)},
-        cwd=directory,
-    )  # fmt: skip
-    return directory / "key_file.json"  # TorchServe writes its tokens into its working directory
-
-
-# Asked from inside the host: its TorchServe answers nobody else.
-READY_PROBE = """
-import json, sys, httpx
-key = json.load(open(sys.argv[1]))["management"]["key"]
-answer = httpx.get("http://127.0.0.1:8081/models/deeplabv3", headers={"Authorization": "Bearer " + key}, timeout=5)
-sys.exit(0 if answer.status_code == 200 and any(w["status"] == "READY" for w in answer.json()[0]["workers"]) else 1)
-"""
-
-
-def wait_for_torchserve(host: Host, key_file: Path) -> None:
-    def ready() -> bool:
-        return (
-            key_file.exists()
-            and host.run(str(BIN / "python"), "-c", READY_PROBE, str(key_file)).returncode == 0
-        )
-
-    wait_until(ready, 300, f"{host.name}'s TorchServe")
-
-
-def start_worker(host: Host, key_file: Path, **settings: str) -> subprocess.Popen[bytes]:
-    """`segserve worker` against its host's own TorchServe, started in a directory of its own: it needs no
-    file of the checkout."""
-    env = clean_environment(
-        torchserve_url="http://127.0.0.1:8080",
-        torchserve_management_url="http://127.0.0.1:8081",
-        torchserve_key_file=str(key_file),
-        # A try may take 20 s: at half speed a request can wait behind a whole batch in TorchServe's queue.
-        # Job timeout 25 s, so a dead host's jobs run again 35 s later (arq's in-progress key).
-        inference_timeout="20",
-        **settings,
-    )
-    return host.spawn("worker", [str(BIN / "segserve"), "worker"], env)
-
-
-def start_gateway(host: Host, **settings: str) -> str:
-    """uvicorn on the host's bridge address, with the job store's settings only (no TorchServe on its host)."""
-    host.spawn(
-        "gateway",
-        [str(BIN / "uvicorn"), "gateway.app:app", "--host", host.address, "--port", str(GATEWAY_PORT),
-         "--log-level", "warning"],
-        clean_environment(**settings),
-    )  # fmt: skip
-    url = f"http://{host.address}:{GATEWAY_PORT}"
-    wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, 60, "the gateway")
-    return url
 
 
 def live_workers(url: str) -> set[tuple[str, int]]:
@@ -586,8 +320,7 @@ def start_replicated_redis(network: Network) -> list[Host]:
 
     def replicas_online() -> bool:
         with redis_client(primary) as client:
-            info = client.info("replication")
-        return sum(info.get(f"slave{n}", {}).get("state") == "online" for n in range(2)) == 2
+            return online_replicas(client) == 2
 
     wait_until(replicas_online, 60, "both replicas in sync")
     for host in hosts:

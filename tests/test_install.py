@@ -11,7 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import BIN, ROOT, RedisServer, encode, free_port, scene, spawn, stop_process, wait_until
+from tests.harness.images import encode, scene
+from tests.harness.processes import BIN, ROOT, free_port, spawn, stop_process, wait_until
+from tests.harness.servers import RedisServer
 
 LOCAL_ONLY = (
     ".git",

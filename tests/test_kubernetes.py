@@ -1,9 +1,6 @@
-"""deploy/kubernetes renders, as kustomize renders it, to objects that Kubernetes, KEDA and the Prometheus
+"""deploy/kubernetes renders, with `kubectl kustomize`, to objects that Kubernetes, KEDA and the Prometheus
 operator accept, and that keep segserve's promises: only the gateway is reachable, TorchServe stays on its
 pod's loopback, the workers scale from zero on arq's queue and finish their jobs when stopped.
-
-There is no kustomize here: ``render`` does what kustomize does with exactly what our kustomizations use
-(resources, a namespace, JSON6902 patches, images) and refuses anything else, so it cannot drift from it.
 """
 
 from __future__ import annotations
@@ -19,14 +16,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import jsonpatch
 import kubernetes_validate
 import pytest
 import yaml
 from arq.constants import default_queue_name
 
 from gateway.settings import Settings
-from tests.conftest import ROOT
+from tests.harness.processes import ROOT
 
 DEPLOY = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ("cpu", "gpu")
@@ -57,96 +53,24 @@ SETTINGS = {f"SEGSERVE_{f.name.upper()}" for f in fields(Settings)}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The renderer
-
-
-class Unsupported(ValueError):
-    """Something kustomize may do that this renderer does not: the test fails instead of guessing."""
-
-
-KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "resources", "patches", "images"}
-PATCH_KEYS = {"path", "target"}
-TARGET_KEYS = {"group", "version", "kind", "name"}
-IMAGE_KEYS = {"name", "newName", "newTag"}
-# The kinds our manifests use, and so the only ones whose namespace handling the renderer knows.
-NAMESPACED_KINDS = {
-    "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Ingress", "NetworkPolicy", "PodDisruptionBudget",
-    "ScaledObject", "Secret", "Service", "ServiceMonitor", "StatefulSet", "TriggerAuthentication",
-}  # fmt: skip
+# Rendering
 
 
 def render(directory: Path) -> list[dict[str, Any]]:
-    """What ``kustomize build directory`` prints, as objects."""
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    if unknown := set(kustomization) - KUSTOMIZATION_KEYS:
-        raise Unsupported(f"{directory}: kustomization fields the renderer does not know: {sorted(unknown)}")
-    if (kustomization.get("apiVersion"), kustomization.get("kind")) != (
-        "kustomize.config.k8s.io/v1beta1",
-        "Kustomization",
-    ):
-        raise Unsupported(f"{directory}: not a kustomize.config.k8s.io/v1beta1 Kustomization")
-    objects = [obj for entry in kustomization.get("resources", []) for obj in load(directory, entry)]
-    if namespace := kustomization.get("namespace"):
-        for obj in objects:
-            # kustomize names the Namespace object itself after it too.
-            obj["metadata"]["name" if obj["kind"] == "Namespace" else "namespace"] = namespace
-    for patch in kustomization.get("patches", []):
-        apply_patch(directory, patch, objects)
-    for image in kustomization.get("images", []):
-        set_image(image, objects)
-    return objects
+    """What ``kubectl kustomize directory`` prints, as objects."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is needed to render the overlays (`kubectl kustomize`, kustomize v5)")
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr}"
+    return [obj for obj in yaml.safe_load_all(result.stdout) if obj is not None]
 
 
-def load(directory: Path, entry: str) -> list[dict[str, Any]]:
-    """The objects of one entry of ``resources``: a file of them, or another kustomization."""
-    path = (directory / entry).resolve()
-    if path.is_dir():
-        return render(path)
-    if not path.is_file():
-        raise Unsupported(f"{directory}: resource {entry} does not exist")
-    objects = [o for o in yaml.safe_load_all(path.read_text()) if o is not None]
-    for obj in objects:
-        if obj["kind"] != "Namespace" and obj["kind"] not in NAMESPACED_KINDS:
-            raise Unsupported(f"the renderer does not know how kustomize treats a {obj['kind']}")
-    return objects
-
-
-def apply_patch(directory: Path, patch: dict[str, Any], objects: list[dict[str, Any]]) -> None:
-    if set(patch) != PATCH_KEYS or set(patch["target"]) - TARGET_KEYS:
-        raise Unsupported(
-            f"{directory}: only patches with a path and a group/version/kind/name target: {patch}"
-        )
-    operations = yaml.safe_load((directory / patch["path"]).read_text())
-    if not isinstance(operations, list):
-        raise Unsupported(f"{patch['path']}: only JSON6902 patches (a list of operations)")
-    matches = [i for i, obj in enumerate(objects) if matches_target(obj, patch["target"])]
-    if len(matches) != 1:
-        raise Unsupported(f"{patch['path']}: its target matches {len(matches)} objects, not one")
-    objects[matches[0]] = jsonpatch.apply_patch(objects[matches[0]], operations)
-
-
-def matches_target(obj: dict[str, Any], target: dict[str, str]) -> bool:
-    group, _, version = obj["apiVersion"].rpartition("/")
-    found = {"group": group, "version": version, "kind": obj["kind"], "name": obj["metadata"]["name"]}
-    return all(found[key] == value for key, value in target.items())
-
-
-def split_image(image: str) -> tuple[str, str]:
-    """(name, tag) of ``registry:port/name:tag``; digests are refused."""
-    if "@" in image:
-        raise Unsupported(f"image {image}: digests are not rendered")
+def image_name(image: str) -> str:
+    """``registry:port/name`` of ``registry:port/name:tag``."""
     name, _, tag = image.rpartition(":")
-    return (name, tag) if name and "/" not in tag else (image, "")
-
-
-def set_image(rule: dict[str, str], objects: list[dict[str, Any]]) -> None:
-    if set(rule) - IMAGE_KEYS or "name" not in rule:
-        raise Unsupported(f"images: only name, newName and newTag: {rule}")
-    for container in all_containers(objects):
-        name, tag = split_image(container["image"])
-        if name == rule["name"]:
-            name, tag = rule.get("newName", name), rule.get("newTag", tag)
-            container["image"] = f"{name}:{tag}" if tag else name
+    return name if name and "/" not in tag else image
 
 
 def all_containers(objects: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -253,33 +177,7 @@ def rendered(overlay: tuple[str, Rendered]) -> Rendered:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The renderer refuses what it does not know
-
-
-@pytest.mark.parametrize(
-    "kustomization",
-    [
-        {"commonLabels": {"a": "b"}},
-        {"patches": [{"path": "p.yaml", "target": {"kind": "ConfigMap", "labelSelector": "a=b"}}]},
-        {"patches": [{"patch": "[]", "target": {"kind": "ConfigMap"}}]},
-        {"images": [{"name": "segserve", "digest": "sha256:00"}]},
-        {"resources": ["secret-generator.yaml"]},
-    ],
-)
-def test_the_renderer_refuses_what_it_does_not_render(tmp_path: Path, kustomization: dict[str, Any]) -> None:
-    (tmp_path / "p.yaml").write_text("[]")
-    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n")
-    (tmp_path / "secret-generator.yaml").write_text(
-        "apiVersion: v1\nkind: ClusterRole\nmetadata: {name: a}\n"
-    )
-    base = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": ["cm.yaml"],
-    }
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({**base, **kustomization}))
-    with pytest.raises(Unsupported):
-        render(tmp_path)
+# Patches
 
 
 def test_patches_apply_to_the_right_containers() -> None:
@@ -291,6 +189,22 @@ def test_patches_apply_to_the_right_containers() -> None:
         }
         tested = {op["path"].split("/")[5] for op in patch if op["op"] == "test"}
         assert indexed <= tested, f"{name}: an init container is patched by index without a test of its name"
+
+
+def test_every_patch_targets_one_object(overlay: tuple[str, Rendered]) -> None:
+    """kustomize applies a patch to whatever its target matches, and to nothing without a word: a renamed
+    object would leave the overlay's patch unapplied."""
+    name, rendered = overlay
+    kustomization = yaml.safe_load((DEPLOY / "overlays" / name / "kustomization.yaml").read_text())
+    for patch in kustomization["patches"]:
+        matching = [obj for obj in rendered.objects if targeted(obj, patch["target"])]
+        assert len(matching) == 1, f"{name}: {patch['path']} targets {len(matching)} objects, not one"
+
+
+def targeted(obj: dict[str, Any], target: dict[str, str]) -> bool:
+    group, _, version = obj["apiVersion"].rpartition("/")
+    found = {"group": group, "version": version, "kind": obj["kind"], "name": obj["metadata"]["name"]}
+    return all(found.get(key) == value for key, value in target.items())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -332,17 +246,53 @@ def npm_schemas() -> Path:
     return NPM_CACHE
 
 
-# Builds each object with its package's model class and validates it with the package's schema.
+# Builds each object with its package's model class and runs the package's own validator on it. That
+# validator accepts fields its schema does not declare (as the API server does, before it prunes them), so a
+# misspelt field would pass, and be dropped quietly. But it reads each field its schema declares, every key
+# of a map, and nothing else: it runs on a view of the object that notes what it reads, and a field it never
+# read, in an object it did look into, is one the schema does not have.
 VALIDATE_JS = """
 import { readFileSync } from "node:fs";
+
+function watched(value, reads) {
+  if (value === null || typeof value !== "object") return value;
+  return new Proxy(value, {
+    get(target, key) {
+      if (typeof key === "string") {
+        if (!reads.has(target)) reads.set(target, new Set());
+        reads.get(target).add(key);
+      }
+      return watched(target[key], reads);
+    },
+  });
+}
+
+function* undeclared(value, reads, path) {
+  if (value === null || typeof value !== "object") return;
+  const read = reads.get(value);
+  for (const [key, item] of Object.entries(value)) {
+    const at = Array.isArray(value) ? `${path}[${key}]` : path ? `${path}.${key}` : key;
+    if (read && !Array.isArray(value) && !read.has(key)) {
+      yield `${at}: not a field (the schema has ${[...read].sort().join(", ")})`;
+    } else {
+      yield* undeclared(item, reads, at);
+    }
+  }
+}
+
 const objects = JSON.parse(readFileSync(0, "utf8"));
 const failures = [];
 for (const { module, kind, object } of objects) {
   const models = await import(module);
+  const model = new models[kind](object);
+  const reads = new WeakMap();
   try {
-    new models[kind](object).validate();
+    model.validate.call(watched(model, reads));
   } catch (error) {
     failures.push(`${kind}/${object.metadata.name}: ${error.message}`);
+  }
+  for (const problem of undeclared(model, reads, "")) {
+    failures.push(`${kind}/${object.metadata.name}: ${problem}`);
   }
 }
 console.log(JSON.stringify(failures));
@@ -357,7 +307,6 @@ def test_custom_objects_are_valid_for_keda_and_the_prometheus_operator(
         if (key := (obj["apiVersion"], obj["kind"])) in CUSTOM_KINDS:
             package, group_version = CUSTOM_KINDS[key]
             batch.append({"module": f"{package}/{group_version}", "kind": obj["kind"], "object": obj})
-            check_declared_fields(npm_schemas / "node_modules" / package / group_version, obj)
     assert {o["kind"] for o in batch} == {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
     result = subprocess.run(
         ["node", "--input-type=module", "-e", VALIDATE_JS],
@@ -370,65 +319,6 @@ def test_custom_objects_are_valid_for_keda_and_the_prometheus_operator(
     assert result.returncode == 0, result.stderr
     failures = json.loads(result.stdout)
     assert not failures, "\n".join(failures)
-
-
-def check_declared_fields(models: Path, obj: dict[str, Any]) -> None:
-    """Every field of the object is one its model declares. The schemas behind ``validate()`` accept unknown
-    fields, as the API server does before it prunes them: a misspelt field would be dropped quietly."""
-    for path, problem in undeclared(obj, models / f"{obj['kind']}.d.ts", obj["kind"]):
-        pytest.fail(f"{obj['metadata']['name']}: {path}: {problem}")
-
-
-def declared_interface(dts: Path) -> tuple[dict[str, str], dict[str, Path]] | None:
-    """({field: type} of the first interface in a model's .d.ts file, {type: the .d.ts file it is in}), or
-    None for a type that is no object (``export type IDuration = string``)."""
-    text = re.sub(r"/\*.*?\*/", "", dts.read_text(), flags=re.S)
-    imports = {
-        name: dts.parent / f"{stem}.d.ts"
-        for name, stem in re.findall(r'import \{ (\w+) \} from "\./(\w+)\.js";', text)
-    }
-    start = re.search(r"export interface I\w+(?: extends [\w, ]+)? \{", text)
-    if start is None:  # `export type IThis = IThat`: IThat's fields
-        alias = re.search(r"export type I\w+ = ([^;]+);", text)
-        assert alias is not None, f"neither an interface nor a type: {dts}"
-        return declared_interface(imports[alias.group(1)]) if alias.group(1) in imports else None
-    fields_, depth, member = {}, 0, ""
-    for char in text[start.end() :]:
-        if char == "}" and depth == 0:
-            break
-        depth += {"{": 1, "}": -1, "<": 1, ">": -1}.get(char, 0)
-        if char == ";" and depth == 0:
-            # `"name"?: type`, where a type may span lines and hold braces.
-            if m := re.fullmatch(r'\s*"([^"]+)"\??:\s*(.*)', member, re.S):
-                fields_[m.group(1)] = " ".join(m.group(2).split())
-            member = ""
-        else:
-            member += char
-    return fields_, imports
-
-
-def undeclared(value: Any, dts: Path, path: str) -> Iterator[tuple[str, str]]:
-    """(path, problem) for each field of ``value`` that the interface in ``dts`` (and those it uses from its
-    own package) does not declare. Types from other packages (ObjectMeta, LabelSelector) are not followed."""
-    declared = declared_interface(dts)
-    if declared is None:
-        return
-    interface, imports = declared
-    if not isinstance(value, dict):
-        yield path, "not an object"
-        return
-    for key, item in value.items():
-        if key not in interface:
-            yield f"{path}.{key}", f"not a field (the model has {sorted(interface)})"
-            continue
-        kind = interface[key]
-        many = kind.startswith("Array<")
-        kind = kind.removeprefix("Array<").removesuffix(">")
-        if kind in imports:
-            for n, element in enumerate(item if many else [item]):
-                yield from undeclared(
-                    element, imports[kind], f"{path}.{key}[{n}]" if many else f"{path}.{key}"
-                )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -911,9 +801,7 @@ def test_images_are_set_by_the_overlays(overlay: tuple[str, Rendered]) -> None:
     (rule,) = kustomization["images"]
     expected = f"{rule['newName']}:{rule['newTag']}"
     base = [
-        c["image"]
-        for c in all_containers(render(DEPLOY / "base"))
-        if split_image(c["image"])[0] == "segserve"
+        c["image"] for c in all_containers(render(DEPLOY / "base")) if image_name(c["image"]) == "segserve"
     ]
     assert set(base) == {"segserve:latest"}
     ours = [c for c in all_containers(rendered.objects) if not c["image"].startswith("redis:")]

@@ -25,7 +25,9 @@ from gateway.ops.archive import (
 from gateway.ops.launcher import REDIS_MAXMEMORY, stack
 from gateway.settings import Settings, env_table
 from gateway.webhooks import signing_key
-from tests.conftest import BIN, ROOT, encode, free_port, scene, side_by_side_env, wait_until
+from tests.harness.images import encode, scene
+from tests.harness.processes import BIN, ROOT, free_port, wait_until
+from tests.harness.servers import side_by_side_env
 
 
 def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from tests.conftest import Stack, encode, scene
+from tests.harness.images import encode, scene
+from tests.harness.servers import Stack
 
 SECONDS, CLIENTS = 45, 50
 Kind = tuple[str, Callable[[int], tuple[bytes, str]], int, str | None]

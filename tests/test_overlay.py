@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from gateway.worker.overlay import BAND_ROWS, draw_overlay
-from tests.conftest import encode, scene
+from tests.harness.images import encode, scene
 
 
 def test_the_overlay_blends_class_colours_over_the_image_and_leaves_background() -> None:

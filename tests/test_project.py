@@ -6,7 +6,7 @@ import re
 import subprocess
 
 from gateway.settings import env_table
-from tests.conftest import BIN, ROOT
+from tests.harness.processes import BIN, ROOT
 
 
 def test_readme_documents_every_setting() -> None:

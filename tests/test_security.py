@@ -11,7 +11,9 @@ import httpx
 from gateway.app.web import load_api_keys
 from gateway.jobs.store import new_job_id
 from gateway.settings import Settings
-from tests.conftest import Stack, encode, free_port, scene
+from tests.harness.images import encode, scene
+from tests.harness.processes import free_port
+from tests.harness.servers import Stack
 
 SMALL = encode(scene(48, 32))
 

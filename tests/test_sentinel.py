@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -17,99 +15,18 @@ import pytest
 
 from gateway.client import Client, SegserveError
 from gateway.jobs import NotReplicated
-from tests.conftest import (
-    RedisServer,
-    Stack,
-    TorchServeServer,
-    encode,
-    free_port,
-    scene,
-    stack_env,
-    stop_process,
-    wait_until,
-)
-from tests.jobs_support import directory_store, submit
+from tests.harness.images import encode, scene
+from tests.harness.jobs import directory_store, submit
+from tests.harness.processes import wait_until
+from tests.harness.sentinel import MASTER, ReplicatedRedis
+from tests.harness.servers import Stack, TorchServeServer, stack_env
 
 IMAGE = encode(scene(48, 36))
-MASTER = "segserve"
-
-
-def sentinel_config(port: int, bind: str, directory: Path, primary: tuple[str, int]) -> str:
-    """A sentinel of three (quorum 2) watching ``primary``: it calls the primary down after 1 s of silence, so
-    a failover takes seconds, not the default minute."""
-    host, primary_port = primary
-    return (
-        f"port {port}\nbind {bind}\ndir {directory}\n"
-        f"sentinel monitor {MASTER} {host} {primary_port} 2\n"
-        f"sentinel down-after-milliseconds {MASTER} 1000\n"
-        f"sentinel failover-timeout {MASTER} 10000\n"
-    )
-
-
-def primary_address(host: str, port: int) -> tuple[str, int]:
-    """The primary that the sentinel at ``host:port`` names now."""
-    import redis
-
-    with redis.Redis(host=host, port=port, socket_connect_timeout=1, socket_timeout=2) as sentinel:
-        address, primary_port = sentinel.execute_command("SENTINEL", "get-master-addr-by-name", MASTER)
-    return address.decode(), int(primary_port)
-
-
-@dataclass
-class ReplicatedRedis:
-    """A primary, two replicas (so that one is left to confirm writes after a failover), and three sentinels
-    watching them."""
-
-    primary: RedisServer
-    replicas: list[RedisServer]
-    sentinel_ports: list[int]
-    sentinels: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    @property
-    def addresses(self) -> str:
-        return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
-
-    def start_sentinels(self, directory: Path) -> None:
-        for port in self.sentinel_ports:
-            conf = directory / f"sentinel-{port}.conf"
-            conf.write_text(sentinel_config(port, "127.0.0.1", directory, ("127.0.0.1", self.primary.port)))
-            self.sentinels.append(
-                subprocess.Popen(
-                    ["redis-server", str(conf), "--sentinel"],
-                    stdout=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            )
-
-    def primary_port(self) -> int:
-        return primary_address("127.0.0.1", self.sentinel_ports[0])[1]
-
-    def stop(self) -> None:
-        # SIGKILL: on SIGTERM a primary waits up to 10 s for replicas that are already gone.
-        processes = [*self.sentinels, *(s.process for s in (*self.replicas, self.primary) if s.process)]
-        for process in processes:
-            stop_process(process, signal.SIGKILL)
 
 
 @pytest.fixture
 def replicated(redis_binary: str, tmp_path: Path) -> Iterator[ReplicatedRedis]:
-    (tmp_path / "primary").mkdir()
-    primary = RedisServer(free_port(), tmp_path / "primary")
-    primary.start()
-    replicas = []
-    for n in range(2):
-        (tmp_path / f"replica{n}").mkdir()
-        replicas.append(RedisServer(free_port(), tmp_path / f"replica{n}",
-                                    options=("--replicaof", "127.0.0.1", str(primary.port))))  # fmt: skip
-        replicas[-1].start()
-
-    def online() -> int:
-        replication = primary.client().info("replication")
-        return sum(replication.get(f"slave{n}", {}).get("state") == "online" for n in range(2))
-
-    wait_until(lambda: online() == 2, 30, "the replicas to sync")
-    servers = ReplicatedRedis(primary, replicas, [free_port() for _ in range(3)])
-    servers.start_sentinels(tmp_path)
+    servers = ReplicatedRedis.start(tmp_path)
     yield servers
     servers.stop()
 

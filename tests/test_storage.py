@@ -18,8 +18,9 @@ from starlette.testclient import TestClient
 
 from gateway.jobs import JobStore, Outcome, Result, keys
 from gateway.settings import Settings
-from tests.conftest import RedisServer, encode, scene
-from tests.s3_server import CephS3
+from tests.harness.images import encode, scene
+from tests.harness.s3 import CephS3
+from tests.harness.servers import RedisServer
 
 JPEG = {"Content-Type": "image/jpeg"}
 RESULT = Result(640, 480, [{"id": 0, "name": "__background__", "pixels": 307200, "fraction": 1.0}])

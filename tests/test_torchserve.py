@@ -20,10 +20,11 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from gateway.ops.archive import load_handler_module, load_model, prepare_weights
-from tests.conftest import SEED, Stack, TorchServeServer, encode, scene, wait_until
-
-handler_module = load_handler_module()
+from gateway.ops.archive import load_model, prepare_weights
+from tests.harness.handler import handler_module
+from tests.harness.images import encode, scene
+from tests.harness.processes import wait_until
+from tests.harness.servers import SEED, Stack, TorchServeServer
 
 
 def predict(ts: TorchServeServer, body: bytes, **headers: str) -> httpx.Response:

@@ -27,9 +27,12 @@ from gateway.jobs import Job, JobStatus, JobStore, Outcome, Result
 from gateway.settings import Settings
 from gateway.webhooks import signing_key
 from gateway.worker.deliveries import Deliverer
-from tests.conftest import WEBHOOK_SECRET, Receiver, RedisServer, encode, free_port, scene
-from tests.jobs_support import directory_store
-from tests.jobs_support import submit as submit_image
+from tests.harness.images import encode, scene
+from tests.harness.jobs import directory_store
+from tests.harness.jobs import submit as submit_image
+from tests.harness.processes import free_port
+from tests.harness.receiver import Receiver
+from tests.harness.servers import WEBHOOK_SECRET, RedisServer
 
 IMAGE = encode(scene(32, 24))
 RESULT = Result(32, 24, [{"id": 0, "name": "__background__", "pixels": 768, "fraction": 1.0}])

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import free_port, spawn, stop_process, wait_until
+from tests.harness.processes import free_port, spawn, stop_process, wait_until
 
 ACCESS_KEY = "SEGSERVETESTS0000KEY"
 SECRET_KEY = "segserve-tests-secret-key-not-a-secret-00"
