@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.jobs import Blobs
 from gateway.settings import Settings
-from tests.s3_server import ACCESS_KEY, REGION, SECRET_KEY, CephS3
+from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, CephS3
 
 SMALL, LARGE = 100_000, 20_000_000  # a photo-sized input, and the largest a submission may be
 CONCURRENCY = 32

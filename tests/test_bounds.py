@@ -24,8 +24,10 @@ import pytest
 import redis
 from PIL import Image
 
-from tests.conftest import BIN, ROOT, encode, free_port, side_by_side_env, wait_until
-from tests.s3_server import CephS3
+from tests.harness.images import encode
+from tests.harness.processes import BIN, ROOT, free_port, wait_until
+from tests.harness.s3 import CephS3
+from tests.harness.servers import side_by_side_env
 
 MiB = 1 << 20
 STORE_BYTES = 900 * MiB  # the blob directory: a filesystem of its own this large

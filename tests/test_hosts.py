@@ -41,6 +41,7 @@ from tests.harness.images import encode, scene
 from tests.harness.namespaces import Host, Network, namespaces_unavailable
 from tests.harness.processes import wait_until
 from tests.harness.receiver import Received, Receiver
+from tests.harness.s3 import CephS3
 from tests.harness.sentinel import MASTER, online_replicas, primary_address
 from tests.harness.servers import WEBHOOK_SECRET
 
@@ -60,6 +61,25 @@ def network(tmp_path: Path) -> Iterator[Network]:
         yield net
     finally:
         net.close()
+
+
+@pytest.fixture
+def blob_store(network: Network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """The hosts' blob store: an S3 API server (Ceph's RGW) on the runner's address, as a bucket service
+    outside the cluster would be; the settings that point gateways and workers at it."""
+    ceph = CephS3(tmp_path / "ceph", address=network.runner_address)
+    ceph.start()
+    try:
+        env = ceph.env(ceph.bucket("hosts"))
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # every host's processes inherit them
+            monkeypatch.setenv(name, env[name])
+        yield {
+            name.removeprefix("SEGSERVE_").lower(): value
+            for name, value in env.items()
+            if name.startswith("SEGSERVE_")
+        }
+    finally:
+        ceph.stop()
 
 
 def live_workers(url: str) -> set[tuple[str, int]]:
@@ -116,7 +136,7 @@ class TwoWorkerHosts:
     workers: dict[str, int]  # host -> its worker's pid
 
 
-def start_two_worker_hosts(network: Network, model_store: Path) -> TwoWorkerHosts:
+def start_two_worker_hosts(network: Network, model_store: Path, blob_store: dict[str, str]) -> TwoWorkerHosts:
     store, a, b, gateway = (network.add(name) for name in ("redis", "worker-a", "worker-b", "gateway"))
     start_redis(store)
     key_files = {host.name: start_torchserve(host, model_store) for host in (a, b)}  # both start at once
@@ -126,6 +146,7 @@ def start_two_worker_hosts(network: Network, model_store: Path) -> TwoWorkerHost
         "redis_url": f"redis://{store.address}:{REDIS_PORT}/0",
         "webhook_secret": WEBHOOK_SECRET,
         "allowed_url_hosts": network.runner_address,  # the runner's receiver, on a private address
+        **blob_store,
     }
     workers = {
         host.name: start_worker(
@@ -246,14 +267,14 @@ def assert_b_took_over(
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # 500 inferences on a shared 2-core CPU; the deadlines inside hold at half speed
 def test_a_worker_host_goes_down_mid_run_and_the_live_one_takes_over(
-    network: Network, model_store: Path
+    network: Network, model_store: Path, blob_store: dict[str, str]
 ) -> None:
     """Redis on one host; TorchServe with a worker on two others; the gateway on a fourth. 500 jobs are
     submitted, and once 100 have ended, worker host A goes down (link pulled, every process SIGKILLed).
     Every job ends exactly once, succeeded, and host B finishes what A was running."""
     total, ended_before_kill = 500, 100
     with network.explained():
-        hosts = start_two_worker_hosts(network, model_store)
+        hosts = start_two_worker_hosts(network, model_store, blob_store)
         a, b, url = hosts.a, hosts.b, hosts.url
         events = CompletionEvents(
             network.runner_address, httpx.get(f"{url}/v1/webhooks/secret").json()["key"]
@@ -370,7 +391,7 @@ class Load:
 
 @pytest.mark.slow
 def test_the_redis_primary_killed_under_load_loses_no_accepted_job(
-    network: Network, model_store: Path
+    network: Network, model_store: Path, blob_store: dict[str, str]
 ) -> None:
     """Redis's primary on one host, a replica on each of two more, a sentinel beside each; TorchServe and a
     worker on a fourth host, the gateway on a fifth, both finding the primary through the sentinels. The
@@ -386,6 +407,7 @@ def test_the_redis_primary_killed_under_load_loses_no_accepted_job(
             "redis_url": f"redis://{primary.address}:{REDIS_PORT}/0",
             "redis_sentinels": ",".join(f"{host.address}:{SENTINEL_PORT}" for host in redis_hosts),
             "redis_sentinel_master": MASTER,
+            **blob_store,
         }
         worker = start_worker(worker_host, key_file, max_attempts="50", **common)
         url = start_gateway(gateway, redis_min_replicas="1", **common)  # a 202 means a replica has the job

@@ -27,10 +27,10 @@ REGION = "us-east-1"
 # its first start: ~20 s with Ceph's defaults, ~6 s so).
 CONFIG = """[global]
 fsid = {fsid}
-mon host = v2:127.0.0.1:{monitor_port}
+mon host = v2:{address}:{monitor_port}
 mon initial members = a
-public addr = 127.0.0.1
-cluster addr = 127.0.0.1
+public addr = {address}
+cluster addr = {address}
 auth cluster required = none
 auth service required = none
 auth client required = none
@@ -68,7 +68,7 @@ osd max object name len = 460
 osd max object namespace len = 64
 [client.rgw]
 rgw data = {directory}/rgw
-rgw frontends = beast endpoint=127.0.0.1:{gateway_port}
+rgw frontends = beast endpoint={address}:{gateway_port}
 rgw enable usage log = false
 """
 
@@ -77,13 +77,14 @@ rgw enable usage log = false
 class CephS3:
     directory: Path
     memory_bytes: int = 2 << 30  # what its object store may hold
+    address: str = "127.0.0.1"  # where it listens: loopback, or a network's address for other hosts
     monitor_port: int = field(default_factory=free_port)
     gateway_port: int = field(default_factory=free_port)
     daemons: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.gateway_port}"
+        return f"http://{self.address}:{self.gateway_port}"
 
     @property
     def config(self) -> Path:
@@ -95,10 +96,10 @@ class CephS3:
         fsid = str(uuid.uuid4())
         self.config.write_text(
             CONFIG.format(fsid=fsid, directory=self.directory, monitor_port=self.monitor_port,
-                          gateway_port=self.gateway_port, memory_bytes=self.memory_bytes)
+                          gateway_port=self.gateway_port, memory_bytes=self.memory_bytes, address=self.address)
         )  # fmt: skip
         monmap = self.directory / "monmap"
-        self.run("monmaptool", "--create", "--fsid", fsid, "--addv", "a", f"[v2:127.0.0.1:{self.monitor_port}]",
+        self.run("monmaptool", "--create", "--fsid", fsid, "--addv", "a", f"[v2:{self.address}:{self.monitor_port}]",
                  str(monmap))  # fmt: skip
         self.run("ceph-authtool", "--create-keyring", str(self.directory / "keyring"), "--gen-key", "-n", "mon.",
                  "--cap", "mon", "allow *")  # fmt: skip
