@@ -138,19 +138,31 @@ def test_a_full_store_refuses_new_work_and_redis_holds_only_metadata(up: Up) -> 
     succeeded, exactly once."""
     image = large_png(20)
     accepted: list[str] = []
-    refusal = None
+    refusals: list[httpx.Response] = []
+    lock, full = threading.Lock(), threading.Event()
     with up.redis() as r, httpx.Client(base_url=up.url, timeout=120) as client:
         before = int(r.info("memory")["used_memory"])
         grown_while_waiting = 0
-        for _ in range(80):
-            answer = client.post("/v1/jobs", content=image, headers={"Content-Type": "image/png"})
-            if answer.status_code != 202:
-                refusal = answer
-                break
-            accepted.append(answer.json()["id"])
-            if len(accepted) == 40:
-                grown_while_waiting = int(r.info("memory")["used_memory"]) - before
-        assert refusal is not None and len(accepted) >= 40, (len(accepted), refusal)
+
+        def submit_until_full(_: int) -> None:
+            """Sixteen clients at once, faster than the workers drain the queue, so that it fills."""
+            nonlocal grown_while_waiting
+            with httpx.Client(base_url=up.url, timeout=120) as own:
+                while not full.is_set() and len(accepted) < 400:
+                    answer = own.post("/v1/jobs", content=image, headers={"Content-Type": "image/png"})
+                    with lock:
+                        if answer.status_code != 202:
+                            refusals.append(answer)
+                            full.set()
+                            continue
+                        accepted.append(answer.json()["id"])
+                        if len(accepted) == 40:
+                            grown_while_waiting = int(r.info("memory")["used_memory"]) - before
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(submit_until_full, range(16)))
+        assert refusals and len(accepted) >= 40, (len(accepted), refusals)
+        refusal = refusals[0]
         code = "blob_store_full" if up.backend == "directory" else "queue_bytes_full"
         assert refusal.status_code in (429, 503) and refusal.json()["code"] == code, refusal.text
         assert refusal.headers["retry-after"].isdigit()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import io
 import shutil
 import time
@@ -118,7 +119,12 @@ class Blobs:
                 max_concurrency=PARTS_IN_FLIGHT,
             )
         except (ObstoreError, OSError) as exc:
-            if self.directory is not None and await self.free_bytes(fresh=True) < self.min_free_bytes:
+            # Concurrent uploads can pass the free-space check together and fill the disk: the write that
+            # finds no space (ENOSPC, "os error 28") says the store is full, as the check would have.
+            out_of_space = "os error 28" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC
+            if self.directory is not None and (
+                out_of_space or await self.free_bytes(fresh=True) < self.min_free_bytes
+            ):
                 raise BlobStoreFull(f"the blob directory {self.directory} is full") from exc
             raise BlobStoreError(f"cannot write {name}: {one_line(exc)}") from exc
 
