@@ -70,9 +70,18 @@ class Settings:
     # First retry delay in seconds; it doubles per try, up to retry_max_delay (defaults: ~45 s in all).
     retry_delay: float = 0.5
     retry_max_delay: float = 8.0
-    # API keys: comma-separated keys, or a file with one per line. Unset: no authentication.
+    # API keys: comma-separated keys, and/or a file: TOML with each key's name, weight and limits
+    # (docs/tenancy.md), or one key per line. Unset: no authentication. Set but naming no key: an error.
     api_keys: str = ""
     api_keys_file: str = ""
+    # Seconds between two looks at the keys file: a changed file takes effect without a restart.
+    keys_reload_seconds: float = 5.0
+    # With two or more keys, the share of max_queued, and of the workers' slots, that a key naming no
+    # max_queued or max_running may hold: no one key can fill the queue or every worker.
+    key_queue_share: float = 0.5
+    key_running_share: float = 0.5
+    # The most live event streams (GET /v1/jobs/{id}/events) one key may hold open on one gateway.
+    key_max_streams: int = 64
     # Root directory that the compatibility route POST /predict may read image_path under. Unset: off (403).
     image_root: str = ""
     # Seconds a gateway caches the models the workers report, for /v1/models and each submission's check.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.app.web import load_api_keys
+from gateway.tenants import load as load_tenants
 from gateway.jobs.store import new_job_id
 from gateway.settings import Settings
 from tests.harness.images import encode, scene
@@ -21,9 +21,10 @@ SMALL = encode(scene(48, 32))
 def test_api_keys_are_kept_only_as_digests(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys"
     keys_file.write_text("# operators\nfile-key-1\n\nfile-key-2\n")
-    stored = load_api_keys(Settings(api_keys="env-key", api_keys_file=str(keys_file)))
+    stored = load_tenants(Settings(api_keys="env-key", api_keys_file=str(keys_file))).by_digest
     assert len(stored) == 3
-    assert not any(k in json.dumps(stored) for k in ("env-key", "file-key-1", "file-key-2"))
+    shown = json.dumps({digest: vars(tenant) for digest, tenant in stored.items()})
+    assert not any(k in shown for k in ("env-key", "file-key-1", "file-key-2"))
 
 
 def test_keys_from_a_file_guard_every_route_but_health(stack: Stack, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from starlette.testclient import TestClient
 
 from gateway import urls
-from gateway.app.web import load_api_keys
+from gateway.tenants import load as load_tenants
 from gateway.jobs import Job, JobStatus, JobStore, Outcome, Result
 from gateway.settings import Settings
 from gateway.webhooks import signing_key
@@ -366,13 +366,12 @@ def test_images_by_url(api: Callable[..., TestClient], receiver: Receiver) -> No
 
 def test_webhook_secrets_are_per_key(api: Callable[..., TestClient]) -> None:
     client = api()
-    alice = client.get("/v1/webhooks/secret").json()["key"]
+    alice_key = client.get("/v1/webhooks/secret").json()["key"]
     bob = client.get("/v1/webhooks/secret", headers={"Authorization": "Bearer bob-key"}).json()["key"]
-    (alice_owner,) = load_api_keys(Settings(api_keys="alice-key")).values()
-    assert alice == signing_key(
-        WEBHOOK_SECRET, alice_owner
-    )  # the key the worker signs alice's deliveries with
-    assert alice.startswith("whsec_") and alice != bob and WEBHOOK_SECRET not in (alice, bob)
+    (alice,) = load_tenants(Settings(api_keys="alice-key")).by_digest.values()
+    # the key the worker signs alice's deliveries with
+    assert alice_key == signing_key(WEBHOOK_SECRET, alice.owner)
+    assert alice_key.startswith("whsec_") and alice_key != bob and WEBHOOK_SECRET not in (alice_key, bob)
     assert client.get("/v1/webhooks/secret", headers={"Authorization": ""}).status_code == 401
 
 

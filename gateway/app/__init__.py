@@ -5,7 +5,9 @@ Run: ``uvicorn gateway.app:app``. The contract is docs/api.md, described at ``/o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from importlib.resources import files
 from typing import Any
@@ -21,12 +23,16 @@ from starlette.responses import Response
 from gateway import urls
 from gateway.app import compat, routes, service
 from gateway.app.errors import EXCEPTION_HANDLERS, job_store_full, problem_response
-from gateway.app.web import ModelCatalog, Services, load_api_keys
+from gateway.app.web import ModelCatalog, Services
 from gateway.budget import MemoryBudget
 from gateway.jobs import BlobStoreError, BlobStoreFull, JobStore, Waiters
-from gateway.jobs.connection import connect
+from gateway.jobs.connection import connect, stop
 from gateway.settings import Settings
+from gateway.tenants import load as load_tenants
 from gateway.webhooks import signing_key
+
+logger = logging.getLogger(__name__)
+TICK_SECONDS = 1.0
 
 
 @contextlib.asynccontextmanager
@@ -42,7 +48,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         catalog=ModelCatalog(store, settings.models_cache_seconds),
         # Its own connection, with no read timeout: the subscription is quiet for as long as no job ends.
         waiters=Waiters(connect(settings, socket_connect_timeout=2)),
-        api_keys=load_api_keys(settings),
+        tenants=load_tenants(settings),  # malformed keys, or a list that names none, stop the start
         openapi=yaml.safe_load(files("gateway.app").joinpath("static", "openapi.yaml").read_text()),
         http=urls.client(settings.url_timeout),
         allowed_url_hosts=urls.allowed_hosts(settings.allowed_url_hosts),
@@ -51,12 +57,25 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     if settings.webhook_secret:
         signing_key(settings.webhook_secret, "")  # a malformed secret stops the start, with what is wrong
     await services.waiters.start()
+    ticker = asyncio.create_task(tick(store))
     try:
         yield {"services": services}
     finally:
+        await stop(ticker)
         await services.waiters.stop()
         await services.http.aclose()
         await redis.aclose(close_connection_pool=True)  # a pool passed in is not closed by default
+
+
+async def tick(store: JobStore) -> None:
+    """Every second: expire the jobs whose deadline to start has passed, and dispatch, so that a queued job
+    never waits behind a free slot (each gateway does it; the step is atomic, so any number may)."""
+    while True:
+        await asyncio.sleep(TICK_SECONDS)
+        try:
+            await store.tick()
+        except Exception as exc:  # Redis away: the next tick tries again
+            logger.warning("the job store's tick failed: %s", exc)
 
 
 async def redis_down(request: Request, exc: Exception) -> Response:

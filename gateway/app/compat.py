@@ -14,11 +14,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.app.auth import authenticate
 from gateway.app.errors import Problem, queue_refusal
 from gateway.app.params import parse_classes, parse_threshold, parse_wait
 from gateway.app.submission import image_memory
 from gateway.app.uploads import body_too_large, read_body, store_bytes
-from gateway.app.web import authenticate, services
+from gateway.app.web import services
 from gateway.jobs import Job, JobParams, JobStatus, QueueFull, Submission
 
 DEFAULT_CLASS_IDS = [8, 17]  # cat and sheep: what the original service counted when asked for nothing
@@ -98,9 +99,9 @@ async def predict(request: Request) -> Response:
         target_class_ids=class_ids,
     )
     try:
-        job, _ = await svc.store.submit(submission)
+        job, _, _ = await svc.store.submit(submission, limits=svc.tenants.limits(svc.tenants.of(owner)))
     except QueueFull as exc:
-        raise queue_refusal(exc.limit) from None
+        raise queue_refusal(exc.limit, exc.retry_after_s) from None
     wait = parse_wait(None, request.headers.get("async_mode"))
     if wait > 0:
         done = await svc.waiters.wait_for_end(svc.store, job.id, owner, wait)

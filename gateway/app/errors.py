@@ -30,14 +30,22 @@ def job_not_found() -> Problem:
     return Problem(404, "job_not_found", "no such job (unknown, expired or deleted)")
 
 
-def queue_refusal(limit: str) -> Problem:
-    """A bound of the queue refused a job: 'queue' (jobs), 'bytes' (inputs waiting) or 'memory' (Redis)."""
+def queue_refusal(limit: str, retry_after_s: int = 5) -> Problem:
+    """A bound refused a job: the backlog's ('queue', 'bytes', 'memory') or the calling key's own
+    ('key_queue', 'key_rate')."""
+    retry = {"Retry-After": str(retry_after_s)}
     if limit == "bytes":
         detail = "the inputs of the jobs waiting have reached the byte budget (SEGSERVE_MAX_QUEUED_BYTES); try again later"
-        return Problem(429, "queue_bytes_full", detail, {"Retry-After": "5"})
+        return Problem(429, "queue_bytes_full", detail, retry)
     if limit == "memory":
         return job_store_full()
-    return Problem(429, "queue_full", "the queue is full; try again later", {"Retry-After": "5"})
+    if limit == "key_queue":
+        detail = "this API key has as many jobs queued and running as it may; try again when some have ended"
+        return Problem(429, "key_queue_full", detail, retry)
+    if limit == "key_rate":
+        detail = "this API key submits faster than its rate allows; try again after Retry-After seconds"
+        return Problem(429, "key_rate_limited", detail, retry)
+    return Problem(429, "queue_full", "the queue is full; try again later", retry)
 
 
 def job_store_full() -> Problem:

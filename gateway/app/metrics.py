@@ -13,12 +13,12 @@ from prometheus_client.registry import Collector
 
 from gateway.jobs import BUCKETS, HISTOGRAMS, Counters, JobStatus, JobStore, keys
 
-ENDED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+ENDED = [status for status in JobStatus if status.is_terminal()]
 
 
 class StoreCollector(Collector):
     def __init__(self, counters: Counters) -> None:
-        self.stats, self.in_queue, self.running = counters.stats, counters.in_queue, counters.running
+        self.stats, self.in_backlog, self.running = counters.stats, counters.in_backlog, counters.running
 
     def collect(self) -> Iterator[Any]:
         stats = self.stats
@@ -39,7 +39,7 @@ class StoreCollector(Collector):
         for outcome in ("delivered", "failed", "retried"):
             deliveries.add_metric([outcome], stats.get(f"webhooks:{outcome}", 0))
         yield deliveries
-        queued = max(0, self.in_queue - self.running)
+        queued = max(0, self.in_backlog - self.running)
         yield GaugeMetricFamily("segserve_queue_depth", "Jobs waiting for a worker", value=queued)
         yield GaugeMetricFamily("segserve_jobs_running", "Jobs a worker is running", value=self.running)
         yield GaugeMetricFamily(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 from typing import Any
 
 from gateway.app.errors import Problem
+from gateway.jobs.records import JobStatus, Priority
 
 # torchvision's VOC category names, in class-id order (COCO_WITH_VOC_LABELS_V1's meta["categories"]).
 VOC_CLASSES = (
@@ -112,3 +114,67 @@ def parse_overlay(value: Any) -> bool:
     if word in ("false", "0", "no"):
         return False
     raise Problem(422, "invalid_parameter", f"overlay must be true or false, got {str(value)[:40]!r}")
+
+
+def parse_priority(value: Any) -> Priority:
+    if value is None or value == "":
+        return Priority.NORMAL
+    try:
+        return Priority(value)
+    except ValueError:
+        shown = str(value)[:40]
+        raise Problem(
+            422, "invalid_parameter", f"priority must be one of high, normal, low; got {shown!r}"
+        ) from None
+
+
+def parse_queue_timeout(value: Any, longest: float) -> int | None:
+    """The longest a job may wait to start, in seconds, as milliseconds; None when not given."""
+    if value is None or value == "":
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not 0 < seconds <= longest:  # NaN fails this too
+        raise Problem(
+            422,
+            "invalid_parameter",
+            f"queue_timeout must be seconds above 0 and at most {longest:g}, got {str(value)[:40]!r}",
+        )
+    return math.ceil(seconds * 1000)
+
+
+def parse_status_filter(value: str | None) -> JobStatus | None:
+    if not value:
+        return None
+    try:
+        return JobStatus(value)
+    except ValueError:
+        known = ", ".join(status.value for status in JobStatus)
+        raise Problem(422, "invalid_parameter", f"status must be one of {known}") from None
+
+
+def parse_limit(value: str | None, default: int = 50, most: int = 200) -> int:
+    if value is None or value == "":
+        return default
+    if not value.isdigit() or not 1 <= int(value) <= most:
+        raise Problem(422, "invalid_parameter", f"limit must be a whole number from 1 to {most}")
+    return int(value)
+
+
+def format_cursor(created_ms: float) -> str:
+    """A page's continuation: opaque to clients (base64 of the creation time it continues below)."""
+    return base64.urlsafe_b64encode(repr(created_ms).encode()).decode().rstrip("=")
+
+
+def parse_cursor(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        created = float(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode())
+    except (ValueError, UnicodeDecodeError):
+        raise Problem(422, "invalid_parameter", "cursor is not one this API gave out") from None
+    if not math.isfinite(created):
+        raise Problem(422, "invalid_parameter", "cursor is not one this API gave out")
+    return created

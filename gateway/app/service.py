@@ -14,8 +14,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from gateway.app import metrics
+from gateway.app.auth import authenticate
 from gateway.app.errors import Problem, problem_response
-from gateway.app.web import Services, authenticate, services
+from gateway.app.web import Services, services
 from gateway.jobs import WorkerInfo
 from gateway.webhooks import signing_key
 

@@ -18,11 +18,19 @@ from starlette.requests import Request
 from gateway import urls
 from gateway.app import images, uploads
 from gateway.app.errors import Problem
-from gateway.app.params import parse_classes, parse_events_filter, parse_model, parse_overlay, parse_threshold
+from gateway.app.params import (
+    parse_classes,
+    parse_events_filter,
+    parse_model,
+    parse_overlay,
+    parse_priority,
+    parse_queue_timeout,
+    parse_threshold,
+)
 from gateway.app.uploads import STREAM_MEMORY, StoredImage, body_too_large
 from gateway.app.web import Services
 from gateway.budget import BudgetTimeout
-from gateway.jobs import JobParams, Submission
+from gateway.jobs import JobParams, Priority, Submission
 
 # A JSON body holds its image three times at the peak: the body, the base64 string, the decoded bytes.
 JSON_COPIES = 3
@@ -38,6 +46,8 @@ class Asked:
     params: JobParams
     webhook: str | None
     webhook_events: tuple[str, ...]
+    priority: Priority
+    queue_timeout_ms: int | None
 
 
 async def read_submission(request: Request, svc: Services, owner: str) -> Submission:
@@ -68,6 +78,8 @@ async def read_submission(request: Request, svc: Services, owner: str) -> Submis
         owner=owner,
         webhook=asked.webhook,
         webhook_events=asked.webhook_events,
+        priority=asked.priority,
+        queue_timeout_ms=asked.queue_timeout_ms,
     )
 
 
@@ -169,9 +181,11 @@ async def check_parameters(svc: Services, raw: dict[str, Any]) -> Asked:
         overlay=parse_overlay(raw.get("overlay")),
     )
     model = parse_model(raw.get("model"), svc.settings.default_model)
+    priority = parse_priority(raw.get("priority"))
+    queue_timeout = parse_queue_timeout(raw.get("queue_timeout"), svc.store.config.longest_wait_ms / 1000)
     webhook, events = await check_webhook(svc, raw)
     await check_model(svc, model)
-    return Asked(model, params, webhook, events)
+    return Asked(model, params, webhook, events, priority, queue_timeout)
 
 
 def refused(exc: urls.UrlRefused) -> Problem:

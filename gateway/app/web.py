@@ -1,23 +1,20 @@
-"""What every route needs: the services built in the lifespan, and authentication."""
+"""What every route needs: the services built in the lifespan."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import math
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from arq.connections import ArqRedis
 from starlette.requests import Request
 
-from gateway.app.errors import unauthorized
 from gateway.budget import MemoryBudget
 from gateway.jobs import JobStore, Waiters
 from gateway.settings import Settings
+from gateway.tenants import Tenants
 
 
 @dataclass
@@ -27,11 +24,12 @@ class Services:
     store: JobStore
     waiters: Waiters
     catalog: ModelCatalog
-    api_keys: dict[str, str]  # sha256(key) -> owner id
+    tenants: Tenants  # the API keys, read again when their file changes (gateway.app.auth)
     openapi: dict[str, Any]
     http: httpx.AsyncClient  # for the URLs clients give us (gateway.urls)
     allowed_url_hosts: frozenset[str]
     image_memory: MemoryBudget  # the image bytes this gateway holds at once
+    streams: dict[str, int] = field(default_factory=dict)  # live event streams open, per owner
 
 
 class ModelCatalog:
@@ -57,31 +55,6 @@ class ModelCatalog:
         return None if models is None else any(m["name"] == name for m in models)
 
 
-def load_api_keys(settings: Settings) -> dict[str, str]:
-    """Keys from SEGSERVE_API_KEYS and/or a file (one per line); kept only as SHA-256 digests."""
-    keys = [k.strip() for k in settings.api_keys.split(",") if k.strip()]
-    if settings.api_keys_file:
-        lines = Path(settings.api_keys_file).read_text().splitlines()
-        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    digests = [hashlib.sha256(k.encode()).hexdigest() for k in keys]
-    return {digest: digest[:16] for digest in digests}
-
-
 def services(request: Request) -> Services:
     svc: Services = request.state.services
     return svc
-
-
-def authenticate(request: Request) -> str:
-    """The caller's owner id ("" when no API keys are configured); 401 for a missing or wrong key."""
-    keys = services(request).api_keys
-    if not keys:
-        return ""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise unauthorized()
-    digest = hashlib.sha256(token.strip().encode()).hexdigest()
-    for known, owner in keys.items():
-        if hmac.compare_digest(known, digest):
-            return owner
-    raise unauthorized()

@@ -6,6 +6,7 @@ are in ``keys``, the image bytes in ``blobs``, webhook deliveries in ``outbox``,
 """
 
 from gateway.jobs.blobs import Blobs, BlobStoreError, BlobStoreFull
+from gateway.jobs.fairness import Admission, OwnerLimits
 from gateway.jobs.fleet import BUCKETS, HISTOGRAMS, Counters, Fleet
 from gateway.jobs.keys import ENQUEUED_CHANNEL
 from gateway.jobs.outbox import Delivery, DeliveryState, Outbox
@@ -15,6 +16,7 @@ from gateway.jobs.records import (
     JobParams,
     JobStatus,
     Outcome,
+    Priority,
     QueueStats,
     Result,
     Submission,
@@ -41,6 +43,7 @@ __all__ = [
     "ENQUEUED_CHANNEL",
     "FUNCTION",
     "HISTOGRAMS",
+    "Admission",
     "BlobStoreError",
     "BlobStoreFull",
     "Blobs",
@@ -56,6 +59,8 @@ __all__ = [
     "NotReplicated",
     "Outbox",
     "Outcome",
+    "OwnerLimits",
+    "Priority",
     "QueueFull",
     "QueueStats",
     "Result",

@@ -13,6 +13,7 @@ from arq.connections import ArqRedis
 from gateway.jobs import keys
 from gateway.jobs.records import QueueStats, WorkerInfo, now_ms
 
+ENDED = ("succeeded", "failed", "canceled", "expired")
 WORKER_TTL_MS = 10_000  # a worker whose heartbeat is older than this counts as gone
 
 # Histogram buckets (seconds) of the job timings that /metrics exports.
@@ -26,10 +27,11 @@ HISTOGRAMS = {
 
 @dataclasses.dataclass(frozen=True)
 class Counters:
-    """Every counter and histogram bucket, with the queue's depth and the running jobs, for /metrics."""
+    """Every counter and histogram bucket, with the backlog (every job accepted and not ended) and the running
+    jobs, for /metrics."""
 
     stats: dict[str, float]
-    in_queue: int
+    in_backlog: int
     running: int
 
 
@@ -55,12 +57,20 @@ class Fleet:
             if worker.models:
                 pipe.set(keys.MODELS, json.dumps(worker.models))
             await pipe.execute()
+        await self.count_slots()
 
     async def forget_worker(self, worker_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zrem(keys.WORKERS, worker_id)
             pipe.delete(keys.worker(worker_id))
             await pipe.execute()
+        await self.count_slots()
+
+    async def count_slots(self) -> None:
+        """Record the jobs the live workers take at once: the dispatch keeps arq's queue at twice that. Each
+        heartbeat counts again, so a worker gone without a word drops out within WORKER_TTL_MS."""
+        slots = sum(worker.concurrency for worker in await self.live_workers())
+        await self.redis.hset(keys.STATS, keys.FLEET_SLOTS, str(slots))  # type: ignore[misc]
 
     async def live_workers(self) -> list[WorkerInfo]:
         """Every worker whose heartbeat is recent, as it last described itself and its TorchServe."""
@@ -91,20 +101,21 @@ class Fleet:
     async def queue_stats(self) -> QueueStats:
         now = now_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(keys.QUEUE)
+            pipe.zcard(keys.BACKLOG)
             pipe.zcount(keys.RUNNING, now, "+inf")
-            pipe.hmget(keys.STATS, ["finished:succeeded", "finished:failed", "finished:canceled"])
-            in_queue, running, finished = await pipe.execute()
+            pipe.hmget(keys.STATS, [f"finished:{status}" for status in ENDED])
+            in_backlog, running, finished = await pipe.execute()
         workers = [dataclasses.asdict(w) for w in await self.live_workers()]
         for worker in workers:
             del worker["models"]  # /v1/models shows them, summed over workers
-        succeeded, failed, canceled = (int(float(v or 0)) for v in finished)
-        return QueueStats(max(0, in_queue - running), running, succeeded, failed, canceled, workers)
+        succeeded, failed, canceled, expired = (int(float(v or 0)) for v in finished)
+        queued = max(0, in_backlog - running)
+        return QueueStats(queued, running, succeeded, failed, canceled, expired, workers)
 
     async def counters(self) -> Counters:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.STATS)
             pipe.zcount(keys.RUNNING, now_ms(), "+inf")
-            pipe.zcard(keys.QUEUE)
-            raw, running, in_queue = await pipe.execute()
-        return Counters({k.decode(): float(v) for k, v in raw.items()}, in_queue, running)
+            pipe.zcard(keys.BACKLOG)
+            raw, running, in_backlog = await pipe.execute()
+        return Counters({k.decode(): float(v) for k, v in raw.items()}, in_backlog, running)

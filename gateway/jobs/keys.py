@@ -27,10 +27,23 @@ DELIVERY_PREFIX = "segserve:delivery:"  # hash: one webhook delivery
 IDEMPOTENCY_PREFIX = "segserve:idempotency:"  # <owner>:<Idempotency-Key> -> the first job's id
 ORPHAN_SWEEP_LOCK = "segserve:orphan-sweep"  # held by the one worker that lists the blob store
 
+# Fair sharing between API keys (owners): each owner's jobs wait in a queue of their own until the dispatch step
+# hands them to arq's queue, a few at a time, in weighted fair order (see lua/shared.lua's dispatch).
+WAITING_PREFIX = "segserve:waiting:"  # sorted set per owner: its jobs not yet handed to arq, in their order
+DISPATCHED_PREFIX = (
+    "segserve:dispatched:"  # set per owner: its jobs in arq's queue (waiting there or running)
+)
+TENANT_PREFIX = "segserve:tenant:"  # hash per owner: weight, limits, its fair-order pass, its rate bucket
+JOBS_OF_PREFIX = "segserve:jobs-of:"  # sorted set per owner: its jobs by creation, for GET /v1/jobs
+ACTIVE = "segserve:active"  # sorted set: owner with jobs waiting -> its pass (the lowest goes next)
+BACKLOG = "segserve:backlog"  # sorted set: every job accepted and not ended -> created (ms); KEDA counts it
+DEADLINES = "segserve:deadlines"  # sorted set: job not started yet -> when it expires unstarted (ms)
+
 CHANGED_CHANNEL = "segserve:changed"  # a job id, whenever that job's state changed
 ENQUEUED_CHANNEL = "segserve:enqueued"  # wakes idle workers at once instead of at their next poll
 
 PENDING_BYTES = "pending_bytes"  # the field of STATS that sums PENDING
+FLEET_SLOTS = "fleet_slots"  # the field of STATS: jobs the live workers take at once, as their heartbeats say
 
 
 def job(job_id: str) -> str:
@@ -47,6 +60,47 @@ def in_progress(job_id: str) -> str:
 
 def arq_retry(job_id: str) -> str:
     return ARQ_RETRY_PREFIX + job_id
+
+
+def waiting(owner: str) -> str:
+    return WAITING_PREFIX + owner
+
+
+def dispatched(owner: str) -> str:
+    return DISPATCHED_PREFIX + owner
+
+
+def tenant(owner: str) -> str:
+    return TENANT_PREFIX + owner
+
+
+def jobs_of(owner: str) -> str:
+    return JOBS_OF_PREFIX + owner
+
+
+def layout() -> dict[str, str]:
+    """Every key and prefix the scripts' shared steps use, as one argument (``S`` in lua/shared.lua)."""
+    return {
+        "queue": QUEUE,
+        "arq_job": ARQ_JOB_PREFIX,
+        "arq_retry": ARQ_RETRY_PREFIX,
+        "in_progress": IN_PROGRESS_PREFIX,
+        "job": JOB_PREFIX,
+        "running": RUNNING,
+        "pending": PENDING,
+        "stats": STATS,
+        "due": DELIVERIES,
+        "delivery": DELIVERY_PREFIX,
+        "waiting": WAITING_PREFIX,
+        "dispatched": DISPATCHED_PREFIX,
+        "tenant": TENANT_PREFIX,
+        "jobs_of": JOBS_OF_PREFIX,
+        "active": ACTIVE,
+        "backlog": BACKLOG,
+        "deadlines": DEADLINES,
+        "changed": CHANGED_CHANNEL,
+        "enqueued": ENQUEUED_CHANNEL,
+    }
 
 
 def worker(worker_id: str) -> str:

@@ -20,9 +20,24 @@ class JobStatus(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
+    EXPIRED = "expired"  # not started before its deadline (queue_timeout)
 
     def is_terminal(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class Priority(str, Enum):
+    """Orders one owner's own jobs: ``high`` before ``normal`` before ``low``, each first come, first served.
+    It never changes an owner's share against the others'."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    def queue_score(self, created_ms: float) -> float:
+        """The job's place in its owner's queue: its priority's band, then its arrival."""
+        band = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}[self]
+        return band * 1e13 + created_ms  # a band spans ~300 years of milliseconds; doubles stay exact
 
 
 def now_ms() -> float:
@@ -133,12 +148,15 @@ class Submission:
     target_class_ids: list[int] | None = None
     webhook: str | None = None  # where the job's events are POSTed
     webhook_events: tuple[str, ...] = ("completed",)  # of "start", "completed"
+    priority: Priority = Priority.NORMAL
+    queue_timeout_ms: int | None = None  # the longest it may wait to start; None: as long as jobs are kept
 
     def to_fields(self, created_ms: float) -> dict[str, str]:
         fields = {
             "model": self.model,
             "params": json.dumps(self.params.to_api()),
             "owner": self.owner,
+            "priority": self.priority.value,
             "content_type": self.content_type,
             "created_at": repr(created_ms),
             "input_bytes": str(self.input_bytes),
@@ -152,6 +170,8 @@ class Submission:
         if self.webhook is not None:
             fields["webhook"] = self.webhook
             fields["webhook_events"] = json.dumps(list(self.webhook_events))
+        if self.queue_timeout_ms is not None:
+            fields["queue_timeout_ms"] = str(self.queue_timeout_ms)
         return fields
 
 
@@ -173,7 +193,10 @@ class Job:
     attempts: int = 0
     started_at: float | None = None
     finished_at: float | None = None
-    position: int | None = None  # jobs ahead, while queued
+    position: int | None = None  # jobs that start before it, while queued
+    eta_seconds: float | None = None  # until it starts, at the service rate measured lately, while queued
+    priority: Priority = Priority.NORMAL
+    queue_timeout_ms: int | None = None
     result: Result | None = None
     error: JobError | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -192,7 +215,7 @@ class Job:
         cls, job_id: str, fields: dict[str, str], running: bool, position: int, ttl_ms: float
     ) -> Job:
         """The job from its stored fields and what arq's keys say of it: running (its in-progress key exists)
-        and its position (-1 when it is not in arq's queue)."""
+        and its position (-1 when it is in no queue)."""
         created = float(fields["created_at"])
         finished = float(fields["finished_at"]) if "finished_at" in fields else None
         if "status" in fields:
@@ -235,6 +258,8 @@ class Job:
             webhook=fields.get("webhook"),
             webhook_events=tuple(json.loads(fields.get("webhook_events", "[]"))),
             deliveries=json.loads(fields.get("deliveries", "{}")),
+            priority=Priority(fields.get("priority", "normal")),
+            queue_timeout_ms=int(fields["queue_timeout_ms"]) if "queue_timeout_ms" in fields else None,
         )
 
     @property
@@ -260,8 +285,12 @@ class Job:
             "attempts": self.attempts,
             "timings_ms": timings,
         }
+        job["priority"] = self.priority.value
+        if self.queue_timeout_ms is not None:
+            job["queue_timeout"] = self.queue_timeout_ms / 1000
         if self.status is JobStatus.QUEUED and self.position is not None:
             job["position"] = self.position
+            job["eta_seconds"] = self.eta_seconds
         if self.status is JobStatus.SUCCEEDED and self.result is not None:
             job["result"] = {
                 "width": self.result.width,
@@ -274,6 +303,13 @@ class Job:
         if self.status is JobStatus.FAILED:
             error = self.error or JobError("internal_error", "the job failed")
             job["error"] = {"code": error.code, "message": error.message}
+        if self.status is JobStatus.EXPIRED:
+            waited = (
+                f"{self.queue_timeout_ms / 1000:g} s (queue_timeout)"
+                if self.queue_timeout_ms
+                else "as long as jobs are kept"
+            )
+            job["error"] = {"code": "queue_timeout", "message": f"no worker started the job within {waited}"}
         if self.webhook is not None:
             job["webhook"] = {
                 "url": self.webhook,
@@ -308,4 +344,5 @@ class QueueStats:
     succeeded: int
     failed: int
     canceled: int
+    expired: int
     workers: list[dict[str, Any]]

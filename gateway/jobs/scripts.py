@@ -26,6 +26,10 @@ STEPS = (
     "claim",
     "record",
     "sweep",
+    "tick",
+    "admit",
+    "view",
+    "list",
 )
 
 

@@ -10,8 +10,11 @@ interleave within it.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
+import math
 import re
 import secrets
 from dataclasses import asdict, dataclass
@@ -24,9 +27,10 @@ from redis.typing import EncodableT
 
 from gateway.jobs import keys
 from gateway.jobs.blobs import Blobs
+from gateway.jobs.fairness import Admission, FairView, OwnerLimits, layout
 from gateway.jobs.fleet import Fleet, counter_increments
 from gateway.jobs.outbox import Outbox, decode
-from gateway.jobs.records import Job, JobError, JobStatus, Outcome, Submission, now_ms
+from gateway.jobs.records import Job, JobError, JobStatus, Outcome, Priority, Submission, now_ms
 from gateway.jobs.scripts import Scripts
 from gateway.settings import Settings
 
@@ -37,6 +41,7 @@ FUNCTION = "segment"
 MEMORY_SHARE = 0.9
 SWEEP_LEASE_MS = 60_000
 ORPHAN_GRACE_S = 600  # a blob older than this whose job does not exist is left from a crash
+LIST_LOOK_AT = 1000  # GET /v1/jobs looks at most at this many of an owner's jobs per page
 
 
 def serialize(obj: Any) -> bytes:
@@ -68,12 +73,14 @@ def new_job_id() -> str:
 
 
 class QueueFull(Exception):
-    """A bound of the queue refuses a job: ``limit`` is 'queue' (jobs), 'bytes' (pending inputs) or 'memory'
-    (Redis near its maxmemory)."""
+    """A bound refuses a job: ``limit`` is 'queue' (jobs), 'bytes' (pending inputs), 'memory' (Redis near its
+    maxmemory), or the owner's own 'key_queue' (its jobs) or 'key_rate' (its submissions a second).
+    ``retry_after_s``: when to try again."""
 
-    def __init__(self, limit: str) -> None:
+    def __init__(self, limit: str, retry_after_s: int = 5) -> None:
         super().__init__(limit)
         self.limit = limit
+        self.retry_after_s = retry_after_s
 
 
 class NotReplicated(Exception):
@@ -98,6 +105,7 @@ class StoreConfig:
     min_replicas: int = 0
     replica_timeout_ms: int = 1000
     try_ms: float = 75_000  # the longest a try may run: a deleted job's blobs are looked at again after it
+    min_window: int = 8  # arq's queue is filled to twice the live workers' slots, and at least to this
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StoreConfig:
@@ -108,11 +116,18 @@ class StoreConfig:
             min_replicas=settings.redis_min_replicas,
             replica_timeout_ms=settings.redis_replica_timeout_ms,
             try_ms=(settings.inference_timeout + 15) * 1000,
+            min_window=settings.worker_concurrency,
         )
 
     @property
     def ttl_ms(self) -> int:
         return self.result_ttl_s * 1000
+
+    @property
+    def longest_wait_ms(self) -> int:
+        """How long a job may wait to start when it names no queue_timeout: it ends 'expired' before its
+        metadata's TTL could remove it unseen."""
+        return max(self.ttl_ms * 9 // 10, self.ttl_ms - 10_000)
 
 
 class JobStore:
@@ -125,6 +140,8 @@ class JobStore:
         self.scripts = Scripts(redis)
         self.outbox = Outbox(redis, self.scripts, self.config.ttl_ms)
         self.fleet = Fleet(redis)
+        self.layout = layout(self.config.ttl_ms, self.config.min_window)
+        self.view = FairView(redis, self.scripts, self.layout)
 
     @classmethod
     def from_settings(cls, redis: ArqRedis, settings: Settings) -> JobStore:
@@ -132,21 +149,25 @@ class JobStore:
 
     # The gateway's side.
 
-    async def submit(self, sub: Submission, idempotency: str | None = None) -> tuple[Job, bool]:
-        """Queue a job whose input the caller has put in the blob store; (job, created). A repeated idempotency
-        key returns the first job. When the job is not queued (a repeat, a bound, too few replicas), its input
-        is deleted; QueueFull or NotReplicated say why."""
+    async def submit(
+        self, sub: Submission, idempotency: str | None = None, limits: OwnerLimits | None = None
+    ) -> tuple[Job, bool, Admission]:
+        """Queue a job whose input the caller has put in the blob store, within the backlog's bounds and its
+        owner's ``limits``; (job, created, how the owner's bounds stand). A repeated idempotency key returns
+        the first job. When the job is not queued (a repeat, a bound, too few replicas), its input is deleted;
+        QueueFull or NotReplicated say why."""
         created = now_ms()
         fields = sub.to_fields(created)
-        config = self.config
+        config, limits = self.config, limits or OwnerLimits()
+        wait_ms = min(config.longest_wait_ms, sub.queue_timeout_ms or config.longest_wait_ms)
         arq_job = serialize_job(FUNCTION, (sub.job_id,), {}, None, int(created), serializer=serialize)
-        step_keys = [keys.QUEUE, keys.arq_job(sub.job_id), keys.job(sub.job_id), keys.STATS, keys.RUNNING,
-                     keys.PENDING, keys.BLOB_EXPIRY]  # fmt: skip
+        step_keys = [keys.arq_job(sub.job_id), keys.job(sub.job_id), keys.BLOB_EXPIRY]
         if idempotency:
             step_keys.append(keys.idempotency(sub.owner, idempotency))
         args: list[EncodableT] = [
-            sub.job_id, repr(created), config.ttl_ms, config.max_queued, arq_job, flat(fields),
-            keys.ENQUEUED_CHANNEL, keys.JOB_PREFIX, sub.input_bytes, config.max_queued_bytes, MEMORY_SHARE,
+            sub.job_id, repr(created), config.max_queued, arq_job, flat(fields), sub.input_bytes,
+            config.max_queued_bytes, MEMORY_SHARE, sub.owner, repr(sub.priority.queue_score(created)),
+            repr(created + wait_ms), limits.to_json(), self.layout,
         ]  # fmt: skip
         if config.min_replicas:
             # WAIT counts the replicas that have this connection's writes: it goes on the submit's connection.
@@ -159,23 +180,45 @@ class JobStore:
         kind = answer[0].decode()
         if kind == "full":
             await self.discard_input(sub.job_id)
-            raise QueueFull(answer[1].decode())
+            raise QueueFull(answer[1].decode(), max(1, math.ceil(int(answer[2]) / 1000)))
         if kind == "existing":
             first = await self.load(answer[1].decode(), sub.owner)
             if first is None:  # the first job was deleted in between: start afresh
-                return await self.submit(sub, idempotency)
+                return await self.submit(sub, idempotency, limits)
             await self.discard_input(sub.job_id)
-            return first, False
+            return first, False, Admission(queued=-1, tokens=-1)
         if confirmed and int(confirmed[0]) < config.min_replicas:
             # Not on enough replicas to survive a failover: take it back, and let the client try again.
             await self.delete(sub.job_id)
             raise NotReplicated(
                 f"the job store's replicas did not confirm the job in {config.replica_timeout_ms} ms"
             )
-        job = Job.from_fields(
-            sub.job_id, fields, running=False, position=int(answer[1]), ttl_ms=config.ttl_ms
-        )
-        return job, True
+        in_arq, place, tokens, queued = (int(n) for n in answer[1:])
+        position = await self.position(sub.owner, in_arq, place)
+        job = Job.from_fields(sub.job_id, fields, running=False, position=position, ttl_ms=config.ttl_ms)
+        return self.with_eta(job), True, Admission(queued=queued, tokens=tokens)
+
+    async def position(self, owner: str, in_arq: int, place: int) -> int:
+        """Jobs that start before a queued job: ``in_arq`` when it is in arq's queue already, else counted
+        from its ``place`` in its owner's queue under the fair order; -1 when it is in neither."""
+        if in_arq >= 0:
+            return in_arq
+        if place < 0:
+            return -1
+        return (await self.view.order(owner)).position(owner, place)
+
+    def with_eta(self, job: Job) -> Job:
+        if job.position is None:
+            return job
+        return dataclasses.replace(job, eta_seconds=self.view.eta_seconds(job.position))
+
+    async def admission(self, owner: str, limits: OwnerLimits) -> Admission:
+        """How the owner's own limits stand before it submits; QueueFull when one refuses it already."""
+        args: list[EncodableT] = [owner, limits.to_json(), repr(now_ms()), self.layout]
+        refused, retry_ms, tokens, queued = await self.scripts["admit"](args=args)
+        if refused:
+            raise QueueFull(refused.decode(), max(1, math.ceil(int(retry_ms) / 1000)))
+        return Admission(queued=int(queued), tokens=int(tokens))
 
     async def discard_input(self, job_id: str) -> None:
         """The input of a job that was not made; a failure here leaves it to the sweeper."""
@@ -189,43 +232,47 @@ class JobStore:
         if not valid_id(job_id):
             return None
         step_keys = [keys.job(job_id), keys.in_progress(job_id), keys.QUEUE]
-        state = await self.scripts["load"](keys=step_keys, args=[job_id, keys.IN_PROGRESS_PREFIX])
+        args = [job_id, keys.IN_PROGRESS_PREFIX, keys.WAITING_PREFIX]
+        state = await self.scripts["load"](keys=step_keys, args=args)
         if not state:
             return None
-        raw_meta, running, position = state
+        raw_meta, running, in_arq, place = state
         fields = decode(raw_meta)
         if fields.get("owner", "") != owner:
             return None
-        return Job.from_fields(job_id, fields, bool(running), int(position), self.config.ttl_ms)
+        position = await self.position(owner, int(in_arq), int(place))
+        return self.with_eta(Job.from_fields(job_id, fields, bool(running), position, self.config.ttl_ms))
 
     async def cancel(self, job_id: str) -> JobStatus | None:
         """The job's status after the cancel: CANCELED, or how it had already ended; None when unknown."""
         step_keys = [keys.job(job_id), keys.QUEUE, keys.arq_job(job_id), keys.in_progress(job_id),
                      keys.arq_retry(job_id), keys.STATS, keys.PENDING, keys.DELIVERIES]  # fmt: skip
         args: list[EncodableT] = [
-            job_id, repr(now_ms()), keys.CHANGED_CHANNEL, self.config.ttl_ms, keys.DELIVERY_PREFIX,
+            job_id, repr(now_ms()), keys.CHANGED_CHANNEL, self.config.ttl_ms, keys.DELIVERY_PREFIX, self.layout,
         ]  # fmt: skip
         answer = (await self.scripts["cancel"](keys=step_keys, args=args)).decode()
         return None if answer == "missing" else JobStatus(answer)
 
-    async def retry(self, job_id: str) -> RetryRefused | None:
-        """Queue a failed or canceled job again under its own id; None when it is queued, else why not.
-        QueueFull when a bound of the queue refuses it, as it would a new job."""
+    async def retry(self, job_id: str, limits: OwnerLimits | None = None) -> RetryRefused | None:
+        """Queue a failed, canceled or expired job again under its own id, at the back of its owner's queue;
+        None when it is queued, else why not. QueueFull when a bound refuses it, as it would a new job."""
         enqueued = now_ms()
-        config = self.config
+        config, limits = self.config, limits or OwnerLimits()
         arq_job = serialize_job(FUNCTION, (job_id,), {}, None, int(enqueued), serializer=serialize)
         step_keys = [keys.job(job_id), keys.QUEUE, keys.arq_job(job_id), keys.in_progress(job_id),
-                     keys.arq_retry(job_id), keys.STATS, keys.PENDING]  # fmt: skip
+                     keys.arq_retry(job_id)]  # fmt: skip
+        priority = await self.redis.hget(keys.job(job_id), "priority")  # type: ignore[misc]
+        score = Priority(priority.decode() if priority else "normal").queue_score(enqueued)
         args: list[EncodableT] = [
-            job_id, repr(enqueued), config.ttl_ms, arq_job, keys.ENQUEUED_CHANNEL, keys.CHANGED_CHANNEL,
-            config.max_queued, config.max_queued_bytes, MEMORY_SHARE,
+            job_id, repr(enqueued), arq_job, config.max_queued, config.max_queued_bytes, MEMORY_SHARE,
+            limits.to_json(), repr(score), self.layout,
         ]  # fmt: skip
         answer = await self.scripts["retry"](keys=step_keys, args=args)
         kind = answer[0].decode()
         if kind == "queued":
             return None
         if kind == "full":
-            raise QueueFull(answer[1].decode())
+            raise QueueFull(answer[1].decode(), max(1, math.ceil(int(answer[2]) / 1000)))
         return RetryRefused(answer[1].decode() if kind == "refused" else kind)
 
     async def delete(self, job_id: str) -> None:
@@ -233,12 +280,43 @@ class JobStore:
         step_keys = [keys.job(job_id), keys.QUEUE, keys.arq_job(job_id), keys.in_progress(job_id),
                      keys.arq_retry(job_id), keys.STATS, keys.PENDING, keys.BLOB_EXPIRY, keys.DELIVERIES]  # fmt: skip
         look_again = now_ms() + self.config.try_ms  # after any running try, which may still write a mask
-        args: list[EncodableT] = [job_id, keys.CHANGED_CHANNEL, keys.DELIVERY_PREFIX, look_again]
+        args: list[EncodableT] = [
+            job_id, keys.CHANGED_CHANNEL, keys.DELIVERY_PREFIX, look_again, repr(now_ms()), self.layout,
+        ]  # fmt: skip
         await self.scripts["delete"](keys=step_keys, args=args)
         try:
             await self.blobs.delete(keys.blobs_of(job_id))
         except Exception as exc:
             logger.warning("%s: deleted; its blobs go at the sweeper's next look: %s", job_id, exc)
+
+    async def list_jobs(
+        self, owner: str, status: JobStatus | None, before_ms: float | None, limit: int
+    ) -> tuple[list[Job], float | None]:
+        """A page of the owner's jobs, newest first, created before ``before_ms``; and where the next page
+        starts (None at the end). A page may hold fewer than ``limit`` jobs when a status filter skips many."""
+        args: list[EncodableT] = [
+            owner, "+inf" if before_ms is None else repr(before_ms), limit, status.value if status else "",
+            LIST_LOOK_AT, self.layout,
+        ]  # fmt: skip
+        last, *ids = await self.scripts["list"](args=args)
+        loaded = await asyncio.gather(*(self.load(raw.decode(), owner) for raw in ids))
+        jobs = [job for job in loaded if job is not None and (status is None or job.status is status)]
+        return jobs, float(last) if last else None
+
+    async def cancel_queued(self, owner: str) -> int:
+        """Cancel every job of the owner that has not started; how many were canceled."""
+        canceled, before = 0, None
+        while True:
+            jobs, before = await self.list_jobs(owner, JobStatus.QUEUED, before, 200)
+            for job in jobs:
+                canceled += await self.cancel(job.id) is JobStatus.CANCELED
+            if before is None:
+                return canceled
+
+    async def tick(self) -> tuple[int, int]:
+        """End the jobs whose deadline to start has passed, and dispatch; (expired, handed to arq)."""
+        expired, handed = await self.scripts["tick"](args=[repr(now_ms()), 500, self.layout])
+        return int(expired), int(handed)
 
     # The worker's side.
 
@@ -246,7 +324,7 @@ class JobStore:
         """Take the job for one try; None when there is nothing to do (deleted, canceled or ended)."""
         step_keys = [keys.job(job_id), keys.RUNNING, keys.DELIVERIES]
         args: list[EncodableT] = [
-            job_id, repr(now_ms()), deadline_ms, keys.CHANGED_CHANNEL, keys.DELIVERY_PREFIX,
+            job_id, repr(now_ms()), deadline_ms, keys.CHANGED_CHANNEL, keys.DELIVERY_PREFIX, self.layout,
         ]  # fmt: skip
         answer = await self.scripts["start"](keys=step_keys, args=args)
         if answer[0].decode() != "run":
@@ -288,6 +366,7 @@ class JobStore:
         args: list[EncodableT] = [
             job.id, repr(finished), self.config.ttl_ms, status, flat(fields),
             json.dumps(counter_increments(status, seconds)), keys.CHANGED_CHANNEL, keys.DELIVERY_PREFIX,
+            self.layout,
         ]  # fmt: skip
         answer = (await self.scripts["complete"](keys=step_keys, args=args)).decode()
         if answer == "gone":
@@ -310,7 +389,7 @@ class JobStore:
                      keys.PENDING, keys.DELIVERIES]  # fmt: skip
         args: list[EncodableT] = [
             job_id, repr(now_ms()), self.config.ttl_ms, json.dumps(asdict(error)), keys.CHANGED_CHANNEL,
-            keys.DELIVERY_PREFIX,
+            keys.DELIVERY_PREFIX, self.layout,
         ]  # fmt: skip
         return bool(await self.scripts["abandon"](keys=step_keys, args=args))
 

@@ -9,7 +9,17 @@ from typing import Any
 from arq.connections import ArqRedis
 from obstore.store import LocalStore
 
-from gateway.jobs import Blobs, Job, JobParams, JobStore, StoreConfig, Submission, keys, new_job_id
+from gateway.jobs import (
+    Blobs,
+    Job,
+    JobParams,
+    JobStore,
+    OwnerLimits,
+    StoreConfig,
+    Submission,
+    keys,
+    new_job_id,
+)
 
 
 def directory_blobs(directory: Path, min_free_bytes: int = 0) -> Blobs:
@@ -22,9 +32,15 @@ def directory_store(redis_url: str, directory: Path, **config: Any) -> JobStore:
 
 
 async def submit(
-    store: JobStore, image: bytes, owner: str = "", idempotency: str | None = None, **fields: Any
+    store: JobStore,
+    image: bytes,
+    owner: str = "",
+    idempotency: str | None = None,
+    limits: OwnerLimits | None = None,
+    **fields: Any,
 ) -> Job:
-    """Store ``image`` and queue its job; ``fields``: more of Submission's (webhook, params, …)."""
+    """Store ``image`` and queue its job, within the owner's ``limits``; ``fields``: more of Submission's
+    (webhook, params, priority, …)."""
     job_id = new_job_id()
     await store.blobs.put(keys.input_blob(job_id), image)
     sub = Submission(
@@ -38,5 +54,5 @@ async def submit(
         owner=owner,
         **fields,
     )
-    job, _ = await store.submit(sub, idempotency)
+    job, _, _ = await store.submit(sub, idempotency, limits)
     return job

@@ -1,14 +1,20 @@
 #!lua flags=allow-oom
 -- A job ends, in one atomic step that respects a cancel or delete that came first: then nothing of the
 -- outcome is written. Allowed when Redis is out of memory, so that every accepted job can end. The worker
--- has written the outcome's blobs already; it removes them again when this step keeps nothing.
+-- has written the outcome's blobs already; it removes them again when this step keeps nothing. The job leaves
+-- arq's queue here rather than when arq's own end of the try comes, so the dispatch can fill its place now.
 -- KEYS: 1 metadata, 2 running set, 3 counters, 4 pending inputs, 5 webhook deliveries due
 -- ARGV: 1 job id, 2 finished (ms), 3 ttl (ms), 4 status, 5 outcome fields as a flat JSON list,
---       6 counter increments as a JSON list of [field, amount], 7 the changed channel, 8 a delivery's key prefix
+--       6 counter increments as a JSON list of [field, amount], 7 the changed channel, 8 a delivery's key
+--       prefix, 9 S
 -- Returns the job's status after the step: ARGV[4], or 'canceled', or 'gone' (deleted or expired)
+local S = cjson.decode(ARGV[9])
 redis.call('ZREM', KEYS[2], ARGV[1])
-release_pending(KEYS[4], KEYS[3], ARGV[1])
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
+redis.call('ZREM', S.queue, ARGV[1])
+local owner = redis.call('HGET', KEYS[1], 'owner')
+leave_backlog(S, ARGV[1], owner or '')
+dispatch(S, tonumber(ARGV[2]))
+if not owner then return 'gone' end
 local current = redis.call('HGET', KEYS[1], 'status')
 if current then return current end
 redis.call('HSET', KEYS[1], 'status', ARGV[4], 'finished_at', ARGV[2], unpack(cjson.decode(ARGV[5])))

@@ -2,10 +2,18 @@
 -- A worker takes a job: check it may still run, mark it started. Allowed when Redis is out of memory: the
 -- job was accepted, and its few bytes of state must not hold it up.
 -- KEYS: 1 metadata, 2 running set, 3 webhook deliveries due
--- ARGV: 1 job id, 2 now (ms), 3 deadline of this try (ms), 4 the changed channel, 5 a delivery's key prefix
--- Returns {'gone'} (deleted or expired) | {'ended'} (canceled, or ended by an earlier try) | {'run', metadata}
+-- ARGV: 1 job id, 2 now (ms), 3 deadline of this try (ms), 4 the changed channel, 5 a delivery's key prefix, 6 S
+-- Returns {'gone'} (deleted or expired) | {'ended'} (canceled, ended by an earlier try, or not started in
+-- time) | {'run', metadata}
+local S = cjson.decode(ARGV[6])
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 if redis.call('HEXISTS', KEYS[1], 'status') == 1 then return {'ended'} end
+local start_by = redis.call('ZSCORE', S.deadlines, ARGV[1])
+if start_by and tonumber(start_by) <= tonumber(ARGV[2]) then
+  expire(S, ARGV[1], ARGV[2])
+  return {'ended'}
+end
+redis.call('ZREM', S.deadlines, ARGV[1])  -- started: a later try of this run (after a crash) never expires
 redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)  -- every try counts, across retries of the job too
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])  -- tries that ended without a word (SIGKILL)
