@@ -6,9 +6,14 @@ arq's queue, start, complete, end arq's try."""
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from arq.constants import in_progress_key_prefix, job_key_prefix
 
@@ -18,7 +23,8 @@ from gateway.settings import Settings
 from gateway.tenants import KeysError, load
 from tests.harness.images import encode, scene
 from tests.harness.jobs import directory_store, submit
-from tests.harness.servers import RedisServer
+from tests.harness.processes import wait_until
+from tests.harness.servers import RedisServer, Stack, isolated_env
 
 IMAGE = encode(scene(32, 24))
 RESULT = Result(32, 24, [{"id": 0, "name": "__background__", "pixels": 768, "fraction": 1.0}])
@@ -224,3 +230,129 @@ def test_a_keys_limits_default_to_half_of_the_queue_and_the_workers(tmp_path: Pa
     assert tenants.limits(small) == OwnerLimits(max_queued=500, running_share=0.5, rate=5, burst=5)
     alone = load(Settings(api_keys="only-key"))
     assert alone.limits(next(iter(alone.by_digest.values()))) == OwnerLimits()  # one key has everything
+
+
+# Over HTTP: the gateway in-process (as tests/test_app.py runs it), then a whole stack.
+
+
+@pytest.fixture
+def keyed(fresh_redis: RedisServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A keys file for two keys, a's limited; the gateway reads it again as soon as it changes."""
+    monkeypatch.setenv("SEGSERVE_REDIS_URL", fresh_redis.url)
+    monkeypatch.setenv("SEGSERVE_BLOB_URL", str(tmp_path / "blobs"))
+    monkeypatch.setenv("SEGSERVE_KEYS_RELOAD_SECONDS", "0")
+    monkeypatch.setenv("SEGSERVE_KEY_MAX_STREAMS", "1")
+    toml = tmp_path / "keys.toml"
+    toml.write_text(A_KEYS)
+    monkeypatch.setenv("SEGSERVE_API_KEYS_FILE", str(toml))
+    return toml
+
+
+A_KEYS = '[[key]]\nname = "a"\nkey = "a-key"\nmax_queued = 3\nrate = 0.2\nburst = 2\n\n[[key]]\nname = "b"\nkey = "b-key"\n'
+A = {"Authorization": "Bearer a-key", "Content-Type": "image/jpeg"}
+B = {"Authorization": "Bearer b-key", "Content-Type": "image/jpeg"}
+
+
+def test_each_limit_is_refused_with_its_code_and_ratelimit_fields(keyed: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from gateway.app import app
+
+    with TestClient(app) as api:
+        first = api.post("/v1/jobs", content=IMAGE, headers=A)
+        assert first.status_code == 202
+        assert first.headers["ratelimit-policy"] == '"rate";q=2;w=10, "queued";q=3'
+        assert first.headers["ratelimit"] == '"rate";r=1;t=5, "queued";r=2'
+        assert api.post("/v1/jobs", content=IMAGE, headers=A).status_code == 202
+        limited = api.post("/v1/jobs", content=IMAGE, headers=A)
+        assert limited.status_code == 429 and limited.json()["code"] == "key_rate_limited"
+        assert 1 <= int(limited.headers["retry-after"]) <= 5 and '"rate";r=0' in limited.headers["ratelimit"]
+        keyed.write_text(A_KEYS.replace("rate = 0.2", "rate = 100"))  # read again without a restart
+        os.utime(keyed, (time.time() + 5, time.time() + 5))
+        time.sleep(0.1)  # at 100 a second, the bucket refills at once
+        assert api.post("/v1/jobs", content=IMAGE, headers=A).status_code == 202
+        full = api.post("/v1/jobs", content=IMAGE, headers=A)
+        assert full.status_code == 429 and full.json()["code"] == "key_queue_full"
+        assert '"queued";r=0' in full.headers["ratelimit"] and full.headers["retry-after"]
+        assert api.post("/v1/jobs", content=IMAGE, headers=B).status_code == 202  # b has its own limits
+
+        listed = api.get("/v1/jobs?limit=2", headers=A).json()
+        assert len(listed["jobs"]) == 2 and listed["next_cursor"]
+        rest = api.get(f"/v1/jobs?limit=2&cursor={listed['next_cursor']}", headers=A).json()
+        assert len(rest["jobs"]) == 1 and rest["next_cursor"] is None
+        assert api.get("/v1/jobs?status=queued", headers=B).json()["jobs"][0]["priority"] == "normal"
+        assert api.get("/v1/jobs?status=nope", headers=A).json()["code"] == "invalid_parameter"
+        assert api.get("/v1/jobs?cursor=%%%", headers=A).json()["code"] == "invalid_parameter"
+        assert api.post("/v1/jobs/cancel", headers=A).json() == {"canceled": 3}
+        assert api.get("/v1/jobs?status=queued", headers=A).json()["jobs"] == []
+        assert len(api.get("/v1/jobs?status=queued", headers=B).json()["jobs"]) == 1
+
+
+def test_priority_and_queue_timeout_are_checked(keyed: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from gateway.app import app
+
+    with TestClient(app) as api:
+        for query in ("priority=urgent", "queue_timeout=0", "queue_timeout=nan", "queue_timeout=99999999"):
+            answer = api.post(f"/v1/jobs?{query}", content=IMAGE, headers=B)
+            assert answer.status_code == 422 and answer.json()["code"] == "invalid_parameter", query
+        job = api.post("/v1/jobs?priority=high&queue_timeout=30", content=IMAGE, headers=B).json()
+        assert job["priority"] == "high" and job["queue_timeout"] == 30 and job["position"] == 0
+
+
+def test_live_event_streams_are_capped_per_key(keyed: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from gateway.app import app
+
+    with TestClient(app) as api:
+        job = api.post("/v1/jobs", content=IMAGE, headers=B).json()
+        with api.stream("GET", f"/v1/jobs/{job['id']}/events", headers=B) as first:
+            assert first.status_code == 200
+            second = api.get(f"/v1/jobs/{job['id']}/events", headers=B)
+            assert second.status_code == 429 and second.json()["code"] == "too_many_streams"
+
+
+def test_a_flood_from_one_key_holds_up_no_other(stack: Stack) -> None:
+    """Key a submits until its share of the queue is full; then b submits. Every one of b's is accepted, and
+    starts within about one in-flight window, not after a's backlog; every job runs once and succeeds."""
+    env = isolated_env(stack, SEGSERVE_API_KEYS="flood-key,late-key", SEGSERVE_MAX_QUEUED="120")
+    own = Stack(stack.redis, stack.torchserve, env, log_dir=stack.log_dir)
+    own.start_gateway()
+    own.start_worker()
+    flood_key, late_key = ({"Authorization": f"Bearer {k}", "Content-Type": "image/jpeg"} for k in ("flood-key", "late-key"))  # fmt: skip
+    try:
+        with httpx.Client(base_url=own.url, timeout=60) as client:
+            queue = lambda: client.get("/v1/queue", headers=flood_key).json()["workers"]  # noqa: E731
+            wait_until(queue, 30, "the worker's heartbeat")
+            flood = []
+            while (answer := client.post("/v1/jobs", content=IMAGE, headers=flood_key)).status_code == 202:
+                flood.append(answer.json()["id"])
+            assert answer.json()["code"] == "key_queue_full" and len(flood) == 60
+            late = [client.post("/v1/jobs", content=IMAGE, headers=late_key) for _ in range(6)]
+            assert [answer.status_code for answer in late] == [202] * 6
+            ended = {job_id: ended_job(client, job_id, flood_key) for job_id in flood}
+            ended |= {
+                answer.json()["id"]: ended_job(client, answer.json()["id"], late_key) for answer in late
+            }
+    finally:
+        own.stop()
+    assert all(job["status"] == "succeeded" and job["attempts"] == 1 for job in ended.values())
+    b_arrived = min(parse_time(ended[answer.json()["id"]]["created_at"]) for answer in late)
+    b_waits = [parse_time(ended[a.json()["id"]]["started_at"]) - b_arrived for a in late]
+    a_drain = max(parse_time(ended[job_id]["finished_at"]) for job_id in flood) - b_arrived
+    assert max(b_waits) < 0.5 * a_drain, (b_waits, a_drain)
+
+
+def ended_job(client: httpx.Client, job_id: str, headers: dict[str, str]) -> dict[str, Any]:
+    while True:
+        job: dict[str, Any] = client.get(
+            f"/v1/jobs/{job_id}", headers={**headers, "Prefer": "wait=30"}
+        ).json()
+        if job["status"] not in ("queued", "running"):
+            return job
+
+
+def parse_time(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()

@@ -22,11 +22,11 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from starlette.testclient import TestClient
 
 from gateway import urls
-from gateway.tenants import load as load_tenants
 from gateway.jobs import Job, JobStatus, JobStore, Outcome, Result
 from gateway.settings import Settings
+from gateway.tenants import load as load_tenants
 from gateway.webhooks import signing_key
-from gateway.worker.deliveries import Deliverer
+from gateway.worker.deliveries import OWNER_SHARE, Deliverer
 from tests.harness.images import encode, scene
 from tests.harness.jobs import directory_store
 from tests.harness.jobs import submit as submit_image
@@ -383,3 +383,22 @@ def test_webhooks_off_without_a_server_secret(
     assert client.get("/v1/webhooks/secret").json()["code"] == "webhooks_disabled"
     answer = client.post("/v1/jobs", json={"image": IMAGE_B64, "webhook": "https://example.com/hook"})
     assert answer.status_code == 422 and answer.json()["code"] == "webhooks_disabled"
+
+
+async def test_a_keys_hanging_receiver_delays_only_that_keys_deliveries(
+    store: JobStore, deliverer: Deliverer, receiver: Receiver
+) -> None:
+    """40 events of a key whose receiver hangs (past url_timeout, every time) are due before 5 of another
+    key's: the other's arrive while the hanging key holds only its share of the slots."""
+    hanging = Receiver()
+    hanging.answer = lambda n, request: (200, {}, b"", 3.0)
+    try:
+        slow = [await submit(store, hanging.url, owner="hangs") for _ in range(40)]
+        quick = [await submit(store, receiver.url, owner="quick") for _ in range(5)]
+        for job in slow + quick:
+            await run_to_the_end(store, job)
+        await eventually(lambda: len(receiver.received) == 5, "the other key's deliveries")
+        # First come, first served, all 16 slots would have gone to the hanging key's first attempts.
+        assert len(hanging.received) <= 2 * OWNER_SHARE, len(hanging.received)
+    finally:
+        hanging.close()

@@ -112,10 +112,10 @@ class FairView:
                 self._ended.popleft()
             turns = {}
             for raw_owner, raw_pass, raw_weight, waiting in owners:
-                owner = raw_owner.decode()
-                turns[owner] = OwnerTurn(owner, float(raw_pass), 1 / float(raw_weight), int(waiting))
+                name = raw_owner.decode()
+                turns[name] = OwnerTurn(name, float(raw_pass), 1 / float(raw_weight), int(waiting))
             self._order = FairOrder(int(in_arq), turns)
-        return self._order
+        return self._order  # type: ignore[return-value]
 
     def eta_seconds(self, position: int) -> float | None:
         """Seconds until a job with ``position`` jobs ahead starts, at the rate jobs have ended lately; None

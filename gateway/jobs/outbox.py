@@ -44,8 +44,11 @@ class Outbox:
         self.scripts = scripts
         self.ttl_ms = ttl_ms
 
-    async def claim(self, lease_ms: float, limit: int) -> list[Delivery]:
-        """The deliveries due now, each leased for ``lease_ms`` to the caller."""
+    async def claim(
+        self, lease_ms: float, limit: int, share: int | None = None, busy: dict[str, int] | None = None
+    ) -> list[Delivery]:
+        """The deliveries due now, each leased for ``lease_ms`` to the caller: at most ``share`` attempts of
+        one owner at once, counting the ``busy`` ones the caller runs already."""
         lease = secrets.token_hex(8)
         args: list[EncodableT] = [
             repr(now_ms()),
@@ -54,6 +57,8 @@ class Outbox:
             lease,
             keys.DELIVERY_PREFIX,
             keys.JOB_PREFIX,
+            share or limit,
+            json.dumps(busy or {}) if busy else "{}",
         ]
         claimed = await self.scripts["claim"](keys=[keys.DELIVERIES], args=args)
         deliveries = []

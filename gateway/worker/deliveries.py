@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import logging
 import random
+from collections import Counter
 from datetime import datetime, timezone
 
 import httpx
@@ -26,6 +28,7 @@ from gateway.webhooks import signed_headers, signing_key
 
 logger = logging.getLogger(__name__)
 IN_FLIGHT = 16  # deliveries one process attempts at once
+OWNER_SHARE = 4  # of them, the most for one owner (API key): a hanging receiver holds only its own
 MAX_DELAY_S = 3600.0  # the longest wait between two attempts
 
 
@@ -36,6 +39,7 @@ class Deliverer:
         self.allowed = urls.allowed_hosts(settings.allowed_url_hosts)
         # An attempt is bounded by urls.deadline; its lease outlasts that, and past it the delivery is free again.
         self.lease_ms = (urls.deadline(settings.url_timeout) + 10) * 1000
+        self.busy: Counter[str] = Counter()  # attempts running now, per owner
 
     async def run(self) -> None:
         in_flight: set[asyncio.Task[None]] = set()
@@ -44,7 +48,10 @@ class Deliverer:
                 claimed: list[Delivery] = []
                 try:
                     if len(in_flight) < IN_FLIGHT:
-                        claimed = await self.store.outbox.claim(self.lease_ms, IN_FLIGHT - len(in_flight))
+                        free = IN_FLIGHT - len(in_flight)
+                        claimed = await self.store.outbox.claim(
+                            self.lease_ms, free, OWNER_SHARE, dict(self.busy)
+                        )
                 except RedisError as exc:  # Redis restarting: the deliveries wait there
                     logger.warning("webhook deliveries paused: %s", exc)
                     await asyncio.sleep(1)
@@ -55,7 +62,14 @@ class Deliverer:
                     task = asyncio.create_task(self.attempt(http, delivery))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
+                    self.busy[delivery.owner] += 1
+                    task.add_done_callback(functools.partial(self.release, delivery.owner))
                 await asyncio.sleep(0.05 if claimed else 0.2)
+
+    def release(self, owner: str, _: object = None) -> None:
+        self.busy[owner] -= 1
+        if not self.busy[owner]:
+            del self.busy[owner]
 
     async def attempt(self, http: httpx.AsyncClient, delivery: Delivery) -> None:
         """One attempt, recorded, whatever happens in it (an error of ours counts as a failed attempt)."""
