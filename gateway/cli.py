@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gateway.client.commands import client_options, queue, submit, with_client
+from gateway.client.commands import client_options, jobs, queue, submit, with_client
 from gateway.settings import env_table
 
 EPILOG = "environment variables (defaults):\n" + "\n".join(
@@ -130,6 +130,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     client_options(p)
     p.set_defaults(run=with_client("retry"))
+
+    p = commands.add_parser(
+        "jobs", help="this API key's jobs, newest first; --cancel cancels its queued ones"
+    )
+    p.add_argument(
+        "--status",
+        choices=["queued", "running", "succeeded", "failed", "canceled", "expired"],
+        help="only jobs of this status",
+    )
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default: %(default)s)")
+    p.add_argument("--cancel", action="store_true", help="cancel every queued job of this key instead")
+    client_options(p)
+    p.set_defaults(run=jobs)
 
     p = commands.add_parser("models", help="the models TorchServe serves, as JSON")
     client_options(p)

@@ -19,8 +19,8 @@ from urllib.parse import urlparse
 import kubernetes_validate
 import pytest
 import yaml
-from arq.constants import default_queue_name
 
+from gateway.jobs import keys
 from gateway.settings import Settings
 from tests.harness.processes import ROOT
 
@@ -650,7 +650,7 @@ def test_prometheus_scrapes_the_gateway(rendered: Rendered) -> None:
 # Workers: scale from zero on arq's queue, finish their jobs when stopped
 
 
-def test_keda_scales_the_workers_from_zero_on_arqs_queue(rendered: Rendered) -> None:
+def test_keda_scales_the_workers_from_zero_on_the_backlog(rendered: Rendered) -> None:
     (scaled,) = rendered.of_kind("ScaledObject")
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == rendered.worker["metadata"]["name"]
@@ -663,7 +663,7 @@ def test_keda_scales_the_workers_from_zero_on_arqs_queue(rendered: Rendered) -> 
     assert trigger["type"] in {"redis", "redis-sentinel"}
     metadata = trigger["metadata"]
     assert set(metadata) <= KEDA_REDIS_METADATA, set(metadata) - KEDA_REDIS_METADATA
-    assert metadata["listName"] == default_queue_name
+    assert metadata["listName"] == keys.BACKLOG  # every key's waiting jobs, not only what arq holds
     assert int(metadata["activationListLength"]) >= 0
     assert int(metadata["listLength"]) >= 1
     # The same Redis database and sentinels as segserve's own.

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import httpx
 
-from gateway.tenants import load as load_tenants
 from gateway.jobs.store import new_job_id
 from gateway.settings import Settings
+from gateway.tenants import load as load_tenants
 from tests.harness.images import encode, scene
 from tests.harness.processes import free_port
 from tests.harness.servers import Stack

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -23,7 +24,7 @@ from gateway.settings import Settings
 from gateway.tenants import KeysError, load
 from tests.harness.images import encode, scene
 from tests.harness.jobs import directory_store, submit
-from tests.harness.processes import wait_until
+from tests.harness.processes import BIN, wait_until
 from tests.harness.servers import RedisServer, Stack, isolated_env
 
 IMAGE = encode(scene(32, 24))
@@ -286,6 +287,8 @@ def test_each_limit_is_refused_with_its_code_and_ratelimit_fields(keyed: Path) -
         assert api.post("/v1/jobs/cancel", headers=A).json() == {"canceled": 3}
         assert api.get("/v1/jobs?status=queued", headers=A).json()["jobs"] == []
         assert len(api.get("/v1/jobs?status=queued", headers=B).json()["jobs"]) == 1
+        assert 'segserve_key_waiting{key="b"} 0.0' in api.get("/metrics").text
+        assert 'segserve_key_dispatched{key="b"} 1.0' in api.get("/metrics").text
 
 
 def test_priority_and_queue_timeout_are_checked(keyed: Path) -> None:
@@ -336,6 +339,11 @@ def test_a_flood_from_one_key_holds_up_no_other(stack: Stack) -> None:
             ended |= {
                 answer.json()["id"]: ended_job(client, answer.json()["id"], late_key) for answer in late
             }
+        listed = subprocess.run(
+            [str(BIN / "segserve"), "jobs", "--url", own.url, "--api-key", "late-key", "--status", "succeeded"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert "6 jobs" in listed.stdout and all(answer.json()["id"] in listed.stdout for answer in late)
     finally:
         own.stop()
     assert all(job["status"] == "succeeded" and job["attempts"] == 1 for job in ended.values())

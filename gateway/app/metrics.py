@@ -12,6 +12,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from gateway.jobs import BUCKETS, HISTOGRAMS, Counters, JobStatus, JobStore, keys
+from gateway.jobs.fairness import OwnerQueue, owner_queues
+from gateway.tenants import ANONYMOUS, Tenants
 
 ENDED = [status for status in JobStatus if status.is_terminal()]
 
@@ -57,8 +59,33 @@ class StoreCollector(Collector):
             yield family
 
 
-async def render(store: JobStore) -> bytes:
+class KeysCollector(Collector):
+    """Each API key's part of the backlog, labelled by the key's name (never the key)."""
+
+    def __init__(self, queues: dict[str, OwnerQueue], names: dict[str, str]) -> None:
+        self.queues, self.names = queues, names
+
+    def collect(self) -> Iterator[Any]:
+        families = (
+            ("segserve_key_waiting", "Jobs of the key waiting in its own queue, not yet handed to a worker"),
+            ("segserve_key_dispatched", "Jobs of the key handed to the workers: next, or running"),
+            ("segserve_key_next_wait_seconds", "How long the key's next job has waited so far"),
+        )
+        gauges = [GaugeMetricFamily(name, doc, labels=["key"]) for name, doc in families]
+        for owner, queue in self.queues.items():
+            label = [self.names[owner]]
+            for gauge, value in zip(
+                gauges, (queue.waiting, queue.dispatched, queue.next_waited_s), strict=True
+            ):
+                gauge.add_metric(label, value)
+        yield from gauges
+
+
+async def render(store: JobStore, tenants: Tenants) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector(await store.fleet.counters()))
+    owners = [tenant.owner for tenant in tenants.by_digest.values()] or [ANONYMOUS]
+    names = {owner: tenants.of(owner).name for owner in owners}
+    registry.register(KeysCollector(await owner_queues(store.redis, owners), names))
     registry.register(ProcessCollector(registry=None))
     return generate_latest(registry)

@@ -102,7 +102,8 @@ def torchserve_state(workers: list[WorkerInfo], model: str) -> str:
 
 
 async def prometheus(request: Request) -> Response:
-    body = await metrics.render(services(request).store)
+    svc = services(request)
+    body = await metrics.render(svc.store, svc.tenants)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

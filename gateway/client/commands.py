@@ -1,4 +1,4 @@
-"""The ``segserve`` commands that talk to a running server: submit, status, models, queue."""
+"""The ``segserve`` commands that talk to a running server: submit, status, jobs, models, queue."""
 
 from __future__ import annotations
 
@@ -68,6 +68,42 @@ def with_client(call: str) -> Callable[[argparse.Namespace], int]:
         return 0 if call != "status" or answer["status"] != "failed" else 1
 
     return command
+
+
+def jobs(args: argparse.Namespace) -> int:
+    """This key's jobs as a table, newest first; or, with --cancel, cancel its queued ones."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gateway.client.sdk import Client, SegserveError
+
+    try:
+        with Client(args.url, args.api_key) as client:
+            if args.cancel:
+                print(f"canceled {client.cancel_queued()} queued jobs")
+                return 0
+            found = client.jobs(args.status, args.limit)
+    except SegserveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    columns = ("id", "status", "priority", "created", "position", "error")
+    rows = [
+        (job["id"], job["status"], job["priority"], job["created_at"], str(job.get("position", "")),
+         (job.get("error") or {}).get("code", ""))
+        for job in found
+    ]  # fmt: skip
+    if not sys.stdout.isatty():  # for scripts: one tab-separated line a job, nothing cut short
+        print(f"# {len(found)} jobs, newest first")
+        print("\t".join(columns))
+        print("\n".join("\t".join(row) for row in rows))
+        return 0
+    table = Table(title=f"{len(found)} jobs at {args.url}, newest first")
+    for name in columns:
+        table.add_column(name)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    return 0
 
 
 def queue(args: argparse.Namespace) -> int:

@@ -241,6 +241,24 @@ class AsyncClient:
     async def delete(self, job_id: str) -> None:
         await self._request("DELETE", f"/v1/jobs/{job_id}")
 
+    async def jobs(self, status: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """This key's jobs, newest first (of ``status`` only, when given), following the pages to the end
+        or until ``limit`` jobs."""
+        found: list[dict[str, Any]] = []
+        cursor = None
+        while limit is None or len(found) < limit:
+            query = {k: v for k, v in (("status", status), ("cursor", cursor)) if v}
+            page = (await self._request("GET", "/v1/jobs", params={**query, "limit": 200})).json()
+            found += page["jobs"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        return found if limit is None else found[:limit]
+
+    async def cancel_queued(self) -> int:
+        """Cancel every queued job of this key; how many were canceled."""
+        return int((await self._request("POST", "/v1/jobs/cancel")).json()["canceled"])
+
     async def webhook_secret(self) -> str:
         """The key this API key's webhook deliveries are signed with: give it to ``verify_webhook``."""
         return str((await self._request("GET", "/v1/webhooks/secret")).json()["key"])
@@ -304,6 +322,12 @@ class Client:
 
     def delete(self, job_id: str) -> None:
         self._call(self._async.delete, job_id)
+
+    def jobs(self, status: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        return self._call(self._async.jobs, status, limit)
+
+    def cancel_queued(self) -> int:
+        return self._call(self._async.cancel_queued)
 
     def webhook_secret(self) -> str:
         return self._call(self._async.webhook_secret)

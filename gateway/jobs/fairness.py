@@ -131,3 +131,27 @@ class FairView:
 def layout(ttl_ms: int, min_window: int) -> str:
     """The scripts' last argument: every key they use, the ttl, and the least size of the hand-off."""
     return json.dumps({**keys.layout(), "ttl": ttl_ms, "min_window": min_window})
+
+
+@dataclass(frozen=True)
+class OwnerQueue:
+    """One owner's part of the backlog, for /metrics."""
+
+    waiting: int  # in its own queue
+    dispatched: int  # in arq's queue: next, or running
+    next_waited_s: float  # how long the job that goes next has waited so far (0 when none waits)
+
+
+async def owner_queues(redis: ArqRedis, owners: list[str]) -> dict[str, OwnerQueue]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for owner in owners:
+            pipe.zcard(keys.waiting(owner))
+            pipe.scard(keys.dispatched(owner))
+            pipe.zrange(keys.waiting(owner), 0, 0, withscores=True)
+        answers = await pipe.execute() if owners else []
+    now, queues = now_ms(), {}
+    for index, owner in enumerate(owners):
+        waiting, dispatched, head = answers[3 * index : 3 * index + 3]
+        waited = (now - head[0][1] % 1e13) / 1000 if head else 0.0  # the score: band * 1e13 + created
+        queues[owner] = OwnerQueue(int(waiting), int(dispatched), max(0.0, waited))
+    return queues
