@@ -29,6 +29,7 @@ RQ_STATUS = {
     JobStatus.SUCCEEDED: "finished",
     JobStatus.FAILED: "failed",
     JobStatus.CANCELED: "failed",
+    JobStatus.EXPIRED: "failed",
 }
 
 
@@ -125,6 +126,8 @@ def rq_result(job: Job) -> dict[str, Any]:
     error = job.error.message if job.error and job.status is JobStatus.FAILED else None
     if job.status is JobStatus.CANCELED:
         error = "the job was canceled"
+    if job.status is JobStatus.EXPIRED:
+        error = "no worker started the job in time"
     return {
         "image_path": job.image_path,
         "model_name": job.model,

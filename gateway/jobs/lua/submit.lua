@@ -36,6 +36,8 @@ add_pending(S.pending, S.stats, job_id, ARGV[6])
 redis.call('ZADD', KEYS[3], now + S.ttl, job_id)
 redis.call('ZADD', S.deadlines, ARGV[11], job_id)
 redis.call('ZADD', S.jobs_of .. owner, now, job_id)
+-- The owner's index forgets what has surely gone: a job lives at most its wait, a try and a ttl after its end.
+redis.call('ZREMRANGEBYSCORE', S.jobs_of .. owner, '-inf', '(' .. (now - 2 * S.ttl - 3600 * 1000))
 if KEYS[4] then redis.call('SET', KEYS[4], job_id, 'PX', S.ttl) end
 redis.call('HINCRBY', S.stats, 'submitted', 1)
 enqueue(S, job_id, owner, ARGV[10], now)
