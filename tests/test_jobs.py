@@ -36,6 +36,7 @@ from gateway.jobs import (
 from gateway.jobs.connection import stop, worker_connection
 from gateway.jobs.scripts import STEPS
 from gateway.settings import Settings
+from gateway.worker.sweeper import Sweeper
 from tests.harness.images import encode, scene
 from tests.harness.jobs import directory_store
 from tests.harness.jobs import submit as submit_image
@@ -335,7 +336,7 @@ async def test_the_sweeper_removes_blobs_that_no_job_owns(store: JobStore) -> No
     for path in [directory / "inputs" / f"j_{'1' * 32}", directory / "masks" / f"j_{'2' * 32}.png",
                  directory / "inputs" / owned.id]:  # fmt: skip
         os.utime(path, (old, old))
-    assert await store.sweep_orphans(grace_s=600) == 2
+    assert await Sweeper(store, Settings()).sweep_orphans(grace_s=600) == 2
     assert sorted(str(p.relative_to(directory)) for p in directory.rglob("j_*")) == [
         f"inputs/{owned.id}",  # its job exists
         f"masks/j_{'3' * 32}.png",  # too new: its job may be on its way into Redis

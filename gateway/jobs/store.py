@@ -18,7 +18,7 @@ import math
 import re
 import secrets
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -40,7 +40,6 @@ FUNCTION = "segment"
 # steps of the jobs it holds (start, complete, deliveries), which may not be refused.
 MEMORY_SHARE = 0.9
 SWEEP_LEASE_MS = 60_000
-ORPHAN_GRACE_S = 600  # a blob older than this whose job does not exist is left from a crash
 LIST_LOOK_AT = 1000  # GET /v1/jobs looks at most at this many of an owner's jobs per page
 
 
@@ -404,38 +403,6 @@ class JobStore:
             await self.blobs.delete(name for job_id in gone for name in keys.blobs_of(job_id))
             await self.redis.zrem(keys.BLOB_EXPIRY, *gone)
         return len(gone)
-
-    async def sweep_orphans(self, grace_s: float = ORPHAN_GRACE_S) -> int:
-        """Delete blobs that no job owns, older than ``grace_s`` (what a crash between writing a blob and
-        recording its job leaves behind); how many went. Lists the whole store: run it rarely."""
-        cutoff = datetime.now(timezone.utc).timestamp() - grace_s
-        orphans = 0
-        for prefix in (keys.INPUTS, keys.MASKS, keys.OVERLAYS):
-            batch: list[str] = []
-            async for blob in self.blobs.list(prefix):
-                if blob.modified.timestamp() < cutoff:
-                    batch.append(blob.name)
-                if len(batch) == 500:
-                    orphans += await self._delete_unowned(batch)
-                    batch = []
-            orphans += await self._delete_unowned(batch)
-        return orphans
-
-    async def _delete_unowned(self, names: list[str]) -> int:
-        owners = [keys.job_of_blob(name) or "" for name in names]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for owner in owners:
-                pipe.exists(keys.job(owner))
-            exists = await pipe.execute() if owners else []
-        unowned = [
-            name for name, owner, found in zip(names, owners, exists, strict=True) if owner and not found
-        ]
-        await self.blobs.delete(unowned)
-        return len(unowned)
-
-    async def take_orphan_sweep(self, every_s: float) -> bool:
-        """Whether this process is the one to look for orphans now: one of the fleet per ``every_s``."""
-        return bool(await self.redis.set(keys.ORPHAN_SWEEP_LOCK, "1", nx=True, px=int(every_s * 1000)))
 
     async def pending_bytes(self) -> int:
         """Bytes of the inputs of jobs accepted and not yet ended, as admission counts them."""

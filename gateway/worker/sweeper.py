@@ -8,12 +8,14 @@ import asyncio
 import logging
 import random
 import time
+from datetime import datetime, timezone
 
-from gateway.jobs import JobStore
+from gateway.jobs import JobStore, keys
 from gateway.settings import Settings
 
 logger = logging.getLogger(__name__)
 EXPIRED_EVERY_S = 5.0
+ORPHAN_GRACE_S = 600  # a blob older than this whose job does not exist is left from a crash
 BATCH = 200
 
 
@@ -37,10 +39,38 @@ class Sweeper:
             pass  # more are due: go on
         if time.monotonic() >= self.next_orphan_sweep:
             self.next_orphan_sweep = time.monotonic() + self.orphans_every_s
-            orphans = (
-                await self.store.sweep_orphans()
-                if await self.store.take_orphan_sweep(self.orphans_every_s)
-                else 0
-            )
+            orphans = await self.sweep_orphans() if await self.take_orphan_sweep(self.orphans_every_s) else 0
             if orphans:
                 logger.warning("blob sweep: removed %d blobs that no job owned (left by a crash)", orphans)
+
+    async def sweep_orphans(self, grace_s: float = ORPHAN_GRACE_S) -> int:
+        """Delete blobs that no job owns, older than ``grace_s`` (what a crash between writing a blob and
+        recording its job leaves behind); how many went. Lists the whole store: run it rarely."""
+        cutoff = datetime.now(timezone.utc).timestamp() - grace_s
+        orphans = 0
+        for prefix in (keys.INPUTS, keys.MASKS, keys.OVERLAYS):
+            batch: list[str] = []
+            async for blob in self.store.blobs.list(prefix):
+                if blob.modified.timestamp() < cutoff:
+                    batch.append(blob.name)
+                if len(batch) == 500:
+                    orphans += await self._delete_unowned(batch)
+                    batch = []
+            orphans += await self._delete_unowned(batch)
+        return orphans
+
+    async def _delete_unowned(self, names: list[str]) -> int:
+        owners = [keys.job_of_blob(name) or "" for name in names]
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            for owner in owners:
+                pipe.exists(keys.job(owner))
+            exists = await pipe.execute() if owners else []
+        unowned = [
+            name for name, owner, found in zip(names, owners, exists, strict=True) if owner and not found
+        ]
+        await self.store.blobs.delete(unowned)
+        return len(unowned)
+
+    async def take_orphan_sweep(self, every_s: float) -> bool:
+        """Whether this process is the one to look for orphans now: one of the fleet per ``every_s``."""
+        return bool(await self.store.redis.set(keys.ORPHAN_SWEEP_LOCK, "1", nx=True, px=int(every_s * 1000)))
