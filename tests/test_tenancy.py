@@ -332,7 +332,7 @@ def test_a_flood_from_one_key_holds_up_no_other(stack: Stack) -> None:
             flood = []
             while (answer := client.post("/v1/jobs", content=IMAGE, headers=flood_key)).status_code == 202:
                 flood.append(answer.json()["id"])
-            assert answer.json()["code"] == "key_queue_full" and len(flood) == 60
+            assert answer.json()["code"] == "key_queue_full" and len(flood) >= 60  # half; more as jobs end
             late = [client.post("/v1/jobs", content=IMAGE, headers=late_key) for _ in range(6)]
             assert [answer.status_code for answer in late] == [202] * 6
             ended = {job_id: ended_job(client, job_id, flood_key) for job_id in flood}
