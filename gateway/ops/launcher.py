@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 from gateway.ops.archive import BuildError, model_store
 from gateway.ops.setup import SetupError, setup
+from gateway.retrying import backoff
 from gateway.settings import Settings
 from gateway.webhooks import new_secret
 
@@ -208,7 +209,7 @@ class Supervisor:
             child.quick_exits = child.quick_exits + 1 if quick else 0
             if child.quick_exits >= QUICK_EXITS:
                 return f"{child.name} exited {QUICK_EXITS} times in a row right after starting"
-            delay = min(0.5 * 2 ** max(0, child.quick_exits - 1), 30.0)
+            delay = backoff(child.quick_exits, 0.5, 30.0)
             code = child.process.returncode
             print(f"{child.name} exited with status {code}; starting it again in {delay:g} s", flush=True)
             child.restart_at = now + delay
