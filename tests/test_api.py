@@ -552,12 +552,3 @@ def test_arq_check_tells_the_truth(stack: Stack) -> None:
 def test_gateway_does_not_import_torch() -> None:
     code = "import sys, gateway.app, gateway.worker; sys.exit('torch' in sys.modules)"
     assert subprocess.run([str(BIN / "python"), "-c", code], cwd=ROOT).returncode == 0
-
-
-def test_settings_from_environment() -> None:
-    from gateway.settings import Settings
-
-    settings = Settings.from_env({"SEGSERVE_MAX_QUEUED": "5", "SEGSERVE_RETRY_DELAY": "0.1"})
-    assert settings.max_queued == 5 and settings.retry_delay == 0.1
-    with pytest.raises(ValueError, match="SEGSERVE_MAX_QUEUED"):
-        Settings.from_env({"SEGSERVE_MAX_QUEUED": "many"})
