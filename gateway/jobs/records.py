@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
@@ -284,6 +284,33 @@ class Job:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """One model version a worker's TorchServe serves, as ``/v1/models`` shows it."""
+
+    name: str
+    version: str
+    default: bool = False  # the version a job that names only the model gets
+    workers: int = 0  # TorchServe's workers for it, and how many of them are ready
+    workers_ready: int = 0
+    batch_size: int | None = None
+    max_batch_delay_ms: int | None = None
+    device: str = "cpu"
+    variant: str | None = None
+    engine: str = "torch"
+    precision: str = "fp32"
+    weights: str = "unknown"
+    random_weights: bool = False
+
+    def to_api(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> ModelInfo:
+        """Fields this version does not know (from a newer worker) are left out."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
     """What a worker's heartbeat says about it and the TorchServe beside it, for ``/v1/queue``,
     ``/v1/models`` and ``/readyz``: gateways reach no TorchServe themselves, so this works across hosts."""
@@ -295,10 +322,15 @@ class WorkerInfo:
     last_seen: str
     concurrency: int
     backend: str = "unknown"  # "ok", or why its TorchServe cannot compute
-    models: list[dict[str, Any]] = field(default_factory=list)  # as its TorchServe lists them
+    models: list[ModelInfo] = field(default_factory=list)  # as its TorchServe lists them
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> WorkerInfo:
+        data = json.loads(text)
+        return cls(**{**data, "models": [ModelInfo.from_api(m) for m in data.get("models", [])]})
 
 
 @dataclass(frozen=True)

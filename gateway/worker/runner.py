@@ -25,6 +25,7 @@ from gateway.jobs import (
     FUNCTION,
     JobError,
     JobStore,
+    ModelInfo,
     WorkerInfo,
     deserialize,
     iso,
@@ -128,20 +129,21 @@ async def heartbeat(state: WorkerState) -> None:
         await asyncio.sleep(HEARTBEAT_SECONDS)
 
 
-def in_flight_limit(models: list[dict[str, Any]], cap: int) -> int | None:
+def in_flight_limit(models: list[ModelInfo], cap: int) -> int | None:
     """Jobs to keep inside TorchServe: what its ready workers compute now and next (2 × workers × batch
     size), at most ``cap``. The rest wait in Redis, where their queue position is true, so ``running``
     means computing or next, instead of waiting unseen in TorchServe's own queue."""
-    computing = sum(m["workers_ready"] * (m.get("batch_size") or 1) for m in models)
+    computing = sum(m.workers_ready * (m.batch_size or 1) for m in models)
     return min(cap, 2 * computing) if computing else None
 
 
-async def describe_backend(torchserve: TorchServe) -> tuple[str, list[dict[str, Any]]]:
+async def describe_backend(torchserve: TorchServe) -> tuple[str, list[ModelInfo]]:
     """("ok", its models), or why it cannot compute; bounded, so a hung TorchServe never stops the beat."""
     if not await torchserve.ping():
         return "down", []
     try:
-        return "ok", await asyncio.wait_for(torchserve.models(), HEARTBEAT_SECONDS)
+        described = await asyncio.wait_for(torchserve.models(), HEARTBEAT_SECONDS)
+        return "ok", [ModelInfo.from_api(model) for model in described]
     except (BackendUnavailable, ModelNotFound, asyncio.TimeoutError):
         return "down: its management API does not answer", []
 
