@@ -34,10 +34,10 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: reuse the benchmark's stack and the tests' helpers
 from benchmarks.bench import BIN, Stack, picture  # noqa: E402
+from gateway.status import is_terminal  # noqa: E402
 from tests.harness.servers import side_by_side_env  # noqa: E402
 
 IMAGE = picture(128, 96)
-ENDED = ("succeeded", "failed", "canceled")
 
 
 class Load:
@@ -170,7 +170,7 @@ def main() -> int:
                 pending = set(load.accepted)
 
                 def all_ended() -> bool:
-                    pending.difference_update([j for j in list(pending) if status(client, j) in ENDED])
+                    pending.difference_update([j for j in list(pending) if is_terminal(status(client, j))])
                     return not pending
 
                 until(all_ended, 600)

@@ -18,6 +18,7 @@ from PIL import Image
 from standardwebhooks import Webhook
 
 from gateway.app.params import VOC_CLASSES
+from gateway.status import is_terminal
 from tests.harness.images import encode, scene
 from tests.harness.processes import BIN, ROOT, free_port, wait_until
 from tests.harness.receiver import Received, Receiver
@@ -34,7 +35,7 @@ def wait_done(client: httpx.Client, job_id: str, timeout: float = 60) -> dict:  
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "canceled"):
+        if is_terminal(job["status"]):
             return job  # type: ignore[no-any-return]
         time.sleep(0.05)
     raise TimeoutError(job_id)

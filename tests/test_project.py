@@ -93,3 +93,12 @@ def test_every_test_the_docs_name_exists() -> None:
                 if not re.search(rf"^(async )?def {name}\(", source, re.M):
                     missing.append(f"{page.name}: {path}::{name}")
     assert not missing, missing
+
+
+def test_the_job_error_codes_are_the_documented_ones() -> None:
+    """The codes a job can fail with (FailureCode) are exactly docs/api.md's "Job error codes" table."""
+    from gateway.jobs.records import FAILURE_CODES
+
+    page = (ROOT / "docs" / "api.md").read_text()
+    table = page.split("### Job error codes", 1)[1].split("\n## ", 1)[0]
+    assert set(re.findall(r"^\| `([a-z_]+)` \|", table, re.M)) == FAILURE_CODES

@@ -13,7 +13,7 @@ from prometheus_client.registry import Collector
 
 from gateway.jobs import BUCKETS, HISTOGRAMS, Counters, JobStatus, JobStore, keys
 
-ENDED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+ENDED = [status for status in JobStatus if status.is_terminal()]
 
 
 class StoreCollector(Collector):

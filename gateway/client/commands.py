@@ -78,14 +78,13 @@ def queue(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from gateway.client.sdk import Client, SegserveError
+    from gateway.status import JobStatus
 
     def view(state: dict[str, Any]) -> Table:
         table = Table(title=f"segserve queue at {args.url}")
-        for name in ("queued", "running", "succeeded", "failed", "canceled"):
-            table.add_column(name, justify="right")
-        table.add_row(
-            *(str(state.get(k, 0)) for k in ("queued", "running", "succeeded", "failed", "canceled"))
-        )
+        for status in JobStatus:
+            table.add_column(status.value, justify="right")
+        table.add_row(*(str(state.get(status.value, 0)) for status in JobStatus))
         workers = Table(title=f"{len(state['workers'])} workers")
         for name in ("id", "started", "last seen", "concurrency"):
             workers.add_column(name)

@@ -27,9 +27,9 @@ from httpx_sse import EventSource, ServerSentEvent
 from standardwebhooks import Webhook
 
 from gateway.retrying import backoff, retry_after
+from gateway.status import is_terminal
 
 T = TypeVar("T")
-TERMINAL = ("succeeded", "failed", "canceled")
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
                  ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}  # fmt: skip
 MAX_WAIT = 60
@@ -203,7 +203,7 @@ class AsyncClient:
             last: dict[str, Any] | None = None
             async for job in self.events(job_id):
                 last = job
-            if last is None or last["status"] not in TERMINAL:  # the stream closed early: the job is gone
+            if last is None or not is_terminal(last["status"]):  # the stream closed early: the job is gone
                 return await self.get(job_id)  # which answers 404
             return last
 
@@ -215,7 +215,7 @@ class AsyncClient:
     async def _poll(self, job_id: str, max_seconds: float | None) -> dict[str, Any]:
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         job = await self.get(job_id)
-        while job["status"] not in TERMINAL:
+        while not is_terminal(job["status"]):
             left = MAX_WAIT if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 break
@@ -225,7 +225,7 @@ class AsyncClient:
     async def segment(self, image: str | Path | bytes, **params: Any) -> dict[str, Any]:
         """Submit and wait for the end."""
         job = await self.submit(image, wait=MAX_WAIT, **params)
-        return job if job["status"] in TERMINAL else await self.wait(job["id"])
+        return job if is_terminal(job["status"]) else await self.wait(job["id"])
 
     async def mask(self, job_id: str) -> bytes:
         return (await self._request("GET", f"/v1/jobs/{job_id}/mask.png")).content

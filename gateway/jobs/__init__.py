@@ -20,6 +20,7 @@ from gateway.jobs.records import (
     Result,
     Submission,
     WorkerInfo,
+    failure_code,
     iso,
     now_ms,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "Waiters",
     "WorkerInfo",
     "deserialize",
+    "failure_code",
     "iso",
     "new_job_id",
     "now_ms",

@@ -8,21 +8,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from enum import Enum
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
-
-class JobStatus(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELED = "canceled"
-
-    def is_terminal(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+# A job's states are one of the protocol's records, kept in a module the SDK imports without the server's.
+from gateway.status import JobStatus as JobStatus
 
 
 def now_ms() -> float:
@@ -38,11 +29,33 @@ def iso(ms: float | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# Why a job failed (its ``error.code``), as docs/api.md's "Job error codes" lists them.
+FailureCode = Literal[
+    "invalid_image",  # the handler's refusals of one image (handlers/)
+    "too_many_pixels",
+    "invalid_parameter",
+    "too_large",  # TorchServe's 413
+    "backend_error",  # any other refusal of the model server
+    "model_not_found",
+    "backend_unavailable",
+    "expired",
+    "input_missing",
+    "worker_error",
+    "internal_error",
+]
+FAILURE_CODES: frozenset[str] = frozenset(get_args(FailureCode))
+
+
+def failure_code(code: str) -> FailureCode:
+    """A code the model server gave, as one of ours: one we do not know is a ``backend_error``."""
+    return cast(FailureCode, code) if code in FAILURE_CODES else "backend_error"
+
+
 @dataclass(frozen=True)
 class JobError:
     """Why a job failed: ``code`` for programs, ``message`` for people."""
 
-    code: str
+    code: FailureCode
     message: str
 
 
@@ -90,7 +103,7 @@ class Outcome:
         return cls(JobStatus.SUCCEEDED, result, None, mask_png, overlay_png, timings_ms)
 
     @classmethod
-    def failed(cls, code: str, message: str) -> Outcome:
+    def failed(cls, code: FailureCode, message: str) -> Outcome:
         return cls(JobStatus.FAILED, error=JobError(code, message))
 
     @classmethod
@@ -307,7 +320,7 @@ class ModelInfo:
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> ModelInfo:
         """Fields this version does not know (from a newer worker) are left out."""
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
 
 
 @dataclass(frozen=True)

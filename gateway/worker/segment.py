@@ -13,7 +13,7 @@ from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.budget import BudgetTimeout
-from gateway.jobs import BlobStoreError, Job, Outcome, Result, now_ms
+from gateway.jobs import BlobStoreError, Job, Outcome, Result, failure_code, now_ms
 from gateway.retrying import backoff
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, InputRejected, ModelNotFound, TorchServe
@@ -107,7 +107,7 @@ async def predict(torchserve: TorchServe, job: Job, image: bytes) -> Outcome:
     except ModelNotFound:
         return Outcome.failed("model_not_found", f"model {job.model!r} is not served")
     except InputRejected as exc:
-        return Outcome.failed(exc.code, exc.message)
+        return Outcome.failed(failure_code(exc.code), exc.message)
     timings = {
         "backend": round((time.perf_counter() - request_started) * 1000, 1),  # the TorchServe request
         "inference": round(prediction.timings_ms.get("inference", 0.0), 1),  # its forward pass

@@ -1,0 +1,21 @@
+"""A job's states, shared by the server and the SDK (which imports nothing of the server's)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+def is_terminal(status: str) -> bool:
+    """Whether a job whose ``status`` the API gave has ended: its state will not change again."""
+    return JobStatus(status).is_terminal()
