@@ -129,14 +129,32 @@ def cold_start(stack: Stack, client: httpx.Client, home: Path) -> float:
         }
         store = Path(stack.env.get("SEGSERVE_MODEL_STORE", ROOT / "model_store"))
         torchserve = subprocess.Popen(
-            [str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config",
-             str(ROOT / "config.properties"), "--model-store", str(store), "--models", "deeplabv3=deeplabv3.mar"],
-            cwd=pod, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            [
+                str(BIN / "torchserve"),
+                "--start",
+                "--foreground",
+                "--ncs",
+                "--ts-config",
+                str(ROOT / "config.properties"),
+                "--model-store",
+                str(store),
+                "--models",
+                "deeplabv3=deeplabv3.mar",
+            ],
+            cwd=pod,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         pod_worker = subprocess.Popen(
-            [str(BIN / "segserve"), "worker"], cwd=ROOT, env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            [str(BIN / "segserve"), "worker"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             return round(until(lambda: status(client, job_id) == "succeeded", 300), 2)
         finally:

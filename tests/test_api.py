@@ -120,9 +120,10 @@ def test_submit_poll_and_fetch_mask(client: httpx.Client) -> None:
 
 def test_multipart_and_json_submissions(client: httpx.Client) -> None:
     form = client.post(
-        "/v1/jobs", files={"image": ("a.png", encode(scene(80, 60), "PNG"), "image/png")},
+        "/v1/jobs",
+        files={"image": ("a.png", encode(scene(80, 60), "PNG"), "image/png")},
         data={"classes": "dog,person", "threshold": "0.25"},
-    )  # fmt: skip
+    )
     assert form.status_code == 202, form.text
     assert form.json()["params"] == {"classes": [12, 15], "threshold": 0.25, "overlay": False}
     payload = {"image": base64.b64encode(SMALL).decode(), "classes": ["cat", 12], "threshold": 0.5}
@@ -181,9 +182,13 @@ def test_cancel_queued_running_and_finished(client: httpx.Client, stack: Stack) 
     assert canceled.status_code == 200, canceled.text
     assert canceled.json()["status"] == "canceled"
     running = wait_until(
-        lambda: next((i for i in ids[:-1] if client.get(f"/v1/jobs/{i}").json()["status"] == "running"), None),
-        30, "a running job", interval=0.01,
-    )  # fmt: skip
+        lambda: next(
+            (i for i in ids[:-1] if client.get(f"/v1/jobs/{i}").json()["status"] == "running"), None
+        ),
+        30,
+        "a running job",
+        interval=0.01,
+    )
     assert client.post(f"/v1/jobs/{running}/cancel").json()["status"] == "canceled"
     for job_id in ids[:-1]:
         wait_done(client, job_id)
@@ -346,9 +351,21 @@ def test_service_routes(client: httpx.Client, stack: Stack) -> None:
 
     spec = client.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.")
-    for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/mask.png", "/v1/jobs/{job_id}/overlay.png",
-                 "/v1/jobs/{job_id}/cancel", "/v1/models", "/v1/queue", "/healthz", "/readyz", "/metrics",
-                 "/predict", "/predict/{job_id}", "/job_status/{job_id}"):  # fmt: skip
+    for path in (
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/mask.png",
+        "/v1/jobs/{job_id}/overlay.png",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/models",
+        "/v1/queue",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/predict",
+        "/predict/{job_id}",
+        "/job_status/{job_id}",
+    ):
         assert path in spec["paths"], path
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger-ui" in docs.text
@@ -449,9 +466,10 @@ def test_worker_keeps_only_what_torchserve_computes_soon(stack: Stack) -> None:
         with httpx.Client(base_url=own.url, timeout=60) as c:
             limit = 8  # TorchServe here has one ready worker with batches of 4 (the model_store fixture)
             wait_until(
-                lambda: [w["concurrency"] for w in c.get("/v1/queue").json()["workers"]] == [limit], 60,
+                lambda: [w["concurrency"] for w in c.get("/v1/queue").json()["workers"]] == [limit],
+                60,
                 "the worker's heartbeat with the limit its TorchServe sets",
-            )  # fmt: skip
+            )
             [model] = c.get("/v1/models").json()["models"]
             assert 2 * model["workers_ready"] * model["batch_size"] == limit
             ids = [submit(c).json()["id"] for _ in range(30)]

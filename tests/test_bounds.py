@@ -81,8 +81,14 @@ def up(
     port = free_port()
     log = home / "up.log"
     with log.open("wb") as out:
-        process = subprocess.Popen([str(BIN / "segserve"), "up", "--port", str(port)], cwd=home, env=env,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            [str(BIN / "segserve"), "up", "--port", str(port)],
+            cwd=home,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_until(
             lambda: "segserve is ready" in log.read_text() or process.poll() is not None, 240, "segserve up"
@@ -174,8 +180,10 @@ def test_a_full_store_refuses_new_work_and_redis_holds_only_metadata(up: Up) -> 
         f"Redis grew by {grown_while_waiting / MiB:.1f} MB with 40 images waiting"
     )
     assert grown_after < 4 * MiB, f"Redis grew by {grown_after / MiB:.1f} MB once they ended"
-    print(f"{up.backend}: {len(accepted)} accepted, Redis +{grown_while_waiting / MiB:.2f} MB waiting, "
-          f"+{grown_after / MiB:.2f} MB after")  # fmt: skip
+    print(
+        f"{up.backend}: {len(accepted)} accepted, Redis +{grown_while_waiting / MiB:.2f} MB waiting, "
+        f"+{grown_after / MiB:.2f} MB after"
+    )
 
 
 def test_sixteen_clients_fetching_a_25mp_overlay_keep_the_gateway_under_its_ceiling(up: Up) -> None:

@@ -377,8 +377,11 @@ def test_the_largest_image_stays_under_the_memory_bound(
     largest.write_bytes(encode(scene(*LARGEST), "JPEG", quality=90))
     result = subprocess.run(
         [sys.executable, "-c", MEMORY_PROBE, str(ROOT), str(exported_model), str(largest), engine],
-        capture_output=True, text=True, check=False, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["size"] == list(LARGEST)

@@ -11,8 +11,11 @@ from typing import Any
 
 
 def client_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=os.environ.get("SEGSERVE_URL", "http://127.0.0.1:8000"),
-                   help="the gateway (default: $SEGSERVE_URL or %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--url",
+        default=os.environ.get("SEGSERVE_URL", "http://127.0.0.1:8000"),
+        help="the gateway (default: $SEGSERVE_URL or %(default)s)",
+    )
     p.add_argument(
         "--api-key", default=os.environ.get("SEGSERVE_API_KEY"), help="API key (default: $SEGSERVE_API_KEY)"
     )
@@ -40,8 +43,10 @@ def submit(args: argparse.Namespace) -> int:
             )
 
     outcome = asyncio.run(run())
-    print(f"{outcome['succeeded']} succeeded, {outcome['failed']} failed, {outcome['skipped']} skipped "
-          f"(masks exist); summary in {outcome['summary']}")  # fmt: skip
+    print(
+        f"{outcome['succeeded']} succeeded, {outcome['failed']} failed, {outcome['skipped']} skipped "
+        f"(masks exist); summary in {outcome['summary']}"
+    )
     return 1 if outcome["failed"] else 0
 
 

@@ -30,8 +30,15 @@ from gateway.retrying import backoff, retry_after
 from gateway.status import is_terminal
 
 T = TypeVar("T")
-CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
-                 ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}  # fmt: skip
+CONTENT_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+}
 MAX_WAIT = 60
 MAX_RETRY_AFTER = 300.0  # the longest a server's Retry-After makes a call wait before its next try
 

@@ -71,9 +71,12 @@ def ensure_archive(model: str, store: Path) -> Path:
     if weights:
         raise BuildError(attempt.stderr.strip().removeprefix("error: "))
     banner = "!" * 78
-    print(f"{banner}\n{attempt.stderr.strip()}\nWARNING: falling back to RANDOM WEIGHTS. The service works, "
-          f"but its masks are\nMEANINGLESS. For real masks: SEGSERVE_WEIGHTS=/path/to/checkpoint.pth, then "
-          f"delete {archive}\n{banner}", flush=True)  # fmt: skip
+    print(
+        f"{banner}\n{attempt.stderr.strip()}\nWARNING: falling back to RANDOM WEIGHTS. The service works, "
+        f"but its masks are\nMEANINGLESS. For real masks: SEGSERVE_WEIGHTS=/path/to/checkpoint.pth, then "
+        f"delete {archive}\n{banner}",
+        flush=True,
+    )
     if subprocess.run([*build, "--random-weights"]).returncode != 0:
         raise BuildError("`segserve build-model --random-weights` failed; see above")
     return archive
@@ -106,14 +109,40 @@ def stack(
     children = [
         Child(
             "redis",
-            ["redis-server", "--bind", redis.hostname or "127.0.0.1", "--port", str(redis.port or 6379),
-             "--dir", str(redis_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-             "--maxmemory", REDIS_MAXMEMORY, "--maxmemory-policy", "noeviction"],
+            [
+                "redis-server",
+                "--bind",
+                redis.hostname or "127.0.0.1",
+                "--port",
+                str(redis.port or 6379),
+                "--dir",
+                str(redis_dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--maxmemory",
+                REDIS_MAXMEMORY,
+                "--maxmemory-policy",
+                "noeviction",
+            ],
         ),
         Child(
             "torchserve",
-            [str(bin_dir / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", str(torchserve_config()),
-             "--model-store", str(store), "--models", f"{model}={model}.mar"],
+            [
+                str(bin_dir / "torchserve"),
+                "--start",
+                "--foreground",
+                "--ncs",
+                "--ts-config",
+                str(torchserve_config()),
+                "--model-store",
+                str(store),
+                "--models",
+                f"{model}={model}.mar",
+            ],
             cwd=ts_dir,  # TorchServe writes key_file.json and logs/ into its working directory
             # TorchServe refuses to start while another one's pid file sits in the temp dir: use our own.
             env={
@@ -126,13 +155,21 @@ def stack(
             },
             quiet=re.compile(r"\[(DEBUG|INFO ?)\]|^\s*$|^(nvidia|xpu)-smi"),
         ),
-    ]  # fmt: skip
+    ]
     for i in range(workers):
         children.append(Child(f"worker{i + 1}", [str(bin_dir / "segserve"), "worker"]))
     # Event streams stay open until their job ends: on shutdown, uvicorn closes them after 5 s (clients
     # reconnect with Last-Event-ID) instead of waiting for them.
-    gateway = [str(bin_dir / "uvicorn"), "gateway.app:app", "--host", host, "--port", str(port),
-               "--timeout-graceful-shutdown", "5"]  # fmt: skip
+    gateway = [
+        str(bin_dir / "uvicorn"),
+        "gateway.app:app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--timeout-graceful-shutdown",
+        "5",
+    ]
     children.append(Child("gateway", gateway))
     return children
 

@@ -73,8 +73,14 @@ async def startup(ctx: dict[str, Any]) -> None:
         concurrency=settings.worker_concurrency,
     )
     # Until TorchServe says how many it computes at once, it takes as many as it may.
-    state = WorkerState(settings, store, torchserve, info, MemoryBudget(settings.worker_image_bytes),
-                        in_flight=settings.worker_concurrency)  # fmt: skip
+    state = WorkerState(
+        settings,
+        store,
+        torchserve,
+        info,
+        MemoryBudget(settings.worker_image_bytes),
+        in_flight=settings.worker_concurrency,
+    )
     ctx["state"] = state
     state.loops.append(asyncio.create_task(heartbeat(state)))
     state.loops.append(asyncio.create_task(Sweeper(store, settings).run()))

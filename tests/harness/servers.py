@@ -56,10 +56,25 @@ class RedisServer(Server):
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", *self.options],
-            stdout=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                *self.options,
+            ],
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_until(self.ping, 10, "redis-server")
 
     def ping(self) -> bool:
@@ -113,11 +128,22 @@ class TorchServeServer(Server):
 
     def start(self) -> None:
         self.process = spawn(
-            [str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", "config.properties",
-             "--model-store", str(self.model_store), "--models", "deeplabv3=deeplabv3.mar"],
-            self.directory / "torchserve.out", cwd=self.directory,
+            [
+                str(BIN / "torchserve"),
+                "--start",
+                "--foreground",
+                "--ncs",
+                "--ts-config",
+                "config.properties",
+                "--model-store",
+                str(self.model_store),
+                "--models",
+                "deeplabv3=deeplabv3.mar",
+            ],
+            self.directory / "torchserve.out",
+            cwd=self.directory,
             env={**os.environ, "LOG_LOCATION": str(self.directory / "logs"), "TMPDIR": str(self.directory)},
-        )  # fmt: skip
+        )
         try:
             wait_until(
                 lambda: self.key_file.exists() and self.ready_workers() >= 1, 180, "TorchServe's model"
