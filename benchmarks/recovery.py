@@ -34,6 +34,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: reuse the benchmark's stack and the tests' helpers
 from benchmarks.bench import BIN, Stack, picture  # noqa: E402
+from gateway.ops.launcher import torchserve_command  # noqa: E402
 from gateway.status import is_terminal  # noqa: E402
 from tests.harness.servers import side_by_side_env  # noqa: E402
 
@@ -129,18 +130,7 @@ def cold_start(stack: Stack, client: httpx.Client, home: Path) -> float:
         }
         store = Path(stack.env.get("SEGSERVE_MODEL_STORE", ROOT / "model_store"))
         torchserve = subprocess.Popen(
-            [
-                str(BIN / "torchserve"),
-                "--start",
-                "--foreground",
-                "--ncs",
-                "--ts-config",
-                str(ROOT / "config.properties"),
-                "--model-store",
-                str(store),
-                "--models",
-                "deeplabv3=deeplabv3.mar",
-            ],
+            torchserve_command(ROOT / "config.properties", store, "deeplabv3=deeplabv3.mar"),
             cwd=pod,
             env=env,
             stdout=subprocess.DEVNULL,

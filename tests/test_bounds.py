@@ -25,9 +25,9 @@ import redis
 from PIL import Image
 
 from tests.harness.images import encode
-from tests.harness.processes import BIN, ROOT, free_port, wait_until
+from tests.harness.processes import ROOT, free_port
 from tests.harness.s3 import CephS3
-from tests.harness.servers import side_by_side_env
+from tests.harness.servers import side_by_side_env, start_segserve_up
 
 MiB = 1 << 20
 STORE_BYTES = 900 * MiB  # the blob directory: a filesystem of its own this large
@@ -79,21 +79,8 @@ def up(
         env |= ceph.env(ceph.bucket(f"up-{uuid.uuid4().hex[:12]}"))
         env["SEGSERVE_MAX_QUEUED_BYTES"] = str(STORE_BYTES - RESERVE)  # a bucket never fills: the budget does
     port = free_port()
-    log = home / "up.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(BIN / "segserve"), "up", "--port", str(port)],
-            cwd=home,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process, _ = start_segserve_up(home, env, port)
     try:
-        wait_until(
-            lambda: "segserve is ready" in log.read_text() or process.poll() is not None, 240, "segserve up"
-        )
-        assert process.poll() is None, log.read_text()[-3000:]
         yield Up(f"http://127.0.0.1:{port}", env["SEGSERVE_REDIS_URL"], process, request.param)
     finally:
         process.send_signal(signal.SIGINT)

@@ -27,7 +27,17 @@ from gateway.settings import Settings, env_table
 from gateway.webhooks import signing_key
 from tests.harness.images import encode, scene
 from tests.harness.processes import BIN, ROOT, free_port, wait_until
-from tests.harness.servers import side_by_side_env
+from tests.harness.servers import side_by_side_env, start_segserve_up
+
+
+def assert_one_job_succeeds(port: int) -> None:
+    response = httpx.post(
+        f"http://127.0.0.1:{port}/v1/jobs",
+        content=encode(scene(64, 48)),
+        headers={"Content-Type": "image/jpeg", "Prefer": "wait=30"},
+        timeout=60,
+    )
+    assert response.json()["status"] == "succeeded", response.text
 
 
 def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -43,32 +53,13 @@ def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path) -> None:
     env["SEGSERVE_WEIGHTS"] = str(weights)
     env["SEGSERVE_MODEL_STORE"] = str(tmp_path / "store")
     env["SEGSERVE_TORCHSERVE_CONFIG"] = str(ROOT / "config.properties")
-    log = tmp_path / "up.log"
-    with log.open("wb") as out:
-        up = subprocess.Popen(
-            [str(BIN / "segserve"), "up", "--port", str(port), "--workers", "2"],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    up, log = start_segserve_up(tmp_path, env, port, "--workers", "2")
     try:
-        wait_until(
-            lambda: "segserve is ready" in log.read_text() or up.poll() is not None, 240, "segserve up"
-        )
-        assert up.poll() is None, log.read_text()[-3000:]
         descendants = psutil.Process(up.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in descendants)
         assert "redis-server" in names and "org.pytorch.serve.ModelServer" in names
         assert names.count("segserve worker") == 2 and "gateway.app:app" in names
-        response = httpx.post(
-            f"http://127.0.0.1:{port}/v1/jobs",
-            content=encode(scene(64, 48)),
-            headers={"Content-Type": "image/jpeg", "Prefer": "wait=30"},
-            timeout=60,
-        )
-        assert response.json()["status"] == "succeeded", response.text
+        assert_one_job_succeeds(port)
         secret = httpx.get(f"http://127.0.0.1:{port}/v1/webhooks/secret").json()["key"]
         kept = (tmp_path / "home" / "webhook_secret").read_text().strip()
         assert (
@@ -94,13 +85,7 @@ def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path) -> None:
             120,
             "ready again",
         )
-        after = httpx.post(
-            f"http://127.0.0.1:{port}/v1/jobs",
-            content=encode(scene(64, 48)),
-            headers={"Content-Type": "image/jpeg", "Prefer": "wait=30"},
-            timeout=60,
-        )
-        assert after.json()["status"] == "succeeded", after.text
+        assert_one_job_succeeds(port)
         assert up.poll() is None
         descendants = psutil.Process(up.pid).children(recursive=True)
 

@@ -96,6 +96,24 @@ class Child:
     restart_at: float | None = None
 
 
+def torchserve_command(config: Path | str, model_store: Path | str, models: str) -> list[str]:
+    """TorchServe in the foreground (the caller supervises it), without its config snapshots, serving
+    ``models`` (``name=archive.mar``) from ``model_store``: as ``segserve up`` and the tests run it."""
+    torchserve = Path(sys.executable).parent / "torchserve"
+    return [
+        str(torchserve),
+        "--start",
+        "--foreground",
+        "--ncs",
+        "--ts-config",
+        str(config),
+        "--model-store",
+        str(model_store),
+        "--models",
+        models,
+    ]
+
+
 def stack(
     settings: Settings, home: Path, store: Path, model: str, workers: int, host: str, port: int
 ) -> list[Child]:
@@ -131,18 +149,7 @@ def stack(
         ),
         Child(
             "torchserve",
-            [
-                str(bin_dir / "torchserve"),
-                "--start",
-                "--foreground",
-                "--ncs",
-                "--ts-config",
-                str(torchserve_config()),
-                "--model-store",
-                str(store),
-                "--models",
-                f"{model}={model}.mar",
-            ],
+            torchserve_command(torchserve_config(), store, f"{model}={model}.mar"),
             cwd=ts_dir,  # TorchServe writes key_file.json and logs/ into its working directory
             # TorchServe refuses to start while another one's pid file sits in the temp dir: use our own.
             env={

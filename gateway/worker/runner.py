@@ -32,6 +32,7 @@ from gateway.jobs import (
     now_ms,
     serialize,
 )
+from gateway.jobs.channels import follow
 from gateway.jobs.connection import stop, worker_connection, worker_redis_settings
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, ModelNotFound, TorchServe
@@ -189,7 +190,10 @@ class SegserveWorker(Worker):
         if "state" in self.ctx:  # arq reads max_jobs before each take
             self.max_jobs = state_of(self.ctx).in_flight
         if self._listener is None:
-            self._listener = asyncio.create_task(self._listen())
+            # A gap means jobs may have come meanwhile: look at once.
+            self._listener = asyncio.create_task(
+                follow(self.pool, ENQUEUED_CHANNEL, self._wake, self.work_may_wait.set)
+            )
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.work_may_wait.wait(), self.look_every)
         self.work_may_wait.clear()
@@ -218,20 +222,8 @@ class SegserveWorker(Worker):
         super()._release_sem_dec_counter_on_complete()
         self.work_may_wait.set()  # a slot is free: take the next job now
 
-    async def _listen(self) -> None:
-        while True:
-            try:
-                async with self.pool.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(ENQUEUED_CHANNEL)
-                    self.work_may_wait.set()  # whatever arrived while we were not listening
-                    while True:  # a quiet channel is no error, whatever the connection's read timeout
-                        if await pubsub.get_message(timeout=60) is not None:
-                            self.work_may_wait.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis restarting: look on the timer meanwhile
-                logger.warning("job notifications interrupted (%s); reconnecting", exc)
-                await asyncio.sleep(0.5)
+    def _wake(self, _job_id: bytes) -> None:
+        self.work_may_wait.set()
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         """arq gives up on a job before running it (too many tries): it fails with a code, as in after_job_end."""
