@@ -11,7 +11,6 @@ import json
 import os
 import random
 import subprocess
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
@@ -37,20 +36,12 @@ from gateway.jobs.connection import stop, worker_connection
 from gateway.jobs.scripts import STEPS
 from gateway.settings import Settings
 from tests.harness.images import encode, scene
-from tests.harness.jobs import directory_store
 from tests.harness.jobs import submit as submit_image
 from tests.harness.processes import BIN, ROOT, free_port, spawn, stop_process, wait_until
 from tests.harness.servers import RedisServer
 
 IMAGE = encode(scene(32, 24))
 RESULT = Result(32, 24, [{"id": 0, "name": "__background__", "pixels": 768, "fraction": 1.0}])
-
-
-@pytest.fixture
-async def store(fresh_redis: RedisServer, tmp_path: Path) -> AsyncIterator[JobStore]:
-    job_store = directory_store(fresh_redis.url, tmp_path / "blobs", result_ttl_s=60, max_queued=100)
-    yield job_store
-    await job_store.redis.aclose()
 
 
 async def submit(store: JobStore, owner: str = "", key: str | None = None, image: bytes = IMAGE) -> Job:

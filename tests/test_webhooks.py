@@ -28,7 +28,6 @@ from gateway.settings import Settings
 from gateway.webhooks import signing_key
 from gateway.worker.deliveries import Deliverer
 from tests.harness.images import encode, scene
-from tests.harness.jobs import directory_store
 from tests.harness.jobs import submit as submit_image
 from tests.harness.processes import free_port
 from tests.harness.receiver import Receiver
@@ -39,13 +38,6 @@ RESULT = Result(32, 24, [{"id": 0, "name": "__background__", "pixels": 768, "fra
 SETTINGS = Settings(
     webhook_secret=WEBHOOK_SECRET, webhook_retry_delay=0.2, allowed_url_hosts="127.0.0.1", url_timeout=1.0
 )
-
-
-@pytest.fixture
-async def store(fresh_redis: RedisServer, tmp_path: Path) -> AsyncIterator[JobStore]:
-    job_store = directory_store(fresh_redis.url, tmp_path / "blobs", result_ttl_s=60, max_queued=100)
-    yield job_store
-    await job_store.redis.aclose()
 
 
 @pytest.fixture
