@@ -207,7 +207,7 @@ def parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         default=defaults.precision,
         help="fp32 (default), or bf16: openvino on CPUs with AVX-512 BF16 or AMX, its forward pass about "
-        "1.8x as fast, masks that differ where classes are close (README: Inference engines)",
+        "1.8x as fast, masks that differ where classes are close (docs/models.md: Engines)",
     )
     p.add_argument(
         "--threads",

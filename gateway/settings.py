@@ -1,6 +1,6 @@
 """Every setting of the gateway and the worker, read from ``SEGSERVE_*`` environment variables.
 
-The README's table lists each one with its default; tests/test_project.py holds the two in step.
+docs/configuration.md lists each one with its default; tests/test_project.py holds the two in step.
 """
 
 from __future__ import annotations
@@ -130,5 +130,5 @@ def parse(name: str, raw: str, kind: type) -> object:
 
 
 def env_table() -> list[tuple[str, str]]:
-    """(variable, default) for every setting, for the README and ``segserve up --help``."""
+    """(variable, default) for every setting, for docs/configuration.md and ``segserve up --help``."""
     return [(f"SEGSERVE_{f.name.upper()}", str(f.default)) for f in fields(Settings)]
