@@ -49,9 +49,13 @@ async def aiobotocore_client(
 
     config = AioConfig(max_pool_connections=CONCURRENCY)
     async with get_session().create_client(
-        "s3", endpoint_url=ceph.endpoint, region_name=REGION, aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY, config=config,
-    ) as s3:  # fmt: skip
+        "s3",
+        endpoint_url=ceph.endpoint,
+        region_name=REGION,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        config=config,
+    ) as s3:
 
         async def put(name: str, data: bytes) -> None:
             await s3.put_object(Bucket=bucket, Key=name, Body=data)

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,10 +33,12 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: reuse the benchmark's stack and the tests' helpers
 from benchmarks.bench import BIN, Stack, picture  # noqa: E402
+from gateway.ops.launcher import torchserve_command  # noqa: E402
+from gateway.status import is_terminal  # noqa: E402
+from tests.harness.processes import spawn  # noqa: E402
 from tests.harness.servers import side_by_side_env  # noqa: E402
 
 IMAGE = picture(128, 96)
-ENDED = ("succeeded", "failed", "canceled")
 
 
 class Load:
@@ -128,15 +129,9 @@ def cold_start(stack: Stack, client: httpx.Client, home: Path) -> float:
             "SEGSERVE_TORCHSERVE_KEY_FILE": str(pod / "key_file.json"),
         }
         store = Path(stack.env.get("SEGSERVE_MODEL_STORE", ROOT / "model_store"))
-        torchserve = subprocess.Popen(
-            [str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config",
-             str(ROOT / "config.properties"), "--model-store", str(store), "--models", "deeplabv3=deeplabv3.mar"],
-            cwd=pod, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        pod_worker = subprocess.Popen(
-            [str(BIN / "segserve"), "worker"], cwd=ROOT, env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+        command = torchserve_command(ROOT / "config.properties", store, "deeplabv3=deeplabv3.mar")
+        torchserve = spawn(command, pod / "torchserve.log", cwd=pod, env=env)
+        pod_worker = spawn([str(BIN / "segserve"), "worker"], pod / "worker.log", cwd=ROOT, env=env)
         try:
             return round(until(lambda: status(client, job_id) == "succeeded", 300), 2)
         finally:
@@ -170,7 +165,7 @@ def main() -> int:
                 pending = set(load.accepted)
 
                 def all_ended() -> bool:
-                    pending.difference_update([j for j in list(pending) if status(client, j) in ENDED])
+                    pending.difference_update([j for j in list(pending) if is_terminal(status(client, j))])
                     return not pending
 
                 until(all_ended, 600)

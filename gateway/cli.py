@@ -91,8 +91,12 @@ def parser() -> argparse.ArgumentParser:
     )
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("up", help="set up and run the whole stack until Ctrl-C", epilog=EPILOG,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = commands.add_parser(
+        "up",
+        help="set up and run the whole stack until Ctrl-C",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--host", default="127.0.0.1", help="gateway address (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="gateway port (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="arq worker processes (default: %(default)s)")
@@ -115,8 +119,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="masks", help="where masks and summary.json go (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=8, help="images in flight (default: %(default)s)")
     p.add_argument("--webhook", metavar="URL", help="where the server POSTs each job's events, signed")
-    p.add_argument("--webhook-events", default="completed",
-                   help="which events: start, completed or start,completed (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--webhook-events",
+        default="completed",
+        help="which events: start, completed or start,completed (default: %(default)s)",
+    )
     client_options(p)
     p.set_defaults(run=submit)
 
@@ -213,7 +220,7 @@ def parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         default=defaults.precision,
         help="fp32 (default), or bf16: openvino on CPUs with AVX-512 BF16 or AMX, its forward pass about "
-        "1.8x as fast, masks that differ where classes are close (README: Inference engines)",
+        "1.8x as fast, masks that differ where classes are close (docs/models.md: Engines)",
     )
     p.add_argument(
         "--threads",

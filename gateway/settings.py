@@ -1,6 +1,6 @@
 """Every setting of the gateway and the worker, read from ``SEGSERVE_*`` environment variables.
 
-The README's table lists each one with its default; tests/test_project.py holds the two in step.
+docs/configuration.md lists each one with its default; tests/test_project.py holds the two in step.
 """
 
 from __future__ import annotations
@@ -102,14 +102,9 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for f in fields(cls):
-            raw = env.get(f"SEGSERVE_{f.name.upper()}")
-            if raw is None:
-                continue
-            kind: type = type(f.default)
-            try:
-                values[f.name] = kind(raw)
-            except ValueError as exc:
-                raise ValueError(f"SEGSERVE_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+            name = f"SEGSERVE_{f.name.upper()}"
+            if name in env:
+                values[f.name] = parse(name, env[name], type(f.default))
         return cls(**values)  # type: ignore[arg-type]
 
     @property
@@ -117,6 +112,32 @@ class Settings:
         return Path(self.torchserve_key_file)
 
 
+# bool("false") is True: a boolean setting is read as one of these words instead.
+BOOLEAN_WORDS = {
+    "true": True,
+    "1": True,
+    "yes": True,
+    "on": True,
+    "false": False,
+    "0": False,
+    "no": False,
+    "off": False,
+}
+
+
+def parse(name: str, raw: str, kind: type) -> object:
+    """One variable's value as its setting's type; ValueError naming the variable when it is not one."""
+    if kind is bool:
+        word = raw.strip().lower()
+        if word not in BOOLEAN_WORDS:
+            raise ValueError(f"{name}={raw!r} is not a boolean: use true/false, 1/0, yes/no or on/off")
+        return BOOLEAN_WORDS[word]
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from exc
+
+
 def env_table() -> list[tuple[str, str]]:
-    """(variable, default) for every setting, for the README and ``segserve up --help``."""
+    """(variable, default) for every setting, for docs/configuration.md and ``segserve up --help``."""
     return [(f"SEGSERVE_{f.name.upper()}", str(f.default)) for f in fields(Settings)]

@@ -5,12 +5,14 @@ shared."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from gateway.jobs import JobStore
+from tests.harness.jobs import directory_store
 from tests.harness.processes import free_port, wait_until
 from tests.harness.receiver import Receiver
 from tests.harness.s3 import CephS3
@@ -61,6 +63,14 @@ def fresh_redis(job_redis: RedisServer) -> RedisServer:
     with job_redis.client() as redis:
         redis.flushall()
     return job_redis
+
+
+@pytest.fixture
+async def store(fresh_redis: RedisServer, tmp_path: Path) -> AsyncIterator[JobStore]:
+    """A job store on a flushed Redis, its blobs in a directory of the test's own."""
+    job_store = directory_store(fresh_redis.url, tmp_path / "blobs", result_ttl_s=60, max_queued=100)
+    yield job_store
+    await job_store.redis.aclose()
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from PIL import Image
 from standardwebhooks import Webhook
 
 from gateway.app.params import VOC_CLASSES
+from gateway.status import is_terminal
 from tests.harness.images import encode, scene
 from tests.harness.processes import BIN, ROOT, free_port, wait_until
 from tests.harness.receiver import Received, Receiver
@@ -34,7 +35,7 @@ def wait_done(client: httpx.Client, job_id: str, timeout: float = 60) -> dict:  
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "canceled"):
+        if is_terminal(job["status"]):
             return job  # type: ignore[no-any-return]
         time.sleep(0.05)
     raise TimeoutError(job_id)
@@ -119,9 +120,10 @@ def test_submit_poll_and_fetch_mask(client: httpx.Client) -> None:
 
 def test_multipart_and_json_submissions(client: httpx.Client) -> None:
     form = client.post(
-        "/v1/jobs", files={"image": ("a.png", encode(scene(80, 60), "PNG"), "image/png")},
+        "/v1/jobs",
+        files={"image": ("a.png", encode(scene(80, 60), "PNG"), "image/png")},
         data={"classes": "dog,person", "threshold": "0.25"},
-    )  # fmt: skip
+    )
     assert form.status_code == 202, form.text
     assert form.json()["params"] == {"classes": [12, 15], "threshold": 0.25, "overlay": False}
     payload = {"image": base64.b64encode(SMALL).decode(), "classes": ["cat", 12], "threshold": 0.5}
@@ -180,9 +182,13 @@ def test_cancel_queued_running_and_finished(client: httpx.Client, stack: Stack) 
     assert canceled.status_code == 200, canceled.text
     assert canceled.json()["status"] == "canceled"
     running = wait_until(
-        lambda: next((i for i in ids[:-1] if client.get(f"/v1/jobs/{i}").json()["status"] == "running"), None),
-        30, "a running job", interval=0.01,
-    )  # fmt: skip
+        lambda: next(
+            (i for i in ids[:-1] if client.get(f"/v1/jobs/{i}").json()["status"] == "running"), None
+        ),
+        30,
+        "a running job",
+        interval=0.01,
+    )
     assert client.post(f"/v1/jobs/{running}/cancel").json()["status"] == "canceled"
     for job_id in ids[:-1]:
         wait_done(client, job_id)
@@ -346,9 +352,21 @@ def test_service_routes(client: httpx.Client, stack: Stack) -> None:
 
     spec = client.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.")
-    for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/mask.png", "/v1/jobs/{job_id}/overlay.png",
-                 "/v1/jobs/{job_id}/cancel", "/v1/models", "/v1/queue", "/healthz", "/readyz", "/metrics",
-                 "/predict", "/predict/{job_id}", "/job_status/{job_id}"):  # fmt: skip
+    for path in (
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/mask.png",
+        "/v1/jobs/{job_id}/overlay.png",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/models",
+        "/v1/queue",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/predict",
+        "/predict/{job_id}",
+        "/job_status/{job_id}",
+    ):
         assert path in spec["paths"], path
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger-ui" in docs.text
@@ -449,9 +467,10 @@ def test_worker_keeps_only_what_torchserve_computes_soon(stack: Stack) -> None:
         with httpx.Client(base_url=own.url, timeout=60) as c:
             limit = 8  # TorchServe here has one ready worker with batches of 4 (the model_store fixture)
             wait_until(
-                lambda: [w["concurrency"] for w in c.get("/v1/queue").json()["workers"]] == [limit], 60,
+                lambda: [w["concurrency"] for w in c.get("/v1/queue").json()["workers"]] == [limit],
+                60,
                 "the worker's heartbeat with the limit its TorchServe sets",
-            )  # fmt: skip
+            )
             [model] = c.get("/v1/models").json()["models"]
             assert 2 * model["workers_ready"] * model["batch_size"] == limit
             ids = [submit(c).json()["id"] for _ in range(30)]
@@ -553,12 +572,3 @@ def test_arq_check_tells_the_truth(stack: Stack) -> None:
 def test_gateway_does_not_import_torch() -> None:
     code = "import sys, gateway.app, gateway.worker; sys.exit('torch' in sys.modules)"
     assert subprocess.run([str(BIN / "python"), "-c", code], cwd=ROOT).returncode == 0
-
-
-def test_settings_from_environment() -> None:
-    from gateway.settings import Settings
-
-    settings = Settings.from_env({"SEGSERVE_MAX_QUEUED": "5", "SEGSERVE_RETRY_DELAY": "0.1"})
-    assert settings.max_queued == 5 and settings.retry_delay == 0.1
-    with pytest.raises(ValueError, match="SEGSERVE_MAX_QUEUED"):
-        Settings.from_env({"SEGSERVE_MAX_QUEUED": "many"})

@@ -11,14 +11,13 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
 from PIL import Image
 from starlette.testclient import TestClient
 
-from gateway.jobs import Fleet, Outcome, Result, WorkerInfo, now_ms
+from gateway.jobs import Fleet, ModelInfo, Outcome, Result, WorkerInfo, now_ms
 from tests.harness.images import encode, scene
 from tests.harness.jobs import directory_store
 from tests.harness.processes import free_port
@@ -228,12 +227,11 @@ def test_service_routes(api: TestClient) -> None:
     assert api.get("/").status_code == 200 and api.get("/docs").status_code == 200
 
 
-def model_entry(workers_ready: int, version: str = "1.0") -> dict[str, Any]:
-    return {"name": "deeplabv3", "version": version, "default": True, "workers": 2,
-            "workers_ready": workers_ready, "engine": "onnxruntime"}  # fmt: skip
+def model_entry(workers_ready: int, version: str = "1.0") -> ModelInfo:
+    return ModelInfo("deeplabv3", version, True, 2, workers_ready, engine="onnxruntime")
 
 
-def beat(redis: RedisServer, host: str, backend: str, models: list[dict[str, Any]], at_ms: float) -> None:
+def beat(redis: RedisServer, host: str, backend: str, models: list[ModelInfo], at_ms: float) -> None:
     """A worker's heartbeat, as a worker on another host sends it, through the job store."""
 
     async def run() -> None:
@@ -271,6 +269,15 @@ def test_models_and_readiness_come_from_the_workers_heartbeats(api: TestClient, 
     assert model["workers"] == 0 and model["workers_ready"] == 0
     assert api.get("/readyz").json()["checks"]["torchserve"].startswith("unknown")
     assert api.post("/v1/jobs", content=IMAGE, headers=JPEG).status_code == 202
+
+
+def test_a_heartbeat_from_a_newer_worker_still_reads() -> None:
+    """Workers and gateways are upgraded one by one: a field this version does not know is left out."""
+    model = model_entry(1)
+    newer = (
+        WorkerInfo("h:1", "h", 1, "", "", 8, "ok", [model]).to_json().replace('"name"', '"later": 1, "name"')
+    )
+    assert WorkerInfo.from_json(newer).models == [model]
 
 
 def test_redis_down_is_503(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -110,8 +110,16 @@ def test_malformed_bodies(api: httpx.Client) -> None:
 
 
 def test_parameters_and_headers(api: httpx.Client) -> None:
-    for query in ("?threshold=NaN", "?threshold=-1", "?threshold=2", "?threshold=inf", "?classes=unicorn",
-                  "?classes=99", "?model=%00", "?classes=" + "cat," * 5000):  # fmt: skip
+    for query in (
+        "?threshold=NaN",
+        "?threshold=-1",
+        "?threshold=2",
+        "?threshold=inf",
+        "?classes=unicorn",
+        "?classes=99",
+        "?model=%00",
+        "?classes=" + "cat," * 5000,
+    ):
         response = api.post(f"/v1/jobs{query}", content=GOOD, headers={"Content-Type": "image/jpeg"})
         assert response.status_code in (404, 414, 422), (query[:40], response.text)
     clamped = api.post(

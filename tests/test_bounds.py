@@ -25,9 +25,9 @@ import redis
 from PIL import Image
 
 from tests.harness.images import encode
-from tests.harness.processes import BIN, ROOT, free_port, wait_until
+from tests.harness.processes import ROOT, free_port
 from tests.harness.s3 import CephS3
-from tests.harness.servers import side_by_side_env
+from tests.harness.servers import side_by_side_env, start_segserve_up
 
 MiB = 1 << 20
 STORE_BYTES = 900 * MiB  # the blob directory: a filesystem of its own this large
@@ -79,15 +79,8 @@ def up(
         env |= ceph.env(ceph.bucket(f"up-{uuid.uuid4().hex[:12]}"))
         env["SEGSERVE_MAX_QUEUED_BYTES"] = str(STORE_BYTES - RESERVE)  # a bucket never fills: the budget does
     port = free_port()
-    log = home / "up.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([str(BIN / "segserve"), "up", "--port", str(port)], cwd=home, env=env,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    process, _ = start_segserve_up(home, env, port)
     try:
-        wait_until(
-            lambda: "segserve is ready" in log.read_text() or process.poll() is not None, 240, "segserve up"
-        )
-        assert process.poll() is None, log.read_text()[-3000:]
         yield Up(f"http://127.0.0.1:{port}", env["SEGSERVE_REDIS_URL"], process, request.param)
     finally:
         process.send_signal(signal.SIGINT)
@@ -174,8 +167,10 @@ def test_a_full_store_refuses_new_work_and_redis_holds_only_metadata(up: Up) -> 
         f"Redis grew by {grown_while_waiting / MiB:.1f} MB with 40 images waiting"
     )
     assert grown_after < 4 * MiB, f"Redis grew by {grown_after / MiB:.1f} MB once they ended"
-    print(f"{up.backend}: {len(accepted)} accepted, Redis +{grown_while_waiting / MiB:.2f} MB waiting, "
-          f"+{grown_after / MiB:.2f} MB after")  # fmt: skip
+    print(
+        f"{up.backend}: {len(accepted)} accepted, Redis +{grown_while_waiting / MiB:.2f} MB waiting, "
+        f"+{grown_after / MiB:.2f} MB after"
+    )
 
 
 def test_sixteen_clients_fetching_a_25mp_overlay_keep_the_gateway_under_its_ceiling(up: Up) -> None:

@@ -12,13 +12,29 @@ from tests.harness.images import encode, scene
 from tests.harness.processes import ROOT
 from tests.harness.servers import Stack
 
-PROMQL_FUNCTIONS = {"sum", "max", "rate", "by", "histogram_quantile", "clamp_min", "le", "status", "model_name", "job",
-                    "instance", "outcome"}  # fmt: skip
+PROMQL_FUNCTIONS = {
+    "sum",
+    "max",
+    "rate",
+    "by",
+    "histogram_quantile",
+    "clamp_min",
+    "le",
+    "status",
+    "model_name",
+    "job",
+    "instance",
+    "outcome",
+}
 
 
 def test_dashboard_queries_name_real_metrics(stack: Stack) -> None:
-    httpx.post(f"{stack.url}/v1/jobs", content=encode(scene(32, 32)),
-               headers={"Content-Type": "image/jpeg", "Prefer": "wait=30"}, timeout=60)  # fmt: skip
+    httpx.post(
+        f"{stack.url}/v1/jobs",
+        content=encode(scene(32, 32)),
+        headers={"Content-Type": "image/jpeg", "Prefer": "wait=30"},
+        timeout=60,
+    )
     exposed = httpx.get(f"{stack.url}/metrics").text
     exposed += httpx.get(f"http://127.0.0.1:{stack.torchserve.metrics}/metrics").text
     names = set(re.findall(r"(?m)^([a-zA-Z_:][a-zA-Z0-9_:]*)", exposed))

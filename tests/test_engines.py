@@ -115,7 +115,7 @@ def test_describe_and_session_follow_the_archive(exported_model: Path) -> None:
 
 def test_bf16_is_served_only_where_asked_and_says_so(exported_model: Path) -> None:
     """An opt-in on OpenVINO, labelled as such; its masks differ from fp32's only where classes are close.
-    On these random weights (many near-ties) 93-99% of pixels agreed with eager torch (README): bf16 must
+    On these random weights (many near-ties) 93-99% of pixels agreed with eager torch (docs/performance.md): bf16 must
     change the mask, and keep at least 90% of it."""
     for engine in ("onnxruntime", "torch"):
         with pytest.raises(ValueError, match="'bf16' is served by openvino"):
@@ -377,8 +377,11 @@ def test_the_largest_image_stays_under_the_memory_bound(
     largest.write_bytes(encode(scene(*LARGEST), "JPEG", quality=90))
     result = subprocess.run(
         [sys.executable, "-c", MEMORY_PROBE, str(ROOT), str(exported_model), str(largest), engine],
-        capture_output=True, text=True, check=False, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["size"] == list(LARGEST)

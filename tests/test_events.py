@@ -27,10 +27,18 @@ RESULT = Result(32, 24, [{"id": 0, "name": "__background__", "pixels": 768, "fra
 @pytest.fixture
 def live_gateway(fresh_redis: RedisServer, tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    env = {**os.environ, "SEGSERVE_REDIS_URL": fresh_redis.url, "SEGSERVE_BLOB_URL": str(tmp_path / "blobs"),
-           "SEGSERVE_TORCHSERVE_MANAGEMENT_URL": f"http://127.0.0.1:{free_port()}"}  # fmt: skip
-    process = spawn([str(BIN / "uvicorn"), "gateway.app:app", "--port", str(port), "--log-level", "warning"],
-                    tmp_path / "gateway.log", cwd=ROOT, env=env)  # fmt: skip
+    env = {
+        **os.environ,
+        "SEGSERVE_REDIS_URL": fresh_redis.url,
+        "SEGSERVE_BLOB_URL": str(tmp_path / "blobs"),
+        "SEGSERVE_TORCHSERVE_MANAGEMENT_URL": f"http://127.0.0.1:{free_port()}",
+    }
+    process = spawn(
+        [str(BIN / "uvicorn"), "gateway.app:app", "--port", str(port), "--log-level", "warning"],
+        tmp_path / "gateway.log",
+        cwd=ROOT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 30, "the gateway")
     yield url

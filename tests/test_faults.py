@@ -54,9 +54,13 @@ def assert_all_succeeded_once(url: str, ids: list[str], within: float = 240) -> 
 def test_sigkill_worker_mid_job(isolated: Stack) -> None:
     ids = submit_many(isolated.url, 4)
     running = wait_until(
-        lambda: next((i for i in ids if httpx.get(f"{isolated.url}/v1/jobs/{i}").json()["status"] == "running"), None),
-        30, "a running job", interval=0.01,
-    )  # fmt: skip
+        lambda: next(
+            (i for i in ids if httpx.get(f"{isolated.url}/v1/jobs/{i}").json()["status"] == "running"), None
+        ),
+        30,
+        "a running job",
+        interval=0.01,
+    )
     stop_process(isolated.workers[0], signal.SIGKILL)
     isolated.start_worker()
     # arq runs the killed try again once its in-progress key expires: job timeout (25 s) + 10 s later.
@@ -72,8 +76,9 @@ def test_torchserve_outage_then_recovery(isolated: Stack, stack: Stack) -> None:
         # Still ready to accept jobs (they wait), once the worker's heartbeat has said TorchServe is down.
         down = wait_until(
             lambda: (r := httpx.get(f"{isolated.url}/readyz")).json()["checks"]["torchserve"] != "ok" and r,
-            15, "/readyz to name TorchServe",
-        )  # fmt: skip
+            15,
+            "/readyz to name TorchServe",
+        )
         assert down.status_code == 200 and down.json()["status"] == "degraded"
         assert down.json()["checks"]["torchserve"].startswith("down")
         time.sleep(20)
@@ -146,15 +151,18 @@ def test_gateway_restart_while_clients_poll(isolated: Stack) -> None:
 def test_killing_torchserves_backend_mid_batch(isolated: Stack, stack: Stack) -> None:
     assert stack.torchserve.process is not None
     backends = [
-        p for p in psutil.Process(stack.torchserve.process.pid).children(recursive=True)
+        p
+        for p in psutil.Process(stack.torchserve.process.pid).children(recursive=True)
         if "model_service_worker" in " ".join(p.cmdline())
-    ]  # fmt: skip
+    ]
     assert backends
     ids = submit_many(isolated.url, 6)
     wait_until(
         lambda: any(httpx.get(f"{isolated.url}/v1/jobs/{i}").json()["status"] == "running" for i in ids),
-        30, "a job in TorchServe", interval=0.01,
-    )  # fmt: skip
+        30,
+        "a job in TorchServe",
+        interval=0.01,
+    )
     time.sleep(0.1)
     for backend in backends:
         backend.send_signal(signal.SIGKILL)

@@ -150,14 +150,20 @@ def start_two_worker_hosts(network: Network, model_store: Path, blob_store: dict
     }
     workers = {
         host.name: start_worker(
-            host, key_files[host.name], **common,
+            host,
+            key_files[host.name],
+            **common,
             # Four in flight (one batch computing, one waiting) keeps TorchServe's own queue short.
-            worker_concurrency="4", max_attempts="20", retry_delay="0.2", retry_max_delay="1",
+            worker_concurrency="4",
+            max_attempts="20",
+            retry_delay="0.2",
+            retry_max_delay="1",
             # A delivery that A leased is free again 10 s after its longest attempt could have ended.
-            url_timeout="3", webhook_retry_delay="0.2",
+            url_timeout="3",
+            webhook_retry_delay="0.2",
         ).pid
         for host in (a, b)
-    }  # fmt: skip
+    }
     url = start_gateway(gateway, **common)
     wait_until(lambda: live_workers(url) == set(workers.items()), 60, "both workers' heartbeats")
     return TwoWorkerHosts(store, a, b, url, workers)
@@ -287,8 +293,9 @@ def test_a_worker_host_goes_down_mid_run_and_the_live_one_takes_over(
             ids = submit_all(url, total, events.url)
             wait_until(
                 lambda: len(events.by_job) >= ended_before_kill and marked(a.read_log("worker"), "←"),
-                600, f"{ended_before_kill} jobs to end, some on {a.name}",
-            )  # fmt: skip
+                600,
+                f"{ended_before_kill} jobs to end, some on {a.name}",
+            )
             b_log_at_kill, ended_at_kill = len(b.read_log("worker").encode()), len(events.by_job)
             a.down()
             killed_at = time.monotonic()
@@ -424,8 +431,9 @@ def test_the_redis_primary_killed_under_load_loses_no_accepted_job(
             os.kill(primary.processes["redis"].pid, signal.SIGKILL)
             wait_until(
                 lambda: primary_address(replicas[0].address, SENTINEL_PORT)[0] != primary.address,
-                120, "Sentinel to promote a replica",
-            )  # fmt: skip
+                120,
+                "Sentinel to promote a replica",
+            )
             promoted = primary_address(replicas[0].address, SENTINEL_PORT)[0]
             count = len(load.accepted)
             wait_until(lambda: len(load.accepted) >= count + 30, 300, "jobs accepted after the failover")

@@ -44,16 +44,32 @@ def test_a_plain_install_runs_outside_the_checkout(fresh_redis: RedisServer, tmp
     env = {**os.environ, "PYTHONPATH": str(site), "SEGSERVE_REDIS_URL": fresh_redis.url}
     python = str(BIN / "python")
     where = subprocess.run(
-        [python, "-c", "import gateway, gateway.ops.archive as a; print(gateway.__file__); print(a.handler_file())"],
-        cwd=elsewhere, env=env, capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
+        [
+            python,
+            "-c",
+            "import gateway, gateway.ops.archive as a; print(gateway.__file__); print(a.handler_file())",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert all(line.startswith(str(site)) for line in where) and Path(where[1]).is_file(), where
 
     port = free_port()
-    gateway = spawn([python, "-m", "uvicorn", "gateway.app:app", "--port", str(port)],
-                    tmp_path / "gateway.log", cwd=elsewhere, env=env)  # fmt: skip
+    gateway = spawn(
+        [python, "-m", "uvicorn", "gateway.app:app", "--port", str(port)],
+        tmp_path / "gateway.log",
+        cwd=elsewhere,
+        env=env,
+    )
     worker = spawn([python, "-m", "gateway.cli", "worker"], tmp_path / "worker.log", cwd=elsewhere, env=env)
-    check = [python, "-c", "import sys; from arq.cli import cli; sys.argv[1:] = ['gateway.worker.WorkerSettings', '--check']; cli()"]  # fmt: skip
+    check = [
+        python,
+        "-c",
+        "import sys; from arq.cli import cli; sys.argv[1:] = ['gateway.worker.WorkerSettings', '--check']; cli()",
+    ]
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: httpx.get(f"{url}/v1/queue").json()["workers"], 30, "the worker's heartbeat")

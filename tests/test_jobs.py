@@ -11,7 +11,6 @@ import json
 import os
 import random
 import subprocess
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
@@ -38,20 +37,12 @@ from gateway.jobs.scripts import STEPS
 from gateway.settings import Settings
 from gateway.worker.sweeper import Sweeper
 from tests.harness.images import encode, scene
-from tests.harness.jobs import directory_store
 from tests.harness.jobs import submit as submit_image
 from tests.harness.processes import BIN, ROOT, free_port, spawn, stop_process, wait_until
 from tests.harness.servers import RedisServer
 
 IMAGE = encode(scene(32, 24))
 RESULT = Result(32, 24, [{"id": 0, "name": "__background__", "pixels": 768, "fraction": 1.0}])
-
-
-@pytest.fixture
-async def store(fresh_redis: RedisServer, tmp_path: Path) -> AsyncIterator[JobStore]:
-    job_store = directory_store(fresh_redis.url, tmp_path / "blobs", result_ttl_s=60, max_queued=100)
-    yield job_store
-    await job_store.redis.aclose()
 
 
 async def submit(store: JobStore, owner: str = "", key: str | None = None, image: bytes = IMAGE) -> Job:
@@ -333,8 +324,11 @@ async def test_the_sweeper_removes_blobs_that_no_job_owns(store: JobStore) -> No
     directory = store.blobs.directory
     assert directory is not None
     old = now_ms() / 1000 - 3600
-    for path in [directory / "inputs" / f"j_{'1' * 32}", directory / "masks" / f"j_{'2' * 32}.png",
-                 directory / "inputs" / owned.id]:  # fmt: skip
+    for path in [
+        directory / "inputs" / f"j_{'1' * 32}",
+        directory / "masks" / f"j_{'2' * 32}.png",
+        directory / "inputs" / owned.id,
+    ]:
         os.utime(path, (old, old))
     assert await Sweeper(store, Settings()).sweep_orphans(grace_s=600) == 2
     assert sorted(str(p.relative_to(directory)) for p in directory.rglob("j_*")) == [
@@ -487,10 +481,14 @@ def test_two_gateways_and_one_idempotency_key_make_one_job(fresh_redis: RedisSer
     }
     ports = [free_port(), free_port()]
     gateways = [
-        spawn([str(BIN / "uvicorn"), "gateway.app:app", "--port", str(p), "--log-level", "warning"],
-              tmp_path / f"gateway-{p}.log", cwd=ROOT, env={**os.environ, **env})
+        spawn(
+            [str(BIN / "uvicorn"), "gateway.app:app", "--port", str(p), "--log-level", "warning"],
+            tmp_path / f"gateway-{p}.log",
+            cwd=ROOT,
+            env={**os.environ, **env},
+        )
         for p in ports
-    ]  # fmt: skip
+    ]
     try:
         for p in ports:
             wait_until(
@@ -499,9 +497,11 @@ def test_two_gateways_and_one_idempotency_key_make_one_job(fresh_redis: RedisSer
 
         def post(n: int) -> httpx.Response:
             return httpx.post(
-                f"http://127.0.0.1:{ports[n % 2]}/v1/jobs", content=IMAGE, timeout=30,
+                f"http://127.0.0.1:{ports[n % 2]}/v1/jobs",
+                content=IMAGE,
+                timeout=30,
                 headers={"Content-Type": "image/jpeg", "Idempotency-Key": "one-order"},
-            )  # fmt: skip
+            )
 
         with ThreadPoolExecutor(50) as pool:
             answers = list(pool.map(post, range(50)))
@@ -538,6 +538,8 @@ def test_only_the_job_store_writes_job_keys() -> None:
     """Nothing but gateway/jobs/keys.py names a key: one owner of the protocol's names."""
     hits = subprocess.run(
         ["grep", "-rlE", "segserve:[a-z]|arq:(queue|in-progress)", "gateway"],
-        cwd=ROOT, capture_output=True, text=True,
-    ).stdout.split()  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert hits == ["gateway/jobs/keys.py"], hits

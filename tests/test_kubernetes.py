@@ -35,9 +35,20 @@ TORCHSERVE_CONFIG_CHANGES = {"model_store", "allowed_urls"}
 # The trigger metadata that KEDA's redis scalers read (pkg/scalers/redis_scaler.go); a misspelt key would be
 # ignored by KEDA and by its schema, which types metadata as a map of strings.
 KEDA_REDIS_METADATA = {
-    "address", "addresses", "host", "hosts", "port", "ports", "sentinelMaster", "listName", "listLength",
-    "activationListLength", "databaseIndex", "enableTLS", "unsafeSsl",
-}  # fmt: skip
+    "address",
+    "addresses",
+    "host",
+    "hosts",
+    "port",
+    "ports",
+    "sentinelMaster",
+    "listName",
+    "listLength",
+    "activationListLength",
+    "databaseIndex",
+    "enableTLS",
+    "unsafeSsl",
+}
 # KEDA's and the Prometheus operator's schemas, installed from the npm registry by tests/kubernetes/package.json.
 NPM_PACKAGES = ROOT / "tests" / "kubernetes"
 NPM_CACHE = ROOT / ".segserve" / "npm"
@@ -564,10 +575,15 @@ def test_the_gateway_needs_redis_and_the_blob_store(rendered: Rendered) -> None:
     env = env_of(gateway)
     segserve = {name for name in env if name.startswith("SEGSERVE_")}
     assert segserve == {
-        "SEGSERVE_REDIS_URL", "SEGSERVE_REDIS_SENTINELS", "SEGSERVE_REDIS_SENTINEL_MASTER",
-        "SEGSERVE_REDIS_MIN_REPLICAS", "SEGSERVE_API_KEYS", "SEGSERVE_WEBHOOK_SECRET", *BLOB_SETTINGS,
+        "SEGSERVE_REDIS_URL",
+        "SEGSERVE_REDIS_SENTINELS",
+        "SEGSERVE_REDIS_SENTINEL_MASTER",
+        "SEGSERVE_REDIS_MIN_REPLICAS",
+        "SEGSERVE_API_KEYS",
+        "SEGSERVE_WEBHOOK_SECRET",
+        *BLOB_SETTINGS,
         "SEGSERVE_GATEWAY_IMAGE_BYTES",
-    }  # fmt: skip
+    }
     assert env["SEGSERVE_REDIS_MIN_REPLICAS"]["value"] == "1"
     for name in ("SEGSERVE_API_KEYS", "SEGSERVE_WEBHOOK_SECRET"):
         assert "secretKeyRef" in env[name]["valueFrom"], name
@@ -594,8 +610,10 @@ def test_gateways_and_workers_share_one_bucket_and_their_limits_fit_their_image_
 ) -> None:
     """Each process keeps its image bytes within a budget (SEGSERVE_*_IMAGE_BYTES); its memory limit must hold
     that budget and its base, or a burst of large images gets it OOM-killed."""
-    containers = {"gateway": pod_spec(rendered.gateway)["containers"][0],
-                  "worker": containers_of(rendered.worker)["worker"]}  # fmt: skip
+    containers = {
+        "gateway": pod_spec(rendered.gateway)["containers"][0],
+        "worker": containers_of(rendered.worker)["worker"],
+    }
     config = rendered.one("ConfigMap", "segserve-blobs")["data"]
     assert config["url"].startswith("s3://") and set(config) == set(BLOB_SETTINGS.values())
     for role, container in containers.items():

@@ -27,7 +27,17 @@ from gateway.settings import Settings, env_table
 from gateway.webhooks import signing_key
 from tests.harness.images import encode, scene
 from tests.harness.processes import BIN, ROOT, free_port, wait_until
-from tests.harness.servers import side_by_side_env
+from tests.harness.servers import side_by_side_env, start_segserve_up
+
+
+def assert_one_job_succeeds(port: int) -> None:
+    response = httpx.post(
+        f"http://127.0.0.1:{port}/v1/jobs",
+        content=encode(scene(64, 48)),
+        headers={"Content-Type": "image/jpeg", "Prefer": "wait=30"},
+        timeout=60,
+    )
+    assert response.json()["status"] == "succeeded", response.text
 
 
 def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -43,26 +53,13 @@ def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path) -> None:
     env["SEGSERVE_WEIGHTS"] = str(weights)
     env["SEGSERVE_MODEL_STORE"] = str(tmp_path / "store")
     env["SEGSERVE_TORCHSERVE_CONFIG"] = str(ROOT / "config.properties")
-    log = tmp_path / "up.log"
-    with log.open("wb") as out:
-        up = subprocess.Popen(
-            [str(BIN / "segserve"), "up", "--port", str(port), "--workers", "2"],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    up, log = start_segserve_up(tmp_path, env, port, "--workers", "2")
     try:
-        wait_until(
-            lambda: "segserve is ready" in log.read_text() or up.poll() is not None, 240, "segserve up"
-        )
-        assert up.poll() is None, log.read_text()[-3000:]
         descendants = psutil.Process(up.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in descendants)
         assert "redis-server" in names and "org.pytorch.serve.ModelServer" in names
         assert names.count("segserve worker") == 2 and "gateway.app:app" in names
-        response = httpx.post(
-            f"http://127.0.0.1:{port}/v1/jobs", content=encode(scene(64, 48)),
-            headers={"Content-Type": "image/jpeg", "Prefer": "wait=30"}, timeout=60,
-        )  # fmt: skip
-        assert response.json()["status"] == "succeeded", response.text
+        assert_one_job_succeeds(port)
         secret = httpx.get(f"http://127.0.0.1:{port}/v1/webhooks/secret").json()["key"]
         kept = (tmp_path / "home" / "webhook_secret").read_text().strip()
         assert (
@@ -75,18 +72,20 @@ def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path) -> None:
         for name in ("redis-server", "gateway.app:app"):
             (victim,) = [p for p in psutil.Process(up.pid).children() if name in " ".join(p.cmdline())]
             victim.kill()
-            wait_until(lambda name=name: "starting it again" in log.read_text() and any(
-                name in " ".join(p.cmdline()) for p in psutil.Process(up.pid).children()), 60, f"{name} again")  # fmt: skip
+            wait_until(
+                lambda name=name: (
+                    "starting it again" in log.read_text()
+                    and any(name in " ".join(p.cmdline()) for p in psutil.Process(up.pid).children())
+                ),
+                60,
+                f"{name} again",
+            )
         wait_until(
             lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").json()["status"] == "ready",
             120,
             "ready again",
         )
-        after = httpx.post(
-            f"http://127.0.0.1:{port}/v1/jobs", content=encode(scene(64, 48)),
-            headers={"Content-Type": "image/jpeg", "Prefer": "wait=30"}, timeout=60,
-        )  # fmt: skip
-        assert after.json()["status"] == "succeeded", after.text
+        assert_one_job_succeeds(port)
         assert up.poll() is None
         descendants = psutil.Process(up.pid).children(recursive=True)
 
@@ -169,9 +168,17 @@ def test_build_model_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match="not found"):
         build_archive(weights=str(tmp_path / "nope.pth"), store=tmp_path)
     result = subprocess.run(
-        [str(BIN / "segserve"), "build-model", "--weights", str(tmp_path / "nope.pth"), "--model-store", str(tmp_path)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            str(BIN / "segserve"),
+            "build-model",
+            "--weights",
+            str(tmp_path / "nope.pth"),
+            "--model-store",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1 and "weights file not found" in result.stderr
 
 

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 from gateway.settings import env_table
 from tests.harness.processes import BIN, ROOT
 
 
-def test_readme_documents_every_setting() -> None:
-    readme = (ROOT / "README.md").read_text()
-    for name, default in env_table():
-        assert f"`{name}` | `{default}`" in readme or (not default and f"`{name}` | *(empty)*" in readme), (
-            name
-        )
+def settings_rows(page: str) -> dict[str, str]:
+    """variable -> default, from the rows of a page's settings tables."""
+    rows = re.findall(r"^\| `(SEGSERVE_[A-Z_]+)` \| (?:`([^`]*)`|\*\(empty\)\*) \|", page, re.M)
+    return dict(rows)
+
+
+def test_the_configuration_page_documents_every_setting() -> None:
+    documented = settings_rows((ROOT / "docs" / "configuration.md").read_text())
+    assert documented == dict(env_table())
+
+
+def test_every_setting_the_readme_names_is_real_with_its_default() -> None:
+    named = settings_rows((ROOT / "README.md").read_text())
+    assert named and named.items() <= dict(env_table()).items()
 
 
 def test_ci_runs_the_readme_test_command() -> None:
@@ -62,14 +71,101 @@ def test_every_route_is_in_the_openapi_and_the_docs() -> None:
         assert route in api_page, f"docs/api.md does not describe {route}"
 
 
-def test_readme_links_only_into_the_repository() -> None:
-    import re
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-    readme = (ROOT / "README.md").read_text()
-    for target in re.findall(r"\]\(([^)]+)\)", readme):
-        if target.startswith(("http://", "https://", "#")):
-            continue
-        assert (ROOT / target).exists(), f"README links to {target}, which a clone does not have"
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub makes for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)  # a "# comment" is no heading
+    headings = re.findall(r"^#{1,6} (.+)$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_link_in_the_docs_resolves() -> None:
+    """Relative links name files of the checkout, and their anchors headings of those files."""
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken
+
+
+WRITTEN_BY_RUNS = {
+    "tests/artifacts/web-page.png",
+    "benchmarks/results/latest.json",
+}  # what the docs say a run makes
+
+
+def test_every_path_the_docs_name_exists() -> None:
+    named = {
+        (page.name, path)
+        for page in PAGES
+        for path in re.findall(
+            r"`((?:gateway|handlers|tests|benchmarks|deploy|docs|dashboards)/[\w./-]*)", page.read_text()
+        )
+    }
+    assert not {
+        (page, path) for page, path in named if not (ROOT / path).exists() and path not in WRITTEN_BY_RUNS
+    }
+
+
+def code_of(page: Path) -> list[str]:
+    """The lines of a page's code blocks and its inline code spans, with shell comments cut off."""
+    text = page.read_text()
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.M | re.S)
+    spans = re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.M | re.S))
+    return [line.split(" #")[0] for code in [*blocks, *spans] for line in code.splitlines()]
+
+
+def test_every_segserve_command_in_the_docs_exists() -> None:
+    """`segserve SUBCOMMAND --flag` as the docs write it: each subcommand and flag is one the CLI has."""
+    import argparse
+
+    from gateway.cli import parser
+
+    root = parser()
+    [subcommands] = [a for a in root._actions if isinstance(a, argparse._SubParsersAction)]
+    wrong = []
+    for page in PAGES:
+        for line in code_of(page):
+            # "-n segserve" is kubectl's namespace, and "segserve:changed" a channel: neither is the command.
+            for command, rest in re.findall(
+                r"(?<![\w-])(?<!-n )segserve ((?:--)?[a-z][a-z-]*)([^|&;]*)", line
+            ):
+                if command.startswith("--"):
+                    wrong += (
+                        [] if command in root._option_string_actions else [f"{page.name}: segserve {command}"]
+                    )
+                    continue
+                if command not in subcommands.choices:
+                    wrong.append(f"{page.name}: segserve {command}")
+                    continue
+                known = subcommands.choices[command]._option_string_actions
+                wrong += [
+                    f"{page.name}: segserve {command} {flag}"
+                    for flag in re.findall(r"(?<!\S)(--[a-z][\w-]*)", rest)
+                    if flag not in known
+                ]
+    assert not wrong, wrong
+
+
+def test_every_benchmark_flag_in_the_docs_exists() -> None:
+    used = {
+        (script, flag)
+        for page in PAGES
+        for line in code_of(page)
+        for script, rest in re.findall(r"(benchmarks/\w+\.py)((?: +[^ ]+)*)", line)
+        for flag in re.findall(r"--[a-z][\w-]*", rest)
+    }
+    assert used, "the docs show how to run the benchmarks"
+    assert not {(s, f) for s, f in used if f'"{f}"' not in (ROOT / s).read_text()}
 
 
 def test_every_error_code_is_documented() -> None:
@@ -93,3 +189,12 @@ def test_every_test_the_docs_name_exists() -> None:
                 if not re.search(rf"^(async )?def {name}\(", source, re.M):
                     missing.append(f"{page.name}: {path}::{name}")
     assert not missing, missing
+
+
+def test_the_job_error_codes_are_the_documented_ones() -> None:
+    """The codes a job can fail with (FailureCode) are exactly docs/api.md's "Job error codes" table."""
+    from gateway.jobs.records import FAILURE_CODES
+
+    page = (ROOT / "docs" / "api.md").read_text()
+    table = page.split("### Job error codes", 1)[1].split("\n## ", 1)[0]
+    assert set(re.findall(r"^\| `([a-z_]+)` \|", table, re.M)) == FAILURE_CODES

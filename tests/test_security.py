@@ -34,8 +34,14 @@ def test_keys_from_a_file_guard_every_route_but_health(stack: Stack, tmp_path: P
     guarded.start_gateway(SEGSERVE_API_KEYS_FILE=str(keys_file))
     try:
         with httpx.Client(base_url=guarded.url, timeout=60) as client:
-            for method, path in (("GET", "/v1/models"), ("GET", "/v1/queue"), ("GET", "/openapi.json"),
-                                 ("GET", "/v1/jobs/j_" + "0" * 32), ("POST", "/predict"), ("GET", "/job_status/x")):  # fmt: skip
+            for method, path in (
+                ("GET", "/v1/models"),
+                ("GET", "/v1/queue"),
+                ("GET", "/openapi.json"),
+                ("GET", "/v1/jobs/j_" + "0" * 32),
+                ("POST", "/predict"),
+                ("GET", "/job_status/x"),
+            ):
                 assert client.request(method, path).status_code == 401, path
             for path in ("/healthz", "/readyz", "/metrics"):
                 assert client.get(path).status_code == 200, path

@@ -156,8 +156,17 @@ def tiff_with_trailing_directory(width: int, height: int) -> bytes:
     pixels = bytes(width * height)
     directory_at = 8 + len(pixels)
     short, long = 3, 4
-    tags = [(256, long, width), (257, long, height), (258, short, 8), (259, short, 1), (262, short, 1),
-            (273, long, 8), (277, short, 1), (278, long, height), (279, long, len(pixels))]  # fmt: skip
+    tags = [
+        (256, long, width),
+        (257, long, height),
+        (258, short, 8),
+        (259, short, 1),
+        (262, short, 1),
+        (273, long, 8),
+        (277, short, 1),
+        (278, long, height),
+        (279, long, len(pixels)),
+    ]
     directory = struct.pack("<H", len(tags))
     for tag, kind, value in tags:
         inline = struct.pack("<HH", value, 0) if kind == short else struct.pack("<I", value)

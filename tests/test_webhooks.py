@@ -28,7 +28,6 @@ from gateway.tenants import load as load_tenants
 from gateway.webhooks import signing_key
 from gateway.worker.deliveries import OWNER_SHARE, Deliverer
 from tests.harness.images import encode, scene
-from tests.harness.jobs import directory_store
 from tests.harness.jobs import submit as submit_image
 from tests.harness.processes import free_port
 from tests.harness.receiver import Receiver
@@ -36,15 +35,9 @@ from tests.harness.servers import WEBHOOK_SECRET, RedisServer
 
 IMAGE = encode(scene(32, 24))
 RESULT = Result(32, 24, [{"id": 0, "name": "__background__", "pixels": 768, "fraction": 1.0}])
-SETTINGS = Settings(webhook_secret=WEBHOOK_SECRET, webhook_retry_delay=0.2, allowed_url_hosts="127.0.0.1",
-                    url_timeout=1.0)  # fmt: skip
-
-
-@pytest.fixture
-async def store(fresh_redis: RedisServer, tmp_path: Path) -> AsyncIterator[JobStore]:
-    job_store = directory_store(fresh_redis.url, tmp_path / "blobs", result_ttl_s=60, max_queued=100)
-    yield job_store
-    await job_store.redis.aclose()
+SETTINGS = Settings(
+    webhook_secret=WEBHOOK_SECRET, webhook_retry_delay=0.2, allowed_url_hosts="127.0.0.1", url_timeout=1.0
+)
 
 
 @pytest.fixture
@@ -252,11 +245,22 @@ async def test_deliveries_survive_a_redis_restart(
 
 @pytest.mark.parametrize(
     "url",
-    ["http://127.0.0.1:9/", "http://10.0.0.1/", "http://169.254.169.254/latest/meta-data/", "http://[::1]:9/",
-     "http://localhost:9/", "http://0.0.0.0:9/", "http://[::ffff:127.0.0.1]:9/", "http://2130706433:9/",
-     "http://0x7f.1:9/", "http://100.100.100.200/latest/meta-data/", "http://[2002:7f00:1::]:9/",
-     "http://224.0.0.1:9/", "http://[fe80::1]:9/"],
-)  # fmt: skip
+    [
+        "http://127.0.0.1:9/",
+        "http://10.0.0.1/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:9/",
+        "http://localhost:9/",
+        "http://0.0.0.0:9/",
+        "http://[::ffff:127.0.0.1]:9/",
+        "http://2130706433:9/",
+        "http://0x7f.1:9/",
+        "http://100.100.100.200/latest/meta-data/",
+        "http://[2002:7f00:1::]:9/",
+        "http://224.0.0.1:9/",
+        "http://[fe80::1]:9/",
+    ],
+)
 async def test_the_guard_refuses_non_public_addresses(url: str) -> None:
     with pytest.raises(urls.UrlRefused):
         await urls.resolve(url, frozenset())
@@ -328,8 +332,11 @@ def test_webhook_parameters_are_checked(api: Callable[..., TestClient], receiver
     ]:
         answer = client.post("/v1/jobs", json={"image": IMAGE_B64, **body})
         assert answer.status_code == 422 and answer.json()["code"] == code, (body, answer.text)
-    form = client.post("/v1/jobs", files={"image": ("a.jpg", IMAGE, "image/jpeg")},
-                       data={"webhook": receiver.url, "webhook_events_filter": "start,completed"})  # fmt: skip
+    form = client.post(
+        "/v1/jobs",
+        files={"image": ("a.jpg", IMAGE, "image/jpeg")},
+        data={"webhook": receiver.url, "webhook_events_filter": "start,completed"},
+    )
     assert form.status_code == 202, form.text
     assert form.json()["webhook"] == {
         "url": receiver.url,
@@ -353,8 +360,12 @@ def test_images_by_url(api: Callable[..., TestClient], receiver: Receiver) -> No
         receiver.answer = lambda n, request: answers[request.path]
         job = client.post("/v1/jobs", json={"image_url": f"{receiver.url}/cat.jpg", "classes": "cat"})
         assert job.status_code == 202 and job.json()["params"]["classes"] == [8], job.text
-        for path, status, code in [("/missing.jpg", 422, "fetch_failed"), ("/moved.jpg", 422, "fetch_failed"),
-                                   ("/huge.jpg", 413, "body_too_large"), ("/zipped.jpg", 422, "fetch_failed")]:  # fmt: skip
+        for path, status, code in [
+            ("/missing.jpg", 422, "fetch_failed"),
+            ("/moved.jpg", 422, "fetch_failed"),
+            ("/huge.jpg", 413, "body_too_large"),
+            ("/zipped.jpg", 422, "fetch_failed"),
+        ]:
             answer = client.post("/v1/jobs", json={"image_url": f"{receiver.url}{path}"})
             assert answer.status_code == status and answer.json()["code"] == code, (path, answer.text)
         assert elsewhere.received == [], "a redirect is not followed"

@@ -22,8 +22,9 @@ from starlette.responses import Response
 
 from gateway import urls
 from gateway.app import compat, routes, service
+from gateway.app.catalog import ModelCatalog
 from gateway.app.errors import EXCEPTION_HANDLERS, job_store_full, problem_response
-from gateway.app.web import ModelCatalog, Services
+from gateway.app.web import Services
 from gateway.budget import MemoryBudget
 from gateway.jobs import BlobStoreError, BlobStoreFull, JobStore, Waiters
 from gateway.jobs.connection import connect, stop

@@ -13,8 +13,14 @@ from gateway.app.errors import Problem
 
 CONTENT_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff"}
 # PIL format names of those types (MPO is how PIL names many camera JPEGs).
-FORMATS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
-           "BMP": "image/bmp", "TIFF": "image/tiff"}  # fmt: skip
+FORMATS = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+}
 
 
 def check_image(data: bytes | IO[bytes], max_pixels: int) -> tuple[str, int, int]:

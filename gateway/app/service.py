@@ -30,7 +30,9 @@ async def list_models(request: Request) -> Response:
     models = await svc.catalog.list()
     if models is None:
         raise Problem(503, "backend_unavailable", "no worker has reported its models yet")
-    return JSONResponse({"default_model": svc.settings.default_model, "models": models})
+    return JSONResponse(
+        {"default_model": svc.settings.default_model, "models": [model.to_api() for model in models]}
+    )
 
 
 async def webhook_secret(request: Request) -> Response:
@@ -95,7 +97,7 @@ def torchserve_state(workers: list[WorkerInfo], model: str) -> str:
     if not workers:
         return "unknown: no worker alive to report it"
     for worker in workers:
-        if worker.backend == "ok" and any(m["name"] == model and m["workers_ready"] for m in worker.models):
+        if worker.backend == "ok" and any(m.name == model and m.workers_ready for m in worker.models):
             return "ok"
     backends = {w.backend for w in workers} - {"ok"}
     return backends.pop() if backends else f"down: model {model!r} has no ready worker"

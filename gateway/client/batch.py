@@ -73,9 +73,15 @@ async def submit_all(
     counts = {"succeeded": 0, "failed": 0}
     semaphore = asyncio.Semaphore(concurrency)
     progress = Progress(
-        TextColumn("[bold]segmenting"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[state]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-    )  # fmt: skip
+        TextColumn("[bold]segmenting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
 
     async def one(image: Path, rel: Path, task: Any) -> None:
         async with semaphore:
@@ -83,11 +89,19 @@ async def submit_all(
                 job = await client.segment(image, **(params or {}))
                 if job["status"] == "succeeded":
                     await asyncio.to_thread(write, mask_path(out, rel), await client.mask(job["id"]))
-                entry = {"job_id": job["id"], "status": job["status"], "classes": job.get("result", {}).get("classes"),
-                         "error": job.get("error")}  # fmt: skip
+                entry = {
+                    "job_id": job["id"],
+                    "status": job["status"],
+                    "classes": job.get("result", {}).get("classes"),
+                    "error": job.get("error"),
+                }
             except (SegserveError, OSError) as exc:
-                entry = {"job_id": None, "status": "failed", "classes": None,
-                         "error": {"code": getattr(exc, "code", "io_error"), "message": str(exc)}}  # fmt: skip
+                entry = {
+                    "job_id": None,
+                    "status": "failed",
+                    "classes": None,
+                    "error": {"code": getattr(exc, "code", "io_error"), "message": str(exc)},
+                }
             summary[str(rel)] = entry
             counts["succeeded" if entry["status"] == "succeeded" else "failed"] += 1
             progress.update(task, advance=1, state=f"{counts['succeeded']} ok, {counts['failed']} failed")

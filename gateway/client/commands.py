@@ -11,8 +11,11 @@ from typing import Any
 
 
 def client_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=os.environ.get("SEGSERVE_URL", "http://127.0.0.1:8000"),
-                   help="the gateway (default: $SEGSERVE_URL or %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--url",
+        default=os.environ.get("SEGSERVE_URL", "http://127.0.0.1:8000"),
+        help="the gateway (default: $SEGSERVE_URL or %(default)s)",
+    )
     p.add_argument(
         "--api-key", default=os.environ.get("SEGSERVE_API_KEY"), help="API key (default: $SEGSERVE_API_KEY)"
     )
@@ -40,8 +43,10 @@ def submit(args: argparse.Namespace) -> int:
             )
 
     outcome = asyncio.run(run())
-    print(f"{outcome['succeeded']} succeeded, {outcome['failed']} failed, {outcome['skipped']} skipped "
-          f"(masks exist); summary in {outcome['summary']}")  # fmt: skip
+    print(
+        f"{outcome['succeeded']} succeeded, {outcome['failed']} failed, {outcome['skipped']} skipped "
+        f"(masks exist); summary in {outcome['summary']}"
+    )
     return 1 if outcome["failed"] else 0
 
 
@@ -114,14 +119,13 @@ def queue(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from gateway.client.sdk import Client, SegserveError
+    from gateway.status import JobStatus
 
     def view(state: dict[str, Any]) -> Table:
         table = Table(title=f"segserve queue at {args.url}")
-        for name in ("queued", "running", "succeeded", "failed", "canceled"):
-            table.add_column(name, justify="right")
-        table.add_row(
-            *(str(state.get(k, 0)) for k in ("queued", "running", "succeeded", "failed", "canceled"))
-        )
+        for status in JobStatus:
+            table.add_column(status.value, justify="right")
+        table.add_row(*(str(state.get(status.value, 0)) for status in JobStatus))
         workers = Table(title=f"{len(state['workers'])} workers")
         for name in ("id", "started", "last seen", "concurrency"):
             workers.add_column(name)

@@ -23,13 +23,24 @@ from typing import Any, TypeVar
 
 import httpx
 from anyio.from_thread import BlockingPortal, start_blocking_portal
+from httpx_sse import EventSource, ServerSentEvent
 from standardwebhooks import Webhook
 
+from gateway.retrying import backoff, retry_after
+from gateway.status import is_terminal
+
 T = TypeVar("T")
-TERMINAL = ("succeeded", "failed", "canceled")
-CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
-                 ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}  # fmt: skip
+CONTENT_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+}
 MAX_WAIT = 60
+MAX_RETRY_AFTER = 300.0  # the longest a server's Retry-After makes a call wait before its next try
 
 
 class SegserveError(Exception):
@@ -62,17 +73,12 @@ def problem(response: httpx.Response) -> SegserveError:
     return SegserveError(response.status_code, str(code), str(detail))
 
 
-async def server_sent_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """(id, job) for each ``status`` event of a job's event stream."""
-    event_id, data = "", ""
-    async for line in response.aiter_lines():
-        if line.startswith("id:"):
-            event_id = line[3:].strip()
-        elif line.startswith("data:"):
-            data += line[5:].strip()
-        elif not line and data:  # a blank line ends an event; comments (":...") carry none
-            yield event_id, json.loads(data)
-            data = ""
+async def status_events(response: httpx.Response) -> AsyncIterator[ServerSentEvent]:
+    """The ``status`` events of a job's event stream, read as the SSE standard says (by httpx-sse: a
+    multi-line ``data`` joined with newlines, comments skipped); each one's data is the job, in JSON."""
+    async for event in EventSource(response).aiter_sse():
+        if event.event == "status" and event.data:
+            yield event
 
 
 def content_type_of(path: Path) -> str:
@@ -101,23 +107,30 @@ class AsyncClient:
         await self._http.aclose()
 
     async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        for attempt in range(self.retries + 1):
+        for attempt in range(1, self.retries + 2):
             try:
                 response = await self._http.request(method, url, **kwargs)
             except httpx.TransportError as exc:
-                if attempt == self.retries:
-                    raise SegserveError(503, "unreachable", f"{self._http.base_url}: {exc}") from exc
-                await asyncio.sleep(min(2**attempt * 0.5, 10))
+                await self._pause_or_give_up(attempt, exc)
                 continue
-            if response.status_code in (429, 503) and attempt < self.retries:
-                retry_after = response.headers.get("retry-after", "")
-                delay = float(retry_after) if retry_after.isdigit() else min(2**attempt * 0.5, 10)
-                await asyncio.sleep(delay)
+            if response.status_code in (429, 503) and attempt <= self.retries:
+                await self._pause(attempt, response.headers.get("retry-after"))
                 continue
             if response.status_code >= 400:
                 raise problem(response)
             return response
         raise AssertionError("unreachable")
+
+    async def _pause(self, attempt: int, retry_after_header: str | None = None) -> None:
+        """Wait before trying again: as long as the server asked (``Retry-After``), else the backoff."""
+        asked = retry_after(retry_after_header, MAX_RETRY_AFTER)
+        await asyncio.sleep(asked if asked is not None else backoff(attempt, 0.5, 10.0, jitter=True))
+
+    async def _pause_or_give_up(self, attempt: int, exc: httpx.TransportError) -> None:
+        """After a failed connection: wait, or raise once the tries are spent."""
+        if attempt > self.retries:
+            raise SegserveError(503, "unreachable", f"{self._http.base_url}: {exc}") from exc
+        await self._pause(attempt)
 
     async def submit(
         self,
@@ -171,21 +184,19 @@ class AsyncClient:
         """The job at each change of its state, live from the server (Server-Sent Events), until it ends
         or is deleted. A dropped connection is resumed where it left off, no event twice."""
         last_event_id = ""
-        for attempt in range(self.retries + 1):
+        for attempt in range(1, self.retries + 2):
             headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
             try:
                 async with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
                     if response.status_code >= 400:
                         await response.aread()
                         raise problem(response)
-                    async for event_id, job in server_sent_events(response):
-                        last_event_id = event_id
-                        yield job
+                    async for event in status_events(response):
+                        last_event_id = event.id
+                        yield json.loads(event.data)
                     return  # the server closes the stream after the end
             except httpx.TransportError as exc:
-                if attempt == self.retries:
-                    raise SegserveError(503, "unreachable", f"{self._http.base_url}: {exc}") from exc
-                await asyncio.sleep(min(2**attempt * 0.5, 10))
+                await self._pause_or_give_up(attempt, exc)
 
     async def wait(
         self, job_id: str, max_seconds: float | None = None, *, poll: bool = False
@@ -199,7 +210,7 @@ class AsyncClient:
             last: dict[str, Any] | None = None
             async for job in self.events(job_id):
                 last = job
-            if last is None or last["status"] not in TERMINAL:  # the stream closed early: the job is gone
+            if last is None or not is_terminal(last["status"]):  # the stream closed early: the job is gone
                 return await self.get(job_id)  # which answers 404
             return last
 
@@ -211,7 +222,7 @@ class AsyncClient:
     async def _poll(self, job_id: str, max_seconds: float | None) -> dict[str, Any]:
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         job = await self.get(job_id)
-        while job["status"] not in TERMINAL:
+        while not is_terminal(job["status"]):
             left = MAX_WAIT if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 break
@@ -221,7 +232,7 @@ class AsyncClient:
     async def segment(self, image: str | Path | bytes, **params: Any) -> dict[str, Any]:
         """Submit and wait for the end."""
         job = await self.submit(image, wait=MAX_WAIT, **params)
-        return job if job["status"] in TERMINAL else await self.wait(job["id"])
+        return job if is_terminal(job["status"]) else await self.wait(job["id"])
 
     async def mask(self, job_id: str) -> bytes:
         return (await self._request("GET", f"/v1/jobs/{job_id}/mask.png")).content

@@ -6,12 +6,11 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
-from typing import Any
 
 from arq.connections import ArqRedis
 
 from gateway.jobs import keys
-from gateway.jobs.records import QueueStats, WorkerInfo, now_ms
+from gateway.jobs.records import ModelInfo, QueueStats, WorkerInfo, now_ms
 
 ENDED = ("succeeded", "failed", "canceled", "expired")
 WORKER_TTL_MS = 10_000  # a worker whose heartbeat is older than this counts as gone
@@ -55,7 +54,7 @@ class Fleet:
             pipe.zremrangebyscore(keys.WORKERS, "-inf", at_ms - 60_000)
             pipe.set(keys.worker(worker.id), worker.to_json(), px=WORKER_TTL_MS)
             if worker.models:
-                pipe.set(keys.MODELS, json.dumps(worker.models))
+                pipe.set(keys.MODELS, json.dumps([model.to_api() for model in worker.models]))
             await pipe.execute()
         await self.count_slots()
 
@@ -76,27 +75,30 @@ class Fleet:
         """Every worker whose heartbeat is recent, as it last described itself and its TorchServe."""
         ids = await self.redis.zrangebyscore(keys.WORKERS, now_ms() - WORKER_TTL_MS, "+inf")
         infos = await self.redis.mget([keys.worker(w.decode()) for w in ids]) if ids else []
-        return [WorkerInfo(**json.loads(info)) for info in infos if info]
+        return [WorkerInfo.from_json(info) for info in infos if info]
 
-    async def models(self) -> list[dict[str, Any]] | None:
+    async def models(self) -> list[ModelInfo] | None:
         """Each model version that live workers' TorchServes serve, with their workers summed. While no
         worker is alive (scaled to zero): the last catalog a worker reported, with no workers. None if no
         worker ever reported one."""
-        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        merged: dict[tuple[str, str], ModelInfo] = {}
         for worker in await self.live_workers():
             for model in worker.models:
-                key = (model["name"], model["version"])
+                key = (model.name, model.version)
                 if key in merged:
-                    merged[key]["workers"] += model["workers"]
-                    merged[key]["workers_ready"] += model["workers_ready"]
+                    seen = merged[key]
+                    workers, ready = seen.workers + model.workers, seen.workers_ready + model.workers_ready
+                    merged[key] = dataclasses.replace(seen, workers=workers, workers_ready=ready)
                 else:
-                    merged[key] = dict(model)
+                    merged[key] = model
         if merged:
             return list(merged.values())
         last = await self.redis.get(keys.MODELS)
         if last is None:
             return None
-        return [{**model, "workers": 0, "workers_ready": 0} for model in json.loads(last)]
+        return [
+            dataclasses.replace(ModelInfo.from_api(m), workers=0, workers_ready=0) for m in json.loads(last)
+        ]
 
     async def queue_stats(self) -> QueueStats:
         now = now_ms()

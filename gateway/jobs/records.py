@@ -11,19 +11,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
-
-class JobStatus(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELED = "canceled"
-    EXPIRED = "expired"  # not started before its deadline (queue_timeout)
-
-    def is_terminal(self) -> bool:
-        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+# A job's states are one of the protocol's records, kept in a module the SDK imports without the server's.
+from gateway.status import JobStatus as JobStatus
 
 
 class Priority(str, Enum):
@@ -53,11 +44,33 @@ def iso(ms: float | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# Why a job failed (its ``error.code``), as docs/api.md's "Job error codes" lists them.
+FailureCode = Literal[
+    "invalid_image",  # the handler's refusals of one image (handlers/)
+    "too_many_pixels",
+    "invalid_parameter",
+    "too_large",  # TorchServe's 413
+    "backend_error",  # any other refusal of the model server
+    "model_not_found",
+    "backend_unavailable",
+    "expired",
+    "input_missing",
+    "worker_error",
+    "internal_error",
+]
+FAILURE_CODES: frozenset[str] = frozenset(get_args(FailureCode))
+
+
+def failure_code(code: str) -> FailureCode:
+    """A code the model server gave, as one of ours: one we do not know is a ``backend_error``."""
+    return cast(FailureCode, code) if code in FAILURE_CODES else "backend_error"
+
+
 @dataclass(frozen=True)
 class JobError:
     """Why a job failed: ``code`` for programs, ``message`` for people."""
 
-    code: str
+    code: FailureCode
     message: str
 
 
@@ -105,7 +118,7 @@ class Outcome:
         return cls(JobStatus.SUCCEEDED, result, None, mask_png, overlay_png, timings_ms)
 
     @classmethod
-    def failed(cls, code: str, message: str) -> Outcome:
+    def failed(cls, code: FailureCode, message: str) -> Outcome:
         return cls(JobStatus.FAILED, error=JobError(code, message))
 
     @classmethod
@@ -320,6 +333,33 @@ class Job:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """One model version a worker's TorchServe serves, as ``/v1/models`` shows it."""
+
+    name: str
+    version: str
+    default: bool = False  # the version a job that names only the model gets
+    workers: int = 0  # TorchServe's workers for it, and how many of them are ready
+    workers_ready: int = 0
+    batch_size: int | None = None
+    max_batch_delay_ms: int | None = None
+    device: str = "cpu"
+    variant: str | None = None
+    engine: str = "torch"
+    precision: str = "fp32"
+    weights: str = "unknown"
+    random_weights: bool = False
+
+    def to_api(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> ModelInfo:
+        """Fields this version does not know (from a newer worker) are left out."""
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
     """What a worker's heartbeat says about it and the TorchServe beside it, for ``/v1/queue``,
     ``/v1/models`` and ``/readyz``: gateways reach no TorchServe themselves, so this works across hosts."""
@@ -331,10 +371,15 @@ class WorkerInfo:
     last_seen: str
     concurrency: int
     backend: str = "unknown"  # "ok", or why its TorchServe cannot compute
-    models: list[dict[str, Any]] = field(default_factory=list)  # as its TorchServe lists them
+    models: list[ModelInfo] = field(default_factory=list)  # as its TorchServe lists them
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> WorkerInfo:
+        data = json.loads(text)
+        return cls(**{**data, "models": [ModelInfo.from_api(m) for m in data.get("models", [])]})
 
 
 @dataclass(frozen=True)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator
 
 from arq.connections import ArqRedis
 
+from gateway.jobs.channels import follow
 from gateway.jobs.connection import stop
 from gateway.jobs.keys import CHANGED_CHANNEL
 from gateway.jobs.records import Job, JobStatus
 from gateway.jobs.store import JobStore
 
-logger = logging.getLogger(__name__)
 QUIET_SECONDS = 15.0  # a stream of changes says it is alive at least this often
 MIN_INTERVAL = 0.1  # and re-reads a job at most this often
 
@@ -32,29 +31,18 @@ class Waiters:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._listen())
+        # A gap wakes everyone: they read the state again, so that nothing that changed meanwhile is missed.
+        self._task = asyncio.create_task(follow(self.redis, CHANGED_CHANNEL, self._wake, self._wake_all))
 
     async def stop(self) -> None:
         if self._task is not None:
             await stop(self._task)
         await self.redis.aclose()
 
-    async def _listen(self) -> None:
-        while True:
-            try:
-                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(CHANGED_CHANNEL)
-                    self._wake_all()  # anything that ended while we were not listening
-                    async for message in pubsub.listen():
-                        for key in (message["data"].decode(), ANY_JOB):
-                            for event in self._events.get(key, ()):
-                                event.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis went away: wake everyone (they re-read), then reconnect
-                logger.warning("job notifications interrupted (%s); reconnecting", exc)
-                self._wake_all()
-                await asyncio.sleep(0.5)
+    def _wake(self, job_id: bytes) -> None:
+        for key in (job_id.decode(), ANY_JOB):
+            for event in self._events.get(key, ()):
+                event.set()
 
     def _wake_all(self) -> None:
         for events in self._events.values():

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 from gateway.ops.archive import BuildError, model_store
 from gateway.ops.setup import SetupError, setup
+from gateway.retrying import backoff
 from gateway.settings import Settings
 from gateway.webhooks import new_secret
 
@@ -70,9 +71,12 @@ def ensure_archive(model: str, store: Path) -> Path:
     if weights:
         raise BuildError(attempt.stderr.strip().removeprefix("error: "))
     banner = "!" * 78
-    print(f"{banner}\n{attempt.stderr.strip()}\nWARNING: falling back to RANDOM WEIGHTS. The service works, "
-          f"but its masks are\nMEANINGLESS. For real masks: SEGSERVE_WEIGHTS=/path/to/checkpoint.pth, then "
-          f"delete {archive}\n{banner}", flush=True)  # fmt: skip
+    print(
+        f"{banner}\n{attempt.stderr.strip()}\nWARNING: falling back to RANDOM WEIGHTS. The service works, "
+        f"but its masks are\nMEANINGLESS. For real masks: SEGSERVE_WEIGHTS=/path/to/checkpoint.pth, then "
+        f"delete {archive}\n{banner}",
+        flush=True,
+    )
     if subprocess.run([*build, "--random-weights"]).returncode != 0:
         raise BuildError("`segserve build-model --random-weights` failed; see above")
     return archive
@@ -92,6 +96,24 @@ class Child:
     restart_at: float | None = None
 
 
+def torchserve_command(config: Path | str, model_store: Path | str, models: str) -> list[str]:
+    """TorchServe in the foreground (the caller supervises it), without its config snapshots, serving
+    ``models`` (``name=archive.mar``) from ``model_store``: as ``segserve up`` and the tests run it."""
+    torchserve = Path(sys.executable).parent / "torchserve"
+    return [
+        str(torchserve),
+        "--start",
+        "--foreground",
+        "--ncs",
+        "--ts-config",
+        str(config),
+        "--model-store",
+        str(model_store),
+        "--models",
+        models,
+    ]
+
+
 def stack(
     settings: Settings, home: Path, store: Path, model: str, workers: int, host: str, port: int
 ) -> list[Child]:
@@ -105,14 +127,29 @@ def stack(
     children = [
         Child(
             "redis",
-            ["redis-server", "--bind", redis.hostname or "127.0.0.1", "--port", str(redis.port or 6379),
-             "--dir", str(redis_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-             "--maxmemory", REDIS_MAXMEMORY, "--maxmemory-policy", "noeviction"],
+            [
+                "redis-server",
+                "--bind",
+                redis.hostname or "127.0.0.1",
+                "--port",
+                str(redis.port or 6379),
+                "--dir",
+                str(redis_dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--maxmemory",
+                REDIS_MAXMEMORY,
+                "--maxmemory-policy",
+                "noeviction",
+            ],
         ),
         Child(
             "torchserve",
-            [str(bin_dir / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", str(torchserve_config()),
-             "--model-store", str(store), "--models", f"{model}={model}.mar"],
+            torchserve_command(torchserve_config(), store, f"{model}={model}.mar"),
             cwd=ts_dir,  # TorchServe writes key_file.json and logs/ into its working directory
             # TorchServe refuses to start while another one's pid file sits in the temp dir: use our own.
             env={
@@ -125,13 +162,21 @@ def stack(
             },
             quiet=re.compile(r"\[(DEBUG|INFO ?)\]|^\s*$|^(nvidia|xpu)-smi"),
         ),
-    ]  # fmt: skip
+    ]
     for i in range(workers):
         children.append(Child(f"worker{i + 1}", [str(bin_dir / "segserve"), "worker"]))
     # Event streams stay open until their job ends: on shutdown, uvicorn closes them after 5 s (clients
     # reconnect with Last-Event-ID) instead of waiting for them.
-    gateway = [str(bin_dir / "uvicorn"), "gateway.app:app", "--host", host, "--port", str(port),
-               "--timeout-graceful-shutdown", "5"]  # fmt: skip
+    gateway = [
+        str(bin_dir / "uvicorn"),
+        "gateway.app:app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--timeout-graceful-shutdown",
+        "5",
+    ]
     children.append(Child("gateway", gateway))
     return children
 
@@ -208,7 +253,7 @@ class Supervisor:
             child.quick_exits = child.quick_exits + 1 if quick else 0
             if child.quick_exits >= QUICK_EXITS:
                 return f"{child.name} exited {QUICK_EXITS} times in a row right after starting"
-            delay = min(0.5 * 2 ** max(0, child.quick_exits - 1), 30.0)
+            delay = backoff(child.quick_exits, 0.5, 30.0)
             code = child.process.returncode
             print(f"{child.name} exited with status {code}; starting it again in {delay:g} s", flush=True)
             child.restart_at = now + delay

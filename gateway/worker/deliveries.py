@@ -10,11 +10,9 @@ Deliveries run beside the jobs and never delay or fail them.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import functools
 import json
 import logging
-import random
 from collections import Counter
 from datetime import datetime, timezone
 
@@ -23,6 +21,7 @@ from redis.exceptions import RedisError
 
 from gateway import urls
 from gateway.jobs import Delivery, DeliveryState, JobStore, iso, now_ms
+from gateway.retrying import backoff, retry_after
 from gateway.settings import Settings
 from gateway.webhooks import signed_headers, signing_key
 
@@ -114,32 +113,15 @@ class Deliverer:
         if answer.status == 410:
             return "failed", answer.status, 0.0  # the receiver says: stop
         # Retry-After may ask for longer than the backoff, never for less.
-        later = retry_after(answer.headers.get("retry-after")) or 0.0
+        later = retry_after(answer.headers.get("retry-after"), MAX_DELAY_S) or 0.0
         return "pending", answer.status, max(later, self.backoff(delivery.attempts + 1))
 
     def backoff(self, attempt: int) -> float:
         """Exponential, with jitter so that receivers coming back are not hit by every sender at once."""
-        delay = min(self.settings.webhook_retry_delay * 2 ** min(attempt - 1, 30), MAX_DELAY_S)
-        return float(delay * random.uniform(0.5, 1.0))
+        return backoff(attempt, self.settings.webhook_retry_delay, MAX_DELAY_S, jitter=True)
 
 
 def render(delivery: Delivery) -> bytes:
     """The body: the event, when it happened, and the job as it was then."""
     event = {"type": delivery.type, "timestamp": iso(delivery.created_at), "data": delivery.job.to_api()}
     return json.dumps(event, separators=(",", ":")).encode()
-
-
-def retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date), bounded; None when absent or bad."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        return min(float(value), MAX_DELAY_S)
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)  # HTTP dates are in GMT
-    return min(max(0.0, (moment - datetime.now(timezone.utc)).total_seconds()), MAX_DELAY_S)

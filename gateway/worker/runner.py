@@ -25,12 +25,14 @@ from gateway.jobs import (
     FUNCTION,
     JobError,
     JobStore,
+    ModelInfo,
     WorkerInfo,
     deserialize,
     iso,
     now_ms,
     serialize,
 )
+from gateway.jobs.channels import follow
 from gateway.jobs.connection import stop, worker_connection, worker_redis_settings
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, ModelNotFound, TorchServe
@@ -72,8 +74,14 @@ async def startup(ctx: dict[str, Any]) -> None:
         concurrency=settings.worker_concurrency,
     )
     # Until TorchServe says how many it computes at once, it takes as many as it may.
-    state = WorkerState(settings, store, torchserve, info, MemoryBudget(settings.worker_image_bytes),
-                        in_flight=settings.worker_concurrency)  # fmt: skip
+    state = WorkerState(
+        settings,
+        store,
+        torchserve,
+        info,
+        MemoryBudget(settings.worker_image_bytes),
+        in_flight=settings.worker_concurrency,
+    )
     ctx["state"] = state
     state.loops.append(asyncio.create_task(heartbeat(state)))
     state.loops.append(asyncio.create_task(Sweeper(store, settings).run()))
@@ -128,20 +136,21 @@ async def heartbeat(state: WorkerState) -> None:
         await asyncio.sleep(HEARTBEAT_SECONDS)
 
 
-def in_flight_limit(models: list[dict[str, Any]], cap: int) -> int | None:
+def in_flight_limit(models: list[ModelInfo], cap: int) -> int | None:
     """Jobs to keep inside TorchServe: what its ready workers compute now and next (2 × workers × batch
     size), at most ``cap``. The rest wait in Redis, where their queue position is true, so ``running``
     means computing or next, instead of waiting unseen in TorchServe's own queue."""
-    computing = sum(m["workers_ready"] * (m.get("batch_size") or 1) for m in models)
+    computing = sum(m.workers_ready * (m.batch_size or 1) for m in models)
     return min(cap, 2 * computing) if computing else None
 
 
-async def describe_backend(torchserve: TorchServe) -> tuple[str, list[dict[str, Any]]]:
+async def describe_backend(torchserve: TorchServe) -> tuple[str, list[ModelInfo]]:
     """("ok", its models), or why it cannot compute; bounded, so a hung TorchServe never stops the beat."""
     if not await torchserve.ping():
         return "down", []
     try:
-        return "ok", await asyncio.wait_for(torchserve.models(), HEARTBEAT_SECONDS)
+        described = await asyncio.wait_for(torchserve.models(), HEARTBEAT_SECONDS)
+        return "ok", [ModelInfo.from_api(model) for model in described]
     except (BackendUnavailable, ModelNotFound, asyncio.TimeoutError):
         return "down: its management API does not answer", []
 
@@ -181,7 +190,10 @@ class SegserveWorker(Worker):
         if "state" in self.ctx:  # arq reads max_jobs before each take
             self.max_jobs = state_of(self.ctx).in_flight
         if self._listener is None:
-            self._listener = asyncio.create_task(self._listen())
+            # A gap means jobs may have come meanwhile: look at once.
+            self._listener = asyncio.create_task(
+                follow(self.pool, ENQUEUED_CHANNEL, self._wake, self.work_may_wait.set)
+            )
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.work_may_wait.wait(), self.look_every)
         self.work_may_wait.clear()
@@ -210,20 +222,8 @@ class SegserveWorker(Worker):
         super()._release_sem_dec_counter_on_complete()
         self.work_may_wait.set()  # a slot is free: take the next job now
 
-    async def _listen(self) -> None:
-        while True:
-            try:
-                async with self.pool.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(ENQUEUED_CHANNEL)
-                    self.work_may_wait.set()  # whatever arrived while we were not listening
-                    while True:  # a quiet channel is no error, whatever the connection's read timeout
-                        if await pubsub.get_message(timeout=60) is not None:
-                            self.work_may_wait.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis restarting: look on the timer meanwhile
-                logger.warning("job notifications interrupted (%s); reconnecting", exc)
-                await asyncio.sleep(0.5)
+    def _wake(self, _job_id: bytes) -> None:
+        self.work_may_wait.set()
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         """arq gives up on a job before running it (too many tries): it fails with a code, as in after_job_end."""

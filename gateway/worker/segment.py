@@ -13,7 +13,8 @@ from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.budget import BudgetTimeout
-from gateway.jobs import BlobStoreError, Job, Outcome, Result, now_ms
+from gateway.jobs import BlobStoreError, Job, Outcome, Result, failure_code, now_ms
+from gateway.retrying import backoff
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, InputRejected, ModelNotFound, TorchServe
 from gateway.worker.overlay import draw_overlay, memory_needed
@@ -25,8 +26,11 @@ logger = logging.getLogger(__name__)
 STORES_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, BlobStoreError)
 
 
-def backoff(settings: Settings, attempt: int) -> float:
-    return float(min(settings.retry_delay * 2 ** (attempt - 1), settings.retry_max_delay))
+def try_later(settings: Settings, job_id: str, attempt: int, why: object) -> Retry:
+    """arq's Retry for this try, deferred by the backoff for its attempt."""
+    delay = backoff(attempt, settings.retry_delay, settings.retry_max_delay)
+    logger.info("%s: %s; try %d again in %.1fs", job_id, why, attempt, delay)
+    return Retry(defer=delay)
 
 
 async def segment(ctx: dict[str, Any], job_id: str) -> None:
@@ -36,9 +40,7 @@ async def segment(ctx: dict[str, Any], job_id: str) -> None:
     try:
         await one_try(state, job_id, attempt)
     except STORES_UNAVAILABLE as exc:
-        delay = backoff(state.settings, attempt)
-        logger.warning("%s: a store does not answer (%s), try again in %.1fs", job_id, exc, delay)
-        raise Retry(defer=delay) from exc
+        raise try_later(state.settings, job_id, attempt, f"a store does not answer ({exc})") from exc
 
 
 def memory_of(job: Job) -> int:
@@ -62,9 +64,7 @@ async def one_try(state: WorkerState, job_id: str, attempt: int) -> None:
         # Busy with other images, or the blob store does not answer: this try ends, the job waits.
         if not await store.release(job_id):
             return  # canceled or deleted meanwhile: no next try
-        delay = backoff(settings, attempt)
-        logger.info("%s: %s; try %d again in %.1fs", job_id, exc, attempt, delay)
-        raise Retry(defer=delay) from exc
+        raise try_later(settings, job_id, attempt, exc) from exc
 
 
 async def outcome_of(state: WorkerState, job: Job, attempt: int) -> Outcome | None:
@@ -86,9 +86,7 @@ async def outcome_of(state: WorkerState, job: Job, attempt: int) -> Outcome | No
         if attempt < settings.max_attempts:
             if not await state.store.release(job.id):
                 return None
-            delay = backoff(settings, attempt)
-            logger.info("%s: backend unavailable (%s), try %d again in %.1fs", job.id, reason, attempt, delay)
-            raise Retry(defer=delay) from exc
+            raise try_later(settings, job.id, attempt, f"backend unavailable ({reason})") from exc
         message = f"model server unavailable after {attempt} tries ({reason})"
         return Outcome.failed("backend_unavailable", message)
     except STORES_UNAVAILABLE:
@@ -109,7 +107,7 @@ async def predict(torchserve: TorchServe, job: Job, image: bytes) -> Outcome:
     except ModelNotFound:
         return Outcome.failed("model_not_found", f"model {job.model!r} is not served")
     except InputRejected as exc:
-        return Outcome.failed(exc.code, exc.message)
+        return Outcome.failed(failure_code(exc.code), exc.message)
     timings = {
         "backend": round((time.perf_counter() - request_started) * 1000, 1),  # the TorchServe request
         "inference": round(prediction.timings_ms.get("inference", 0.0), 1),  # its forward pass

@@ -12,9 +12,11 @@ from pathlib import Path
 import httpx
 import redis
 
+from gateway.ops.launcher import torchserve_command
 from tests.harness.namespaces import Host
 from tests.harness.processes import BIN, ROOT, wait_until
 from tests.harness.sentinel import sentinel_config
+from tests.harness.servers import redis_command
 
 REDIS_PORT, SENTINEL_PORT, GATEWAY_PORT = 6379, 26379, 8000
 
@@ -32,10 +34,9 @@ def start_redis(host: Host, *options: str) -> None:
     """redis-server on the host's bridge address, with the AOF on as the session's Redis has it."""
     host.spawn(
         "redis",
-        ["redis-server", "--port", str(REDIS_PORT), "--bind", host.address, "--dir", str(host.directory),
-         "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no", *options],
+        redis_command(host.address, REDIS_PORT, host.directory, "--protected-mode", "no", *options),
         clean_environment(),
-    )  # fmt: skip
+    )
     wait_until(lambda: redis_client(host).ping(), 30, f"redis-server on {host.name}")
 
 
@@ -70,11 +71,10 @@ def start_torchserve(host: Host, model_store: Path) -> Path:
     (directory / "config.properties").write_text(config)
     host.spawn(
         "torchserve",
-        [str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", "config.properties",
-         "--model-store", str(model_store), "--models", "deeplabv3=deeplabv3.mar"],
+        torchserve_command("config.properties", model_store, "deeplabv3=deeplabv3.mar"),
         {**clean_environment(), "LOG_LOCATION": str(directory / "logs"), "TMPDIR": str(directory)},
         cwd=directory,
-    )  # fmt: skip
+    )
     return directory / "key_file.json"  # TorchServe writes its tokens into its working directory
 
 
@@ -116,10 +116,18 @@ def start_gateway(host: Host, **settings: str) -> str:
     """uvicorn on the host's bridge address, with the job store's settings only (no TorchServe on its host)."""
     host.spawn(
         "gateway",
-        [str(BIN / "uvicorn"), "gateway.app:app", "--host", host.address, "--port", str(GATEWAY_PORT),
-         "--log-level", "warning"],
+        [
+            str(BIN / "uvicorn"),
+            "gateway.app:app",
+            "--host",
+            host.address,
+            "--port",
+            str(GATEWAY_PORT),
+            "--log-level",
+            "warning",
+        ],
         clean_environment(**settings),
-    )  # fmt: skip
+    )
     url = f"http://{host.address}:{GATEWAY_PORT}"
     wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, 60, "the gateway")
     return url

@@ -95,14 +95,37 @@ class CephS3:
             (self.directory / part).mkdir(parents=True, exist_ok=True)
         fsid = str(uuid.uuid4())
         self.config.write_text(
-            CONFIG.format(fsid=fsid, directory=self.directory, monitor_port=self.monitor_port,
-                          gateway_port=self.gateway_port, memory_bytes=self.memory_bytes, address=self.address)
-        )  # fmt: skip
+            CONFIG.format(
+                fsid=fsid,
+                directory=self.directory,
+                monitor_port=self.monitor_port,
+                gateway_port=self.gateway_port,
+                memory_bytes=self.memory_bytes,
+                address=self.address,
+            )
+        )
         monmap = self.directory / "monmap"
-        self.run("monmaptool", "--create", "--fsid", fsid, "--addv", "a", f"[v2:{self.address}:{self.monitor_port}]",
-                 str(monmap))  # fmt: skip
-        self.run("ceph-authtool", "--create-keyring", str(self.directory / "keyring"), "--gen-key", "-n", "mon.",
-                 "--cap", "mon", "allow *")  # fmt: skip
+        self.run(
+            "monmaptool",
+            "--create",
+            "--fsid",
+            fsid,
+            "--addv",
+            "a",
+            f"[v2:{self.address}:{self.monitor_port}]",
+            str(monmap),
+        )
+        self.run(
+            "ceph-authtool",
+            "--create-keyring",
+            str(self.directory / "keyring"),
+            "--gen-key",
+            "-n",
+            "mon.",
+            "--cap",
+            "mon",
+            "allow *",
+        )
         self.run("ceph-mon", "-c", str(self.config), "--mkfs", "-i", "a", "--monmap", str(monmap))
         self.daemon("ceph-mon", "-i", "a")
         osd_uuid = str(uuid.uuid4())
@@ -111,12 +134,24 @@ class CephS3:
         ).strip()
         self.run("ceph-osd", "-c", str(self.config), "-i", osd, "--mkfs", "--osd-uuid", osd_uuid)
         self.daemon("ceph-osd", "-i", osd)
-        wait_until(lambda: f"osd.{osd} up" in self.run("ceph", "-c", str(self.config), "osd", "dump"), 60,
-                   "Ceph's object store daemon")  # fmt: skip
+        wait_until(
+            lambda: f"osd.{osd} up" in self.run("ceph", "-c", str(self.config), "osd", "dump"),
+            60,
+            "Ceph's object store daemon",
+        )
         self.daemon("radosgw", "-n", "client.rgw")
         wait_until(lambda: httpx.get(self.endpoint, timeout=2).status_code < 500, 60, "Ceph's RADOS Gateway")
-        self.run("radosgw-admin", "-c", str(self.config), "user", "create", "--uid=segserve",
-                 "--display-name=segserve", f"--access-key={ACCESS_KEY}", f"--secret-key={SECRET_KEY}")  # fmt: skip
+        self.run(
+            "radosgw-admin",
+            "-c",
+            str(self.config),
+            "user",
+            "create",
+            "--uid=segserve",
+            "--display-name=segserve",
+            f"--access-key={ACCESS_KEY}",
+            f"--secret-key={SECRET_KEY}",
+        )
 
     def run(self, *command: str) -> str:
         done = subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -138,9 +173,12 @@ class CephS3:
         import boto3
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, region_name=REGION,
-            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-        )  # fmt: skip
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+        )
 
     def bucket(self, name: str) -> str:
         """A new bucket's name."""

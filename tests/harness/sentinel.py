@@ -61,8 +61,13 @@ class ReplicatedRedis:
         replicas = []
         for n in range(2):
             (directory / f"replica{n}").mkdir()
-            replicas.append(RedisServer(free_port(), directory / f"replica{n}",
-                                        options=("--replicaof", "127.0.0.1", str(primary.port))))  # fmt: skip
+            replicas.append(
+                RedisServer(
+                    free_port(),
+                    directory / f"replica{n}",
+                    options=("--replicaof", "127.0.0.1", str(primary.port)),
+                )
+            )
             replicas[-1].start()
 
         def in_sync() -> bool:

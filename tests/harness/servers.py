@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import httpx
 
+from gateway.ops.launcher import torchserve_command
 from tests.harness.processes import BIN, ROOT, free_port, spawn, stop_process, wait_until
 
 SEED = 7  # of the archive's random weights, so a test can make the same model again
@@ -43,6 +44,22 @@ class Server:
         self.stop()
 
 
+def redis_command(address: str, port: int, directory: Path, *options: str) -> list[str]:
+    """redis-server with its AOF synced at every write, so that a test that kills it loses nothing."""
+    durable = ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+    return [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        address,
+        "--dir",
+        str(directory),
+        *durable,
+        *options,
+    ]
+
+
 @dataclass
 class RedisServer(Server):
     port: int
@@ -56,10 +73,10 @@ class RedisServer(Server):
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", *self.options],
-            stdout=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            redis_command("127.0.0.1", self.port, self.directory, *self.options),
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_until(self.ping, 10, "redis-server")
 
     def ping(self) -> bool:
@@ -113,11 +130,11 @@ class TorchServeServer(Server):
 
     def start(self) -> None:
         self.process = spawn(
-            [str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", "config.properties",
-             "--model-store", str(self.model_store), "--models", "deeplabv3=deeplabv3.mar"],
-            self.directory / "torchserve.out", cwd=self.directory,
+            torchserve_command("config.properties", self.model_store, "deeplabv3=deeplabv3.mar"),
+            self.directory / "torchserve.out",
+            cwd=self.directory,
             env={**os.environ, "LOG_LOCATION": str(self.directory / "logs"), "TMPDIR": str(self.directory)},
-        )  # fmt: skip
+        )
         try:
             wait_until(
                 lambda: self.key_file.exists() and self.ready_workers() >= 1, 180, "TorchServe's model"
@@ -253,3 +270,21 @@ def isolated_env(stack: Stack, **extra: str) -> dict[str, str]:
         "SEGSERVE_BLOB_URL": str(stack.log_dir.parent / f"blobs-db{database}"),
         **extra,
     }
+
+
+def start_segserve_up(
+    directory: Path, env: dict[str, str], port: int, *options: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """`segserve up` run in ``directory``, in a process group of its own, its output in ``directory/up.log``;
+    returned once it says it is ready. If it exits or stalls instead, it is stopped and its log raised."""
+    log = directory / "up.log"
+    process = spawn([str(BIN / "segserve"), "up", "--port", str(port), *options], log, cwd=directory, env=env)
+    try:
+        wait_until(
+            lambda: "segserve is ready" in log.read_text() or process.poll() is not None, 240, "segserve up"
+        )
+        assert process.poll() is None, log.read_text()[-3000:]
+    except BaseException:
+        stop_process(process)
+        raise
+    return process, log
