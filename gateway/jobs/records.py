@@ -54,6 +54,7 @@ FailureCode = Literal[
     "model_not_found",
     "backend_unavailable",
     "expired",
+    "queue_timeout",  # an expired job's: no worker started it before its deadline
     "input_missing",
     "worker_error",
     "internal_error",
@@ -322,7 +323,8 @@ class Job:
                 if self.queue_timeout_ms
                 else "as long as jobs are kept"
             )
-            job["error"] = {"code": "queue_timeout", "message": f"no worker started the job within {waited}"}
+            code: FailureCode = "queue_timeout"
+            job["error"] = {"code": code, "message": f"no worker started the job within {waited}"}
         if self.webhook is not None:
             job["webhook"] = {
                 "url": self.webhook,
