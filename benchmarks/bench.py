@@ -14,17 +14,20 @@ of them alike:
   b   TorchServe direct with the chosen engine: N concurrent HTTP clients against its archive;
   c   the pipeline (gateway -> Redis -> arq worker -> TorchServe) with `Prefer: wait`, and submit-then-poll,
       with the chosen engine, and with `Prefer: wait` on the eager torch archive;
-on a 640x480 JPEG (and a 128x128 one for the chosen engine), at 1 and N clients; then
+  c t  the pipeline with `Prefer: wait` and a threshold (0.5, as the old service's clients send);
+on two 640x480 JPEGs (a flat picture, whose masks have few borders, and a textured, photo-like one with
+many; the textured one and a 128x128 one for the chosen engine only), at 1 and N clients; then
   d   the submit path alone: jobs accepted per second by one gateway with no worker, and its memory.
-It prints a table with the ratios the targets are stated in, the masks' agreement between a' and a, and
-writes everything as JSON.
+It prints a table with the ratios the targets are stated in, the masks' agreement between a' and a, where
+each image's CPU goes (by process; TorchServe's split into its Java frontend, the handler's stages as the
+handler reports them, and the rest of its Python backend), the total outside the forward pass and the
+images/s that N cores could feed if the model cost nothing; and writes everything as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import io
 import json
 import multiprocessing
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import psutil
 from PIL import Image, ImageDraw
 
@@ -53,13 +57,30 @@ from tests.harness.servers import side_by_side_env  # noqa: E402
 
 BIN = Path(sys.executable).parent
 POLL_INTERVAL = 0.05  # what a sensible polling client does: 20 looks a second
+THRESHOLD = 0.5  # what the old service's clients send
+CEILING_CORES = (2, 16)  # this machine, and a 16-core GPU host
 
 
 def picture(width: int, height: int) -> bytes:
+    """A flat picture: an ellipse and a rectangle on a plain background; its masks have few borders."""
     image = Image.new("RGB", (width, height), (40, 120, 200))
     draw = ImageDraw.Draw(image)
     draw.ellipse((width * 0.1, height * 0.2, width * 0.5, height * 0.9), fill=(240, 190, 20))
     draw.rectangle((width * 0.55, height * 0.1, width * 0.95, height * 0.6), fill=(20, 20, 20))
+    return jpeg(image)
+
+
+def textured(width: int, height: int) -> bytes:
+    """A photo-like picture: colour gradients with noise; under random weights its masks have many
+    borders, as real photos have more than the flat picture."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = [255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 37) * np.cos(y / 23)]
+    pixels = np.stack(channels, axis=2) + rng.normal(0, 25, (height, width, 3))
+    return jpeg(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
+
+
+def jpeg(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=90)
     return out.getvalue()
@@ -74,7 +95,8 @@ class Result:
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
-    cpu_s: dict[str, float] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # by process role, over the measurement
+    stages_ms: dict[str, float] = field(default_factory=dict)  # the handler's own cpu_ms, summed
 
     def merge(self, other: Result) -> None:
         self.images += other.images
@@ -83,6 +105,8 @@ class Result:
         self.errors += other.errors
         for name, value in other.cpu_s.items():
             self.cpu_s[name] = self.cpu_s.get(name, 0.0) + value
+        for name, value in other.stages_ms.items():
+            self.stages_ms[name] = self.stages_ms.get(name, 0.0) + value
 
     @property
     def throughput(self) -> float:
@@ -135,9 +159,11 @@ class Stack:
                 os.killpg(self.process.pid, signal.SIGKILL)
 
     def processes(self) -> dict[str, list[psutil.Process]]:
-        """Processes by role: gateway, worker, redis, torchserve (frontend and Python backends)."""
+        """Processes by role: gateway, worker, redis, TorchServe's Java frontend and its Python backends."""
         assert self.process is not None
-        roles: dict[str, list[psutil.Process]] = {"gateway": [], "worker": [], "redis": [], "torchserve": []}
+        roles: dict[str, list[psutil.Process]] = {
+            "gateway": [], "worker": [], "redis": [], "frontend": [], "backend": []
+        }  # fmt: skip
         for p in psutil.Process(self.process.pid).children(recursive=True):
             try:
                 line = " ".join(p.cmdline())
@@ -149,8 +175,10 @@ class Stack:
                 roles["worker"].append(p)
             elif "redis-server" in line:
                 roles["redis"].append(p)
-            elif "java" in p.name() or "model_service_worker" in line:
-                roles["torchserve"].append(p)
+            elif "java" in p.name():
+                roles["frontend"].append(p)
+            elif "model_service_worker" in line:
+                roles["backend"].append(p)
         return roles
 
     def key(self, kind: str) -> str:
@@ -170,6 +198,9 @@ def cpu_seconds(roles: dict[str, list[psutil.Process]]) -> dict[str, float]:
                 pass
         totals[role] = total
     return totals
+
+
+Measured = tuple[int, list[float], int, float, dict[str, float]]  # done, latencies ms, errors, s, stages
 
 
 async def closed_loop(clients: int, seconds: float, one: Any) -> tuple[int, list[float], int, float]:
@@ -193,36 +224,41 @@ async def closed_loop(clients: int, seconds: float, one: Any) -> tuple[int, list
     return len(latencies), latencies, errors, time.monotonic() - started
 
 
-async def torchserve_direct(
-    stack: Stack, body: bytes, clients: int, seconds: float
-) -> tuple[int, list[float], int, float]:
+async def torchserve_direct(stack: Stack, body: bytes, clients: int, seconds: float) -> Measured:
+    """N clients against TorchServe; the handler's CPU by stage, summed from its answers' heads."""
     headers = {"Authorization": f"Bearer {stack.key('inference')}", "Content-Type": "image/jpeg"}
     url = f"{stack.env['SEGSERVE_TORCHSERVE_URL']}/predictions/deeplabv3"
+    stages: dict[str, float] = {}
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as client:
 
         async def one() -> bool:
             response = await client.post(url, content=body, headers=headers)
-            return response.status_code == 200
+            if response.status_code != 200:
+                return False
+            for name, ms in json.loads(response.content.partition(b"\n")[0]).get("cpu_ms", {}).items():
+                stages[name] = stages.get(name, 0.0) + ms
+            return True
 
-        return await closed_loop(clients, seconds, one)
+        return (*await closed_loop(clients, seconds, one), stages)
 
 
 async def pipeline(
-    stack: Stack, body: bytes, clients: int, seconds: float, wait: bool
-) -> tuple[int, list[float], int, float]:
+    stack: Stack, body: bytes, clients: int, seconds: float, wait: bool, threshold: float = 0.0
+) -> Measured:
+    params = {"threshold": str(threshold)} if threshold else {}
     async with httpx.AsyncClient(
         base_url=stack.url, timeout=120, limits=httpx.Limits(max_connections=clients)
     ) as client:
 
         async def one() -> bool:
             headers = {"Content-Type": "image/jpeg", **({"Prefer": "wait=60"} if wait else {})}
-            job = (await client.post("/v1/jobs", content=body, headers=headers)).json()
+            job = (await client.post("/v1/jobs", content=body, headers=headers, params=params)).json()
             while job.get("status") in ("queued", "running"):
                 await asyncio.sleep(POLL_INTERVAL)
                 job = (await client.get(f"/v1/jobs/{job['id']}")).json()
             return job.get("status") == "succeeded"
 
-        return await closed_loop(clients, seconds, one)
+        return (*await closed_loop(clients, seconds, one), {})
 
 
 async def pipeline_overhead(stack: Stack, body: bytes, jobs: int) -> list[float]:
@@ -251,7 +287,7 @@ class Isolated:
         context = multiprocessing.get_context("spawn")
         self.pool = ProcessPoolExecutor(1, mp_context=context, initializer=_load, initargs=(archive, workdir))
 
-    def run(self, body: bytes, seconds: float) -> tuple[int, list[float], int, float]:
+    def run(self, body: bytes, seconds: float) -> Measured:
         return self.pool.submit(_run, body, seconds).result()  # type: ignore[no-any-return]
 
     def mask(self, body: bytes) -> Any:
@@ -269,7 +305,7 @@ def _load(archive: Path, workdir: Path) -> None:
     _handler = InProcess(archive, workdir)
 
 
-def _run(body: bytes, seconds: float) -> tuple[int, list[float], int, float]:
+def _run(body: bytes, seconds: float) -> Measured:
     assert _handler is not None
     return _handler.run(body, seconds)
 
@@ -284,7 +320,7 @@ class InProcess:
 
     def __init__(self, archive: Path, workdir: Path) -> None:
         sys.path.insert(0, str(ROOT))
-        from gateway.ops.archive import load_handler_module
+        from gateway.handlers.deeplabv3.handler import DeepLabV3Handler
 
         with zipfile.ZipFile(archive) as mar:
             mar.extractall(workdir)
@@ -293,26 +329,27 @@ class InProcess:
 
         config = yaml.safe_load((workdir / "model-config.yaml").read_text())
         config.setdefault("handler", {})["intra_op_threads"] = os.cpu_count() or 1  # the limit: every core
-        handler = load_handler_module().DeepLabV3Handler()
+        handler = DeepLabV3Handler()
         self.context = _Context(workdir, manifest, config)
         handler.initialize(self.context)
         self.handler = handler
 
     def mask(self, body: bytes) -> Any:
-        import numpy as np
-
         [answer] = self.handler.handle([{"body": body}], self.context)
-        return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask_png"]))))
+        return np.asarray(Image.open(io.BytesIO(answer.partition(b"\n")[2])))
 
-    def run(self, body: bytes, seconds: float) -> tuple[int, list[float], int, float]:
+    def run(self, body: bytes, seconds: float) -> Measured:
         latencies = []
+        stages: dict[str, float] = {}
         started = time.monotonic()
         while time.monotonic() - started < seconds:
             t = time.perf_counter()
             [answer] = self.handler.handle([{"body": body}], self.context)
-            assert "mask_png" in answer
+            assert isinstance(answer, bytes), answer
             latencies.append((time.perf_counter() - t) * 1000)
-        return len(latencies), latencies, 0, time.monotonic() - started
+            for name, ms in json.loads(answer.partition(b"\n")[0])["cpu_ms"].items():
+                stages[name] = stages.get(name, 0.0) + ms
+        return len(latencies), latencies, 0, time.monotonic() - started, stages
 
 
 class _Context:
@@ -410,15 +447,17 @@ def table(
     agreement: float,
 ) -> str:
     lines = [
-        f"{'image':<8} {'config':<30} {'clients':>7} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}  CPU s/image by process",
+        f"{'image':<8} {'config':<30} {'clients':>7} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}  CPU ms/image by process",
     ]
     for r in results.values():
-        cpu = ", ".join(f"{k} {v / r.images:.3f}" for k, v in r.cpu_s.items() if r.images and v > 0.0005)
+        cpu = ", ".join(
+            f"{k} {v * 1000 / r.images:.1f}" for k, v in r.cpu_s.items() if r.images and v > 0.0005
+        )
         lines.append(
             f"{r.image:<8} {r.config:<30} {r.clients:>7} {r.throughput:>9.2f} {r.percentile(0.5):>8.1f} {r.percentile(0.99):>8.1f} {r.errors:>6}  {cpu}"
         )
 
-    def get(config: str, n: int, image: str = "640x480") -> Result:
+    def get(config: str, n: int, image: str = "flat") -> Result:
         return results[f"{image}/{config}/{n}"]
 
     eager, fast = get("a in-process torch", 1), get(f"a' in-process {engine}", 1)
@@ -427,14 +466,20 @@ def table(
     lone = get(f"c pipeline wait {engine}", 1).percentile(0.5) / fast.percentile(0.5)
     lines += [
         "",
-        f"targets, 640x480, {engine} against eager torch, in this run:",
+        f"targets, flat 640x480, {engine} against eager torch, in this run:",
         f"  a'/a = {fast.throughput / eager.throughput:.2f} (>= 2.5), masks agreeing on {agreement:.4%} of pixels (>= 99.9%)",
-        f"  c/b = {c.throughput / b.throughput:.3f} at {clients} clients (>= 0.95)",
+        f"  c/b = {c.throughput / b.throughput:.3f} at {clients} clients (>= 0.97)",
         f"  c {engine} / c torch = {c.throughput / c_torch.throughput:.2f} at {clients} clients (>= 2.5)",
-        f"  1 client: c p50 / a' p50 = {lone:.3f} (<= 1.15)",
-        "",
+        f"  1 client: c p50 - b p50 = {get(f'c pipeline wait {engine}', 1).percentile(0.5) - get(f'b torchserve {engine}', 1).percentile(0.5):+.1f} ms (<= 10); c p50 / a' p50 = {lone:.3f}",
     ]
-    for image in ("640x480", "128x128"):
+    for image in ("flat", "textured"):
+        wait = get(f"c pipeline wait {engine}", clients, image)
+        threshold = get(f"c pipeline wait {engine} t{THRESHOLD:g}", clients, image)
+        lines.append(
+            f"  {image}: threshold {THRESHOLD:g} / none = {threshold.throughput / wait.throughput:.3f} at {clients} clients (>= 0.9)"
+        )
+    lines.append("")
+    for image in ("flat", "textured", "128x128"):
         poll = get(f"c pipeline poll {engine}", clients, image)
         b_image = get(f"b torchserve {engine}", clients, image)
         lines.append(
@@ -447,7 +492,39 @@ def table(
         f"submit path: {submit['jobs_per_s']:.0f} jobs/s accepted by one gateway ({submit['load_tool']}), "
         f"gateway RSS {submit['gateway_rss_mb']:.0f} MB"
     )
-    return "\n".join(lines)
+    return "\n".join(lines + cpu_breakdown(results, clients, engine))
+
+
+def cpu_breakdown(results: dict[str, Result], clients: int, engine: str) -> list[str]:
+    """Where each image's CPU goes, ms per image at N clients: every process's from the pipeline's run
+    (c, Prefer: wait), TorchServe's Python backend split by the handler's own stages (``cpu_ms``, from
+    the TorchServe direct run b, whose answers carry them) and the rest of that process (TorchServe's
+    Python side: the request in, the answer out). Outside the forward pass is all of it but the forward
+    pass; the ceiling is what N cores could feed if the model cost nothing."""
+    roles = ("gateway", "worker", "redis", "frontend")
+    stages = ("decode", "resize", "normalise", "forward", "mask", "png", "answer")
+    lines = [
+        "",
+        f"CPU ms per image at {clients} clients ({engine}; processes from c, the handler's stages from b):",
+        f"{'image':<8} "
+        + " ".join(f"{name:>9}" for name in (*roles, "ts-python", *stages))
+        + f" {'outside':>9}  images/s if the model cost nothing",
+    ]
+    for image in ("flat", "textured"):
+        b = results[f"{image}/b torchserve {engine}/{clients}"]
+        c = results[f"{image}/c pipeline wait {engine}/{clients}"]
+        if not (b.images and c.images):
+            continue
+        process = {
+            role: c.cpu_s.get(f"{engine} {role}", 0.0) * 1000 / c.images for role in (*roles, "backend")
+        }
+        handler = {name: b.stages_ms.get(name, 0.0) / b.images for name in stages}
+        rest_of_backend = process["backend"] - sum(handler.values())
+        outside = sum(process.values()) - handler["forward"]
+        ceilings = ", ".join(f"{n} cores {n * 1000 / outside:.0f}" for n in CEILING_CORES)
+        figures = [*(process[r] for r in roles), rest_of_backend, *(handler[s] for s in stages), outside]
+        lines.append(f"{image:<8} " + " ".join(f"{v:>9.1f}" for v in figures) + f"  {ceilings}")
+    return lines
 
 
 def build(engine: str, precision: str, store: Path) -> Path:
@@ -467,26 +544,28 @@ def agreement(first: Isolated, second: Isolated, body: bytes) -> float:
 def configurations(
     engine: str, stacks: dict[str, Stack], local: dict[str, Isolated], args: argparse.Namespace
 ) -> list[tuple[str, int, tuple[str, ...], Any]]:
-    """(name, clients, images, run): run(body) -> (done, latencies ms, errors, seconds)."""
+    """(name, clients, images, run): run(body) -> (done, latencies ms, errors, seconds, stages)."""
     seconds, fast, eager = args.seconds, stacks[engine], stacks["torch"]
-    both, large = ("640x480", "128x128"), ("640x480",)
+    every, flat, photos = ("flat", "textured", "128x128"), ("flat",), ("flat", "textured")
     configs: list[tuple[str, int, tuple[str, ...], Any]] = [
-        ("a in-process torch", 1, large, lambda body: local["torch"].run(body, seconds)),
-        (f"a' in-process {engine}", 1, both, lambda body: local[engine].run(body, seconds)),
+        ("a in-process torch", 1, flat, lambda body: local["torch"].run(body, seconds)),
+        (f"a' in-process {engine}", 1, every, lambda body: local[engine].run(body, seconds)),
     ]
     for n in (1, args.concurrency):
         configs += [
-            (f"b torchserve {engine}", n, both,
+            (f"b torchserve {engine}", n, every,
              lambda body, n=n: asyncio.run(torchserve_direct(fast, body, n, seconds))),
-            (f"c pipeline wait {engine}", n, both,
+            (f"c pipeline wait {engine}", n, every,
              lambda body, n=n: asyncio.run(pipeline(fast, body, n, seconds, True))),
-            ("c pipeline wait torch", n, large,
+            ("c pipeline wait torch", n, flat,
              lambda body, n=n: asyncio.run(pipeline(eager, body, n, seconds, True))),
         ]  # fmt: skip
-    configs.append(
-        (f"c pipeline poll {engine}", args.concurrency, both,
+    configs += [
+        (f"c pipeline poll {engine}", args.concurrency, every,
          lambda body: asyncio.run(pipeline(fast, body, args.concurrency, seconds, False))),
-    )  # fmt: skip
+        (f"c pipeline wait {engine} t{THRESHOLD:g}", args.concurrency, photos,
+         lambda body: asyncio.run(pipeline(fast, body, args.concurrency, seconds, True, THRESHOLD))),
+    ]  # fmt: skip
     return configs
 
 
@@ -510,10 +589,10 @@ def measure(
                     for role, processes in stack.processes().items()
                 }
                 before = cpu_seconds(roles)
-                done, latencies, errors, elapsed = run(body)
+                done, latencies, errors, elapsed, stages = run(body)
                 after = cpu_seconds(roles)
                 measured = Result(name, image, n, done, elapsed, latencies, errors,
-                                  {k: after[k] - before[k] for k in after})  # fmt: skip
+                                  {k: after[k] - before[k] for k in after}, stages)  # fmt: skip
                 results.setdefault(label, Result(name, image, n)).merge(measured)
                 print(
                     f"round {round_no + 1}/{rounds} {label:<40} {measured.throughput:6.2f} images/s",
@@ -550,7 +629,7 @@ def main() -> int:
     if not shutil.which("wrk") and shutil.which("apt-get") and os.geteuid() == 0:
         print("installing wrk, the load generator for the submit path …", flush=True)
         subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, capture_output=True)
-    images = {"640x480": picture(640, 480), "128x128": picture(128, 128)}
+    images = {"flat": picture(640, 480), "textured": textured(640, 480), "128x128": picture(128, 128)}
     chosen = args.engine if args.precision == "fp32" else f"{args.engine} {args.precision}"
     engines = {chosen: (args.engine, args.precision), "torch": ("torch", "fp32")}  # by label
     with tempfile.TemporaryDirectory(prefix="segserve-bench-") as tmp:
@@ -567,14 +646,14 @@ def main() -> int:
                 stacks[engine] = Stack(workdir / name / "home", archive.parent)
                 stacks[engine].start()
                 local[engine] = Isolated(archive, workdir / name / "mar")
-            agreed = agreement(local[chosen], local["torch"], images["640x480"])
+            agreed = agreement(local[chosen], local["torch"], images["flat"])
             configs = configurations(chosen, stacks, local, args)
             # TorchServe's JVM compiles its request path over the first few hundred requests: measured, its
             # own time around the handler fell from 6.4 ms (requests 5-60) to 4.3 ms (600-700). Measure the
             # steady state a running service is in.
             print(f"warming up: {args.warmup:g} s of {args.concurrency} clients per stack …", flush=True)
             for engine in engines:
-                asyncio.run(pipeline(stacks[engine], images["640x480"], args.concurrency, args.warmup, True))
+                asyncio.run(pipeline(stacks[engine], images["flat"], args.concurrency, args.warmup, True))
                 for body in images.values():
                     local[engine].run(body, 0.5)
                     asyncio.run(pipeline(stacks[engine], body, 1, 1, True))
