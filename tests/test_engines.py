@@ -495,25 +495,25 @@ body = Path(sys.argv[3]).read_bytes()
 loaded = resident_mb("VmHWM")
 Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from the resident memory now
 before = resident_mb("VmHWM")
-[answer], _ = run(service, [{"body": body}])
+[answer], _ = run(service, [{"body": body}], [{"X-Threshold": sys.argv[5]}])
 peak = resident_mb("VmHWM")
 print(json.dumps({"grew_mb": peak - before, "before_mb": before, "loading_peak_mb": loaded,
                   "size": [head_of(answer)["width"], head_of(answer)["height"]]}))
 """
 
 
+@pytest.mark.parametrize("threshold", ["0", "0.5"])
 @pytest.mark.parametrize("engine", GRAPH_ENGINES)
 def test_the_largest_image_stays_under_the_memory_bound(
-    exported_model: Path, tmp_path: Path, engine: str
+    exported_model: Path, tmp_path: Path, engine: str, threshold: str
 ) -> None:
     """The peak resident memory one image of the largest allowed size adds, in a process of its own (Linux's
-    peak, reset after the model is loaded and warm)."""
+    peak, reset after the model is loaded and warm), with and without a threshold: its probabilities are
+    made from the logits in bands too."""
     largest = tmp_path / "largest.jpg"
     largest.write_bytes(encode(scene(*LARGEST), "JPEG", quality=90))
-    result = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, str(ROOT), str(exported_model), str(largest), engine],
-        capture_output=True, text=True, check=False, timeout=300,
-    )  # fmt: skip
+    probe = [sys.executable, "-c", MEMORY_PROBE, str(ROOT), str(exported_model), str(largest), engine]
+    result = subprocess.run([*probe, threshold], capture_output=True, text=True, check=False, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["size"] == list(LARGEST)
