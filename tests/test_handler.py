@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 import gateway.handlers.deeplabv3.handler as handler_entry
 from gateway.app.params import VOC_CLASSES
@@ -133,6 +133,36 @@ def test_bad_images_fail_alone(handler: Any) -> None:
         assert context.status[idx][0] == 422
         assert answers[idx]["error"]["code"] == "invalid_image"
     assert set(context.status) == {1, 2, 3}
+
+
+class FaultyDecoder(ImageFile.ImageFile):
+    """A real PIL plugin whose decoder raises what PIL's own never raise (a plugin's bug), as hostile bytes
+    can make a decoder do."""
+
+    format = "FAULTY"
+    failure: type[Exception] = RuntimeError
+
+    def _open(self) -> None:
+        self._size, self._mode = (8, 8), "RGB"
+
+    def load(self) -> Any:
+        raise self.failure("the decoder fell over")
+
+
+@pytest.mark.parametrize("failure", [ZeroDivisionError, KeyError, RuntimeError, MemoryError])
+def test_any_decoder_error_fails_only_its_image(
+    handler: Any, monkeypatch: pytest.MonkeyPatch, failure: type[Exception]
+) -> None:
+    Image.init()  # PIL's own plugins first, so that the registry restored after the test holds them
+    monkeypatch.setattr(FaultyDecoder, "failure", failure)
+    monkeypatch.setitem(Image.OPEN, "FAULTY", (FaultyDecoder, lambda prefix: prefix.startswith(b"FAULTY")))
+    monkeypatch.setattr(Image, "ID", [*Image.ID, "FAULTY"])
+    good = encode(scene(64, 48))
+    answers, context = run(handler, [{"body": good}, {"body": b"FAULTY" + bytes(64)}, {"body": good}])
+    assert set(context.status) == {1} and context.status[1][0] == 422
+    assert answers[1]["error"]["code"] == "invalid_image"
+    assert failure.__name__ in answers[1]["error"]["message"]
+    assert mask_of(answers[0]).shape == mask_of(answers[2]).shape == (48, 64)
 
 
 def test_pixel_bomb_is_refused_before_decoding(handler: Any) -> None:

@@ -260,7 +260,7 @@ class DeepLabV3Handler:
             payloads = [item.payload for item, _ in on_device]
             try:
                 pictures = device_pictures([h for _, h in on_device], payloads, self.device, self.short_side)
-            except RuntimeError:  # one bad JPEG fails nvJPEG's batch: each on the CPU instead
+            except Exception:  # one bad JPEG fails nvJPEG's batch (any error): each on the CPU instead
                 list(self.pool.map(lambda pair: self._decode(pair[0]), on_device))
             else:
                 for (item, _), picture in zip(on_device, pictures, strict=True):

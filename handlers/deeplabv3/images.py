@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 # PIL's transpose for each EXIF orientation (as ImageOps.exif_transpose applies them).
 ORIENTATIONS = {
@@ -124,7 +124,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             image: Image.Image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageError("too_many_pixels", f"image is over the limit of {max_pixels} pixels") from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except Exception as exc:  # any, as in decode: this image fails, not its batch
         raise ImageError("invalid_image", "cannot identify image file") from exc
     width, height = image.size
     if width * height > max_pixels:
@@ -153,8 +153,11 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # a copy otherwise, even when upright
         return Decoded(to_rgb(image), image.size)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError("invalid_image", f"cannot decode image: {exc}") from exc
+    except Exception as exc:
+        # Any exception: PIL's decoders and plugins raise more than OSError and ValueError on hostile bytes
+        # (struct.error, IndexError, a plugin's own bug), and an exception out of the handler fails every
+        # request of the batch, other tenants' too. MemoryError included: it is this image's size.
+        raise ImageError("invalid_image", f"cannot decode image: {type(exc).__name__}: {exc}") from exc
 
 
 def resize(decoded: Decoded, short_side: int) -> Picture:
