@@ -14,9 +14,13 @@ of them alike:
   b   TorchServe direct with the chosen engine: N concurrent HTTP clients against its archive;
   c   the pipeline (gateway -> Redis -> arq worker -> TorchServe) with `Prefer: wait`, and submit-then-poll,
       with the chosen engine, and with `Prefer: wait` on the eager torch archive;
-  c t  the pipeline with `Prefer: wait` and a threshold (0.5, as the old service's clients send);
+  c t  the pipeline with `Prefer: wait` and a threshold (0.5, as the old service's clients send), at 4 and N
+      clients, beside `Prefer: wait` without one;
+  o   the old service's protocol: `POST /predict` with `threshold 0.5`, polling every 100 ms, at 4 and N;
+  e   the engine alone (`benchmarks/engine_alone.py`: OpenVINO in throughput mode on the archive's graph,
+      1x3x520x693, nothing around it), when the chosen engine is OpenVINO;
 on two 640x480 JPEGs (a flat picture, whose masks have few borders, and a textured, photo-like one with
-many; the textured one and a 128x128 one for the chosen engine only), at 1 and N clients; then
+many; a 128x128 one too for the chosen engine), at 1 and N clients; then
   d   the submit path alone: jobs accepted per second by one gateway with no worker, and its memory.
 It prints a table with the ratios the targets are stated in, the masks' agreement between a' and a, where
 each image's CPU goes (by process; TorchServe's split into its Java frontend, the handler's stages as the
@@ -28,95 +32,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
-import multiprocessing
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import zipfile
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import psutil
-from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the helpers that start stacks are the test suite's
+from benchmarks.inprocess import Isolated, Measured  # noqa: E402
+from benchmarks.report import PHOTOS, THRESHOLD, Labels, Result, table  # noqa: E402
+from tests.harness.images import encode, scene  # noqa: E402
+from tests.harness.images import textured as textured_picture  # noqa: E402
 from tests.harness.processes import free_port  # noqa: E402
 from tests.harness.servers import side_by_side_env  # noqa: E402
 
 BIN = Path(sys.executable).parent
 POLL_INTERVAL = 0.05  # what a sensible polling client does: 20 looks a second
-THRESHOLD = 0.5  # what the old service's clients send
-CEILING_CORES = (2, 16)  # this machine, and a 16-core GPU host
+OLD_POLL_INTERVAL = 0.1  # what the old service's clients do
 
 
 def picture(width: int, height: int) -> bytes:
-    """A flat picture: an ellipse and a rectangle on a plain background; its masks have few borders."""
-    image = Image.new("RGB", (width, height), (40, 120, 200))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((width * 0.1, height * 0.2, width * 0.5, height * 0.9), fill=(240, 190, 20))
-    draw.rectangle((width * 0.55, height * 0.1, width * 0.95, height * 0.6), fill=(20, 20, 20))
-    return jpeg(image)
+    """The flat picture: large shapes on a plain background; its masks have few borders."""
+    return encode(scene(width, height), "JPEG", quality=90)
 
 
 def textured(width: int, height: int) -> bytes:
-    """A photo-like picture: colour gradients with noise; under random weights its masks have many
-    borders, as real photos have more than the flat picture."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    channels = [255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 37) * np.cos(y / 23)]
-    pixels = np.stack(channels, axis=2) + rng.normal(0, 25, (height, width, 3))
-    return jpeg(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
-
-
-def jpeg(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=90)
-    return out.getvalue()
-
-
-@dataclass
-class Result:
-    config: str
-    image: str
-    clients: int
-    images: int = 0
-    seconds: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list)
-    errors: int = 0
-    cpu_s: dict[str, float] = field(default_factory=dict)  # by process role, over the measurement
-    stages_ms: dict[str, float] = field(default_factory=dict)  # the handler's own cpu_ms, summed
-
-    def merge(self, other: Result) -> None:
-        self.images += other.images
-        self.seconds += other.seconds
-        self.latencies_ms += other.latencies_ms
-        self.errors += other.errors
-        for name, value in other.cpu_s.items():
-            self.cpu_s[name] = self.cpu_s.get(name, 0.0) + value
-        for name, value in other.stages_ms.items():
-            self.stages_ms[name] = self.stages_ms.get(name, 0.0) + value
-
-    @property
-    def throughput(self) -> float:
-        return self.images / self.seconds if self.seconds else 0.0
-
-    def percentile(self, q: float) -> float:
-        if not self.latencies_ms:
-            return float("nan")
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    """The textured, photo-like picture, whose masks have many borders."""
+    return encode(textured_picture(width, height), "JPEG", quality=90)
 
 
 class Stack:
@@ -128,6 +80,10 @@ class Stack:
         self.env = side_by_side_env(home)
         if model_store is not None:
             self.env["SEGSERVE_MODEL_STORE"] = str(model_store)
+        # The old service's clients send a path under the image root (POST /predict).
+        self.image_root = home / "images"
+        self.image_root.mkdir(parents=True, exist_ok=True)
+        self.env["SEGSERVE_IMAGE_ROOT"] = str(self.image_root)
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -200,9 +156,6 @@ def cpu_seconds(roles: dict[str, list[psutil.Process]]) -> dict[str, float]:
     return totals
 
 
-Measured = tuple[int, list[float], int, float, dict[str, float]]  # done, latencies ms, errors, s, stages
-
-
 async def closed_loop(clients: int, seconds: float, one: Any) -> tuple[int, list[float], int, float]:
     """`clients` loops calling `one()` back to back for `seconds`; (done, latencies ms, errors, elapsed)."""
     latencies: list[float] = []
@@ -261,6 +214,41 @@ async def pipeline(
         return (*await closed_loop(clients, seconds, one), {})
 
 
+async def old_protocol(stack: Stack, body: bytes, clients: int, seconds: float) -> Measured:
+    """The old service's clients, as they are: ``POST /predict`` with a path and ``threshold 0.5``, then
+    ``GET /predict/{id}`` every 100 ms until it is no longer 202."""
+    name = f"{hash(body) & 0xFFFFFFFF:08x}.jpg"
+    (stack.image_root / name).write_bytes(body)
+    request = {"image_path": name, "threshold": THRESHOLD}
+    async with httpx.AsyncClient(
+        base_url=stack.url, timeout=120, limits=httpx.Limits(max_connections=clients)
+    ) as client:
+
+        async def one() -> bool:
+            submitted = await client.post("/predict", json=request)
+            if submitted.status_code != 200:
+                return False
+            job_id = submitted.json()["job_id"]
+            while True:
+                await asyncio.sleep(OLD_POLL_INTERVAL)
+                answer = await client.get(f"/predict/{job_id}")
+                if answer.status_code != 202:
+                    return answer.status_code == 200 and bool(answer.json().get("success"))
+
+        return (*await closed_loop(clients, seconds, one), {})
+
+
+def engine_alone(model_file: Path, precision: str, seconds: float) -> Measured:
+    """``benchmarks/engine_alone.py`` in a process of its own, as TorchServe's workers are."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "engine_alone.py"), str(model_file),
+         "--precision", precision, "--seconds", str(seconds)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    measured = json.loads(out.strip().splitlines()[-1])
+    return measured["images"], [], 0, measured["seconds"], {}
+
+
 async def pipeline_overhead(stack: Stack, body: bytes, jobs: int) -> list[float]:
     """Latency the pipeline adds at one client, job by job: the client's wait for a `Prefer: wait` answer
     minus the worker's TorchServe request, which is the request a direct client makes. Measured on the
@@ -277,99 +265,6 @@ async def pipeline_overhead(stack: Stack, body: bytes, jobs: int) -> list[float]
             assert job["status"] == "succeeded", job
             added.append(elapsed - job["timings_ms"]["backend"])
     return added
-
-
-class Isolated:
-    """An ``InProcess`` handler in a process of its own: torch's thread settings are per process, and two
-    engines' handlers in one process would set them for each other."""
-
-    def __init__(self, archive: Path, workdir: Path) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.pool = ProcessPoolExecutor(1, mp_context=context, initializer=_load, initargs=(archive, workdir))
-
-    def run(self, body: bytes, seconds: float) -> Measured:
-        return self.pool.submit(_run, body, seconds).result()  # type: ignore[no-any-return]
-
-    def mask(self, body: bytes) -> Any:
-        return self.pool.submit(_mask, body).result()
-
-    def close(self) -> None:
-        self.pool.shutdown()
-
-
-_handler: InProcess | None = None
-
-
-def _load(archive: Path, workdir: Path) -> None:
-    global _handler
-    _handler = InProcess(archive, workdir)
-
-
-def _run(body: bytes, seconds: float) -> Measured:
-    assert _handler is not None
-    return _handler.run(body, seconds)
-
-
-def _mask(body: bytes) -> Any:
-    assert _handler is not None
-    return _handler.mask(body)
-
-
-class InProcess:
-    """The handler's own code path, called directly in this process on the archive's weights."""
-
-    def __init__(self, archive: Path, workdir: Path) -> None:
-        sys.path.insert(0, str(ROOT))
-        from gateway.handlers.deeplabv3.handler import DeepLabV3Handler
-
-        with zipfile.ZipFile(archive) as mar:
-            mar.extractall(workdir)
-        manifest = json.loads((workdir / "MAR-INF" / "MANIFEST.json").read_text())
-        import yaml
-
-        config = yaml.safe_load((workdir / "model-config.yaml").read_text())
-        config.setdefault("handler", {})["intra_op_threads"] = os.cpu_count() or 1  # the limit: every core
-        handler = DeepLabV3Handler()
-        self.context = _Context(workdir, manifest, config)
-        handler.initialize(self.context)
-        self.handler = handler
-
-    def mask(self, body: bytes) -> Any:
-        [answer] = self.handler.handle([{"body": body}], self.context)
-        return np.asarray(Image.open(io.BytesIO(answer.partition(b"\n")[2])))
-
-    def run(self, body: bytes, seconds: float) -> Measured:
-        latencies = []
-        stages: dict[str, float] = {}
-        started = time.monotonic()
-        while time.monotonic() - started < seconds:
-            t = time.perf_counter()
-            [answer] = self.handler.handle([{"body": body}], self.context)
-            assert isinstance(answer, bytes), answer
-            latencies.append((time.perf_counter() - t) * 1000)
-            for name, ms in json.loads(answer.partition(b"\n")[0])["cpu_ms"].items():
-                stages[name] = stages.get(name, 0.0) + ms
-        return len(latencies), latencies, 0, time.monotonic() - started, stages
-
-
-class _Context:
-    def __init__(self, model_dir: Path, manifest: dict[str, Any], config: dict[str, Any]) -> None:
-        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
-        self.manifest = manifest
-        self.model_yaml_config = config
-        self.metrics = type("Metrics", (), {"add_time": lambda *a, **k: None})()
-
-    def get_all_request_header(self, idx: int) -> dict[str, str]:
-        return {}
-
-    def get_request_header(self, idx: int, key: str) -> None:
-        return None
-
-    def set_response_status(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def set_response_content_type(self, *args: Any) -> None:
-        pass
 
 
 def submit_path(stack: Stack, seconds: float, workdir: Path) -> dict[str, Any]:
@@ -438,95 +333,6 @@ async def _python_load(url: str, body: bytes, seconds: float) -> tuple[int, floa
     return done, elapsed
 
 
-def table(
-    results: dict[str, Result],
-    clients: int,
-    submit: dict[str, Any],
-    added: dict[str, list[float]],
-    engine: str,
-    agreement: float,
-) -> str:
-    lines = [
-        f"{'image':<8} {'config':<30} {'clients':>7} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}  CPU ms/image by process",
-    ]
-    for r in results.values():
-        cpu = ", ".join(
-            f"{k} {v * 1000 / r.images:.1f}" for k, v in r.cpu_s.items() if r.images and v > 0.0005
-        )
-        lines.append(
-            f"{r.image:<8} {r.config:<30} {r.clients:>7} {r.throughput:>9.2f} {r.percentile(0.5):>8.1f} {r.percentile(0.99):>8.1f} {r.errors:>6}  {cpu}"
-        )
-
-    def get(config: str, n: int, image: str = "flat") -> Result:
-        return results[f"{image}/{config}/{n}"]
-
-    eager, fast = get("a in-process torch", 1), get(f"a' in-process {engine}", 1)
-    b, c = get(f"b torchserve {engine}", clients), get(f"c pipeline wait {engine}", clients)
-    c_torch = get("c pipeline wait torch", clients)
-    lone = get(f"c pipeline wait {engine}", 1).percentile(0.5) / fast.percentile(0.5)
-    lines += [
-        "",
-        f"targets, flat 640x480, {engine} against eager torch, in this run:",
-        f"  a'/a = {fast.throughput / eager.throughput:.2f} (>= 2.5), masks agreeing on {agreement:.4%} of pixels (>= 99.9%)",
-        f"  c/b = {c.throughput / b.throughput:.3f} at {clients} clients (>= 0.97)",
-        f"  c {engine} / c torch = {c.throughput / c_torch.throughput:.2f} at {clients} clients (>= 2.5)",
-        f"  1 client: c p50 - b p50 = {get(f'c pipeline wait {engine}', 1).percentile(0.5) - get(f'b torchserve {engine}', 1).percentile(0.5):+.1f} ms (<= 10); c p50 / a' p50 = {lone:.3f}",
-    ]
-    for image in ("flat", "textured"):
-        wait = get(f"c pipeline wait {engine}", clients, image)
-        threshold = get(f"c pipeline wait {engine} t{THRESHOLD:g}", clients, image)
-        lines.append(
-            f"  {image}: threshold {THRESHOLD:g} / none = {threshold.throughput / wait.throughput:.3f} at {clients} clients (>= 0.9)"
-        )
-    lines.append("")
-    for image in ("flat", "textured", "128x128"):
-        poll = get(f"c pipeline poll {engine}", clients, image)
-        b_image = get(f"b torchserve {engine}", clients, image)
-        lines.append(
-            f"{image}: poll c/b = {poll.throughput / b_image.throughput:.3f} at {clients} clients; at 1 client the "
-            f"pipeline adds {statistics.median(added[image]):+.1f} ms p50, "
-            f"{Result('', '', 1, 0, 0, added[image]).percentile(0.99):+.1f} ms p99 over its TorchServe request "
-            f"({len(added[image])} jobs)"
-        )
-    lines.append(
-        f"submit path: {submit['jobs_per_s']:.0f} jobs/s accepted by one gateway ({submit['load_tool']}), "
-        f"gateway RSS {submit['gateway_rss_mb']:.0f} MB"
-    )
-    return "\n".join(lines + cpu_breakdown(results, clients, engine))
-
-
-def cpu_breakdown(results: dict[str, Result], clients: int, engine: str) -> list[str]:
-    """Where each image's CPU goes, ms per image at N clients: every process's from the pipeline's run
-    (c, Prefer: wait), TorchServe's Python backend split by the handler's own stages (``cpu_ms``, from
-    the TorchServe direct run b, whose answers carry them) and the rest of that process (TorchServe's
-    Python side: the request in, the answer out). Outside the forward pass is all of it but the forward
-    pass; the ceiling is what N cores could feed if the model cost nothing."""
-    roles = ("gateway", "worker", "redis", "frontend")
-    stages = ("decode", "resize", "normalise", "forward", "mask", "png", "answer")
-    lines = [
-        "",
-        f"CPU ms per image at {clients} clients ({engine}; processes from c, the handler's stages from b):",
-        f"{'image':<8} "
-        + " ".join(f"{name:>9}" for name in (*roles, "ts-python", *stages))
-        + f" {'outside':>9}  images/s if the model cost nothing",
-    ]
-    for image in ("flat", "textured"):
-        b = results[f"{image}/b torchserve {engine}/{clients}"]
-        c = results[f"{image}/c pipeline wait {engine}/{clients}"]
-        if not (b.images and c.images):
-            continue
-        process = {
-            role: c.cpu_s.get(f"{engine} {role}", 0.0) * 1000 / c.images for role in (*roles, "backend")
-        }
-        handler = {name: b.stages_ms.get(name, 0.0) / b.images for name in stages}
-        rest_of_backend = process["backend"] - sum(handler.values())
-        outside = sum(process.values()) - handler["forward"]
-        ceilings = ", ".join(f"{n} cores {n * 1000 / outside:.0f}" for n in CEILING_CORES)
-        figures = [*(process[r] for r in roles), rest_of_backend, *(handler[s] for s in stages), outside]
-        lines.append(f"{image:<8} " + " ".join(f"{v:>9.1f}" for v in figures) + f"  {ceilings}")
-    return lines
-
-
 def build(engine: str, precision: str, store: Path) -> Path:
     """The archive for ``engine``, with the same seeded random weights as every other engine's."""
     subprocess.run(
@@ -542,30 +348,54 @@ def agreement(first: Isolated, second: Isolated, body: bytes) -> float:
 
 
 def configurations(
-    engine: str, stacks: dict[str, Stack], local: dict[str, Isolated], args: argparse.Namespace
+    labels: Labels,
+    graph: tuple[str, str] | None,
+    stacks: dict[str, Stack],
+    local: dict[str, Isolated],
+    args: argparse.Namespace,
 ) -> list[tuple[str, int, tuple[str, ...], Any]]:
-    """(name, clients, images, run): run(body) -> (done, latencies ms, errors, seconds, stages)."""
+    """(name, clients, images, run): run(body) -> (done, latencies ms, errors, seconds, stages). ``graph``:
+    the chosen engine's name and precision when it is OpenVINO, whose graph the engine-alone run takes."""
+    engine, n_max = labels.engine, args.concurrency
     seconds, fast, eager = args.seconds, stacks[engine], stacks["torch"]
-    every, flat, photos = ("flat", "textured", "128x128"), ("flat",), ("flat", "textured")
+    every, flat = (*PHOTOS, "128x128"), ("flat",)
+
+    def wait(stack: Stack, n: int, threshold: float = 0.0) -> Any:
+        return lambda body: asyncio.run(pipeline(stack, body, n, seconds, True, threshold))
+
     configs: list[tuple[str, int, tuple[str, ...], Any]] = [
-        ("a in-process torch", 1, flat, lambda body: local["torch"].run(body, seconds)),
-        (f"a' in-process {engine}", 1, every, lambda body: local[engine].run(body, seconds)),
+        (labels.eager, 1, flat, lambda body: local["torch"].run(body, seconds)),
+        (labels.in_process, 1, every, lambda body: local[engine].run(body, seconds)),
     ]
-    for n in (1, args.concurrency):
+    if graph is not None:
+        model = local[engine].model_dir / "model.onnx"
+        configs.append((labels.alone, 1, flat, lambda body: engine_alone(model, graph[1], seconds)))
+    for n in (1, n_max):
         configs += [
-            (f"b torchserve {engine}", n, every,
-             lambda body, n=n: asyncio.run(torchserve_direct(fast, body, n, seconds))),
-            (f"c pipeline wait {engine}", n, every,
-             lambda body, n=n: asyncio.run(pipeline(fast, body, n, seconds, True))),
-            ("c pipeline wait torch", n, flat,
-             lambda body, n=n: asyncio.run(pipeline(eager, body, n, seconds, True))),
-        ]  # fmt: skip
-    configs += [
-        (f"c pipeline poll {engine}", args.concurrency, every,
-         lambda body: asyncio.run(pipeline(fast, body, args.concurrency, seconds, False))),
-        (f"c pipeline wait {engine} t{THRESHOLD:g}", args.concurrency, photos,
-         lambda body: asyncio.run(pipeline(fast, body, args.concurrency, seconds, True, THRESHOLD))),
-    ]  # fmt: skip
+            (
+                labels.direct,
+                n,
+                every,
+                lambda body, n=n: asyncio.run(torchserve_direct(fast, body, n, seconds)),
+            ),
+            (labels.wait, n, every, wait(fast, n)),
+            (labels.wait_torch, n, flat, wait(eager, n)),
+        ]
+    for n in sorted({4, n_max}):
+        configs += [
+            (labels.threshold, n, PHOTOS, wait(fast, n, THRESHOLD)),
+            (
+                labels.old_protocol,
+                n,
+                PHOTOS,
+                lambda body, n=n: asyncio.run(old_protocol(fast, body, n, seconds)),
+            ),
+        ]
+        if n != n_max:
+            configs.append((labels.wait, n, PHOTOS, wait(fast, n)))
+    configs.append(
+        (labels.poll, n_max, every, lambda body: asyncio.run(pipeline(fast, body, n_max, seconds, False)))
+    )
     return configs
 
 
@@ -647,7 +477,9 @@ def main() -> int:
                 stacks[engine].start()
                 local[engine] = Isolated(archive, workdir / name / "mar")
             agreed = agreement(local[chosen], local["torch"], images["flat"])
-            configs = configurations(chosen, stacks, local, args)
+            labels = Labels(chosen)
+            graph = (args.engine, args.precision) if args.engine == "openvino" else None
+            configs = configurations(labels, graph, stacks, local, args)
             # TorchServe's JVM compiles its request path over the first few hundred requests: measured, its
             # own time around the handler fell from 6.4 ms (requests 5-60) to 4.3 ms (600-700). Measure the
             # steady state a running service is in.
@@ -670,7 +502,7 @@ def main() -> int:
                 handler.close()
             for stack in stacks.values():
                 stack.stop()
-    report = table(results, args.concurrency, submit, added, chosen, agreed)
+    report = table(results, args.concurrency, submit, added, labels, agreed)
     print("\n" + report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

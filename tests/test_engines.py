@@ -116,7 +116,7 @@ def test_a_threshold_agrees_with_the_full_size_softmax(
     model, its logits interpolated bilinearly, softmax), blanked below the threshold: here the one that
     blanks a tenth, half or nine tenths of the pixels. The handler decides most pixels from the logits at
     the model's stride; on both pictures it agrees on >= 99.9%."""
-    image = textured_picture(640, 480) if textured else scene(640, 480, seed=2)
+    image = textured(640, 480) if textured else scene(640, 480, seed=2)
     body = encode(image, "JPEG", quality=90)
     eager = handlers["torch"].engine.model
     reference = Image.open(io.BytesIO(body))
@@ -125,15 +125,6 @@ def test_a_threshold_agrees_with_the_full_size_softmax(
     expected = torch.where(confidence[0] < threshold, 0, labels[0]).numpy()
     [answer], _ = run(handlers["openvino"], [{"body": body}], [{"X-Threshold": repr(threshold)}])
     assert agreement(mask_of(answer), expected) >= 0.999
-
-
-def textured_picture(width: int, height: int) -> Image.Image:
-    """A photo-like picture: gradients with noise, whose masks have many borders."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    channels = [255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 37) * np.cos(y / 23)]
-    pixels = np.stack(channels, axis=2) + rng.normal(0, 25, (height, width, 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def test_describe_and_session_follow_the_archive(exported_model: Path) -> None:
