@@ -160,16 +160,16 @@ def table(
 
 
 def cpu_breakdown(results: dict[str, Result], clients: int, labels: Labels) -> list[str]:
-    """Where each image's CPU goes, ms per image at N clients: every process's from the pipeline's run
-    (c, Prefer: wait), TorchServe's Python backend split by the handler's own stages (``cpu_ms``, from
-    the TorchServe direct run b, whose answers carry them) and the rest of that process (TorchServe's
-    Python side: the request in, the answer out). Outside the forward pass is all of it but the forward
+    """Where each image's CPU goes, ms per image at N clients: the gateway's, the worker's and Redis's from
+    the pipeline's run (c, Prefer: wait); TorchServe's from the TorchServe direct run (b), whose answers
+    carry the handler's own stages (``cpu_ms``): its Java frontend, its Python backend split into those
+    stages and the rest of that process (TorchServe's Python side: the request in, the answer out). Outside the forward pass is all of it but the forward
     pass; the ceiling is what N cores could feed if the model cost nothing."""
     roles = ("gateway", "worker", "redis", "frontend")
     stages = ("decode", "resize", "normalise", "forward", "mask", "png", "answer")
     lines = [
         "",
-        f"CPU ms per image at {clients} clients ({labels.engine}; processes from c, the handler's stages from b):",
+        f"CPU ms per image at {clients} clients ({labels.engine}; gateway, worker, Redis from c, TorchServe from b):",
         f"{'image':<8} "
         + " ".join(f"{name:>9}" for name in (*roles, "ts-python", *stages))
         + f" {'outside':>9}  images/s if the model cost nothing",
@@ -179,10 +179,11 @@ def cpu_breakdown(results: dict[str, Result], clients: int, labels: Labels) -> l
         c = results.get(f"{image}/{labels.wait}/{clients}")
         if not (b and c and b.images and c.images):
             continue
-        process = {
-            role: c.cpu_s.get(f"{labels.engine} {role}", 0.0) * 1000 / c.images
-            for role in (*roles, "backend")
-        }
+        # The pipeline's own processes from c; TorchServe's from b, the run its handler's stages come from, so
+        # that the rest of its Python backend is that run's backend less those stages.
+        process = {role: c.cpu_s.get(f"{labels.engine} {role}", 0.0) * 1000 / c.images for role in roles[:3]}
+        for role in ("frontend", "backend"):
+            process[role] = b.cpu_s.get(f"{labels.engine} {role}", 0.0) * 1000 / b.images
         handler = {name: b.stages_ms.get(name, 0.0) / b.images for name in stages}
         rest_of_backend = process["backend"] - sum(handler.values())
         outside = sum(process.values()) - handler["forward"]

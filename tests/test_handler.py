@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,36 @@ def test_any_decoder_error_fails_only_its_image(
     assert answers[1]["error"]["code"] == "invalid_image"
     assert failure.__name__ in answers[1]["error"]["message"]
     assert mask_of(answers[0]).shape == mask_of(answers[2]).shape == (48, 64)
+
+
+def test_device_decoding_batches_jpegs_and_falls_back_to_the_pool(
+    handler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA the handler decodes a batch's JPEGs in one call on the device and the rest in a thread
+    pool; a JPEG that fails that call sends the call's JPEGs to the pool, where only it fails. The same
+    code runs here with the CPU as the device (no GPU has run it yet)."""
+    calls: list[int] = []
+    on_device = handler_entry.device_pictures
+
+    def counted(headers: Any, payloads: list[bytes], device: Any, short_side: int) -> Any:
+        calls.append(len(payloads))
+        return on_device(headers, payloads, device, short_side)
+
+    monkeypatch.setattr(handler_entry, "device_pictures", counted)
+    with ThreadPoolExecutor(2) as pool:
+        monkeypatch.setattr(handler, "pool", pool)
+        jpeg, png = encode(scene(64, 48), "JPEG"), encode(scene(64, 48), "PNG")
+        items = [handler_entry.Item(payload=body) for body in (jpeg, png, jpeg)]
+        handler._decode_on_device(items)
+        assert calls == [2], "the two JPEGs in one call, the PNG in the pool"
+        assert all(item.error is None and item.picture is not None for item in items)
+        assert all(item.picture.size == (64, 48) for item in items)
+        broken = [handler_entry.Item(payload=body) for body in (jpeg, jpeg[: len(jpeg) // 2], png)]
+        handler._decode_on_device(broken)
+    assert calls == [2, 2]
+    assert broken[0].picture is not None and broken[2].picture is not None
+    assert broken[1].picture is None and broken[1].error is not None
+    assert broken[1].error.code == "invalid_image"
 
 
 def test_pixel_bomb_is_refused_before_decoding(handler: Any) -> None:

@@ -65,7 +65,7 @@ class ServingConfig:
     """TorchServe's per-model settings, written into the archive's model-config.yaml."""
 
     # None picks by the machine that builds the archive (normally the one that serves it): on CPU, as
-    # measured, OpenVINO (faster than ONNX Runtime on the same graph: README's Performance) with batches
+    # measured, OpenVINO (faster than ONNX Runtime on the same graph: docs/performance.md) with batches
     # of one image (a forward pass of 4 images takes longer than 4 passes of one) and the workers and
     # threads of default_threads. On CUDA, eager torch with batches of 16 gathered for up to 10 ms (a
     # GPU's pass costs little more for 16 images than for one), and two workers per GPU, so that one
