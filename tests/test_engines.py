@@ -39,7 +39,7 @@ from tests.harness.handler import (
     mask_of,
     run,
 )
-from tests.harness.images import encode, scene
+from tests.harness.images import encode, scene, textured
 from tests.harness.processes import BIN, ROOT
 from tests.harness.servers import SEED
 
@@ -107,16 +107,16 @@ def test_full_size_masks_agree_with_the_bilinear_reference(
     assert agreement(mask_of(answer), expected.argmax(1)[0].numpy()) >= 0.995
 
 
-@pytest.mark.parametrize("textured", [False, True], ids=["flat", "textured"])
+@pytest.mark.parametrize("photo_like", [False, True], ids=["flat", "textured"])
 @pytest.mark.parametrize("blanked", [0.1, 0.5, 0.9])
 def test_a_threshold_agrees_with_the_full_size_softmax(
-    handlers: dict[str, Any], blanked: float, textured: bool
+    handlers: dict[str, Any], blanked: float, photo_like: bool
 ) -> None:
     """The reference: every pixel's probabilities at the photo's size (the weights' transforms, the eager
     model, its logits interpolated bilinearly, softmax), blanked below the threshold: here the one that
     blanks a tenth, half or nine tenths of the pixels. The handler decides most pixels from the logits at
     the model's stride; on both pictures it agrees on >= 99.9%."""
-    image = textured(640, 480) if textured else scene(640, 480, seed=2)
+    image = textured(640, 480) if photo_like else scene(640, 480, seed=2)
     body = encode(image, "JPEG", quality=90)
     eager = handlers["torch"].engine.model
     reference = Image.open(io.BytesIO(body))
