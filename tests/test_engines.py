@@ -96,8 +96,7 @@ def test_full_size_masks_agree_with_the_bilinear_reference(
     handlers: dict[str, Any], engine: str, size: tuple[int, int]
 ) -> None:
     """The reference: the weights' transforms on the whole decoded photo, the eager model, its logits
-    interpolated bilinearly to the photo's size, then arg-max. At 1920x1080 the handler decodes the JPEG
-    at half its size (its input is 924x520), so the model sees slightly other pixels."""
+    interpolated bilinearly to the photo's size, then arg-max."""
     body = encode(scene(*size, seed=1), "JPEG", quality=90)
     [answer], context = run(handlers[engine], [{"body": body}])
     assert context.status == {}

@@ -18,7 +18,7 @@ engine's threads too, so a harness can say where each image's CPU goes.
 Memory. Above the loaded, warm model, one image of the largest allowed size (25 MP,
 ``catalog.DEFAULT_MAX_PIXELS``) raises the worker's peak resident memory by less than
 ``catalog.MEMORY_BOUND_MB``. What takes it: the decoded pixels (4 bytes each in PIL, twice while a mode is
-converted; a large JPEG decodes at a fraction of its size), kept only until the model's input is made; the
+converted; a JPEG too is decoded whole, see ``images``), kept only until the model's input is made; the
 mask (1 byte each) and its PNG; and the bands of ``masks``.
 
 Batches. On CPU they run as one forward pass per group of equal input shape. Floats depend on the batch
