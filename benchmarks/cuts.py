@@ -12,6 +12,7 @@ shared and its speed drifts). The cuts:
 - the answer: the binary head + PNG against the PNG in base64 inside JSON, written and read;
 - JPEG decode at reduced scale (PIL's ``draft``) for a 1920x1080 photo, against the whole decode, and how
   far the model's input then moves (the mask agreement is in ``handlers/deeplabv3/images.py``);
+- the resize by torch on uint8 pixels (antialiased bilinear, channels last) against PIL's (the handler's);
 - decoding a batch of 16 JPEGs in a thread pool (the CUDA handler's fallback) against one by one.
 """
 
@@ -96,8 +97,11 @@ def image_figures(model: Any, body: bytes, palette: list[int], repeats: int) -> 
     def mask_at(threshold: float, dense: bool = False) -> Callable[[], Any]:
         return lambda: masks.full_size_mask(logits, 480, 640, threshold, batch_size=size, dense=dense)
 
+    decoded = images.decode(body, 25_000_000)
     figures = {
         "decode": cpu_ms(lambda: images.decode(body, 25_000_000), repeats),
+        "resize, PIL": cpu_ms(lambda: images.resize(decoded, 520), repeats),
+        "resize, torch uint8": cpu_ms(lambda: torch_resize(decoded), repeats),
         "mask": cpu_ms(mask_at(0.0), repeats),
         f"mask t{THRESHOLD:g}": cpu_ms(mask_at(THRESHOLD), repeats),
         f"mask t{THRESHOLD:g} every pixel": cpu_ms(mask_at(THRESHOLD, dense=True), repeats),
@@ -151,6 +155,17 @@ def png_at_level(mask: np.ndarray, palette: list[int], level: int) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG", compress_level=level)
     return out.getvalue()
+
+
+def torch_resize(decoded: images.Decoded) -> torch.Tensor:
+    """The working-size pixels by torch's antialiased bilinear on uint8, channels last: within one level of
+    PIL's."""
+    height, width = images.working_size(*decoded.size, 520)
+    pixels = torch.from_numpy(np.array(decoded.image)).permute(2, 0, 1)[None]
+    resized = torch.nn.functional.interpolate(
+        pixels, (height, width), mode="bilinear", antialias=True, align_corners=False
+    )
+    return resized[0].permute(1, 2, 0).contiguous()
 
 
 def draft_decode(body: bytes) -> images.Picture:
