@@ -14,85 +14,61 @@ of them alike:
   b   TorchServe direct with the chosen engine: N concurrent HTTP clients against its archive;
   c   the pipeline (gateway -> Redis -> arq worker -> TorchServe) with `Prefer: wait`, and submit-then-poll,
       with the chosen engine, and with `Prefer: wait` on the eager torch archive;
-on a 640x480 JPEG (and a 128x128 one for the chosen engine), at 1 and N clients; then
+  c t  the pipeline with `Prefer: wait` and a threshold (0.5, as the old service's clients send), at 4 and N
+      clients, beside `Prefer: wait` without one;
+  o   the old service's protocol: `POST /predict` with `threshold 0.5`, polling every 100 ms, at 4 and N;
+  e   the engine alone (`benchmarks/engine_alone.py`: OpenVINO in throughput mode on the archive's graph,
+      1x3x520x693, nothing around it), when the chosen engine is OpenVINO;
+on two 640x480 JPEGs (a flat picture, whose masks have few borders, and a textured, photo-like one with
+many; a 128x128 one too for the chosen engine), at 1 and N clients; then
   d   the submit path alone: jobs accepted per second by one gateway with no worker, and its memory.
-It prints a table with the ratios the targets are stated in, the masks' agreement between a' and a, and
-writes everything as JSON.
+It prints a table with the ratios the targets are stated in, the masks' agreement between a' and a, where
+each image's CPU goes (by process; TorchServe's split into its Java frontend, the handler's stages as the
+handler reports them, and the rest of its Python backend), the total outside the forward pass and the
+images/s that N cores could feed if the model cost nothing; and writes everything as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
-import multiprocessing
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import zipfile
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
-from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the helpers that start stacks are the test suite's
+from benchmarks.inprocess import Isolated, Measured  # noqa: E402
+from benchmarks.report import PHOTOS, THRESHOLD, Labels, Result, table  # noqa: E402
+from tests.harness.images import encode, scene  # noqa: E402
+from tests.harness.images import textured as textured_picture  # noqa: E402
 from tests.harness.processes import free_port  # noqa: E402
 from tests.harness.servers import side_by_side_env  # noqa: E402
 
 BIN = Path(sys.executable).parent
 POLL_INTERVAL = 0.05  # what a sensible polling client does: 20 looks a second
+OLD_POLL_INTERVAL = 0.1  # what the old service's clients do
 
 
 def picture(width: int, height: int) -> bytes:
-    image = Image.new("RGB", (width, height), (40, 120, 200))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((width * 0.1, height * 0.2, width * 0.5, height * 0.9), fill=(240, 190, 20))
-    draw.rectangle((width * 0.55, height * 0.1, width * 0.95, height * 0.6), fill=(20, 20, 20))
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=90)
-    return out.getvalue()
+    """The flat picture: large shapes on a plain background; its masks have few borders."""
+    return encode(scene(width, height), "JPEG", quality=90)
 
 
-@dataclass
-class Result:
-    config: str
-    image: str
-    clients: int
-    images: int = 0
-    seconds: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list)
-    errors: int = 0
-    cpu_s: dict[str, float] = field(default_factory=dict)
-
-    def merge(self, other: Result) -> None:
-        self.images += other.images
-        self.seconds += other.seconds
-        self.latencies_ms += other.latencies_ms
-        self.errors += other.errors
-        for name, value in other.cpu_s.items():
-            self.cpu_s[name] = self.cpu_s.get(name, 0.0) + value
-
-    @property
-    def throughput(self) -> float:
-        return self.images / self.seconds if self.seconds else 0.0
-
-    def percentile(self, q: float) -> float:
-        if not self.latencies_ms:
-            return float("nan")
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def textured(width: int, height: int) -> bytes:
+    """The textured, photo-like picture, whose masks have many borders."""
+    return encode(textured_picture(width, height), "JPEG", quality=90)
 
 
 class Stack:
@@ -104,6 +80,10 @@ class Stack:
         self.env = side_by_side_env(home)
         if model_store is not None:
             self.env["SEGSERVE_MODEL_STORE"] = str(model_store)
+        # The old service's clients send a path under the image root (POST /predict).
+        self.image_root = home / "images"
+        self.image_root.mkdir(parents=True, exist_ok=True)
+        self.env["SEGSERVE_IMAGE_ROOT"] = str(self.image_root)
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -135,9 +115,11 @@ class Stack:
                 os.killpg(self.process.pid, signal.SIGKILL)
 
     def processes(self) -> dict[str, list[psutil.Process]]:
-        """Processes by role: gateway, worker, redis, torchserve (frontend and Python backends)."""
+        """Processes by role: gateway, worker, redis, TorchServe's Java frontend and its Python backends."""
         assert self.process is not None
-        roles: dict[str, list[psutil.Process]] = {"gateway": [], "worker": [], "redis": [], "torchserve": []}
+        roles: dict[str, list[psutil.Process]] = {
+            "gateway": [], "worker": [], "redis": [], "frontend": [], "backend": []
+        }  # fmt: skip
         for p in psutil.Process(self.process.pid).children(recursive=True):
             try:
                 line = " ".join(p.cmdline())
@@ -149,8 +131,10 @@ class Stack:
                 roles["worker"].append(p)
             elif "redis-server" in line:
                 roles["redis"].append(p)
-            elif "java" in p.name() or "model_service_worker" in line:
-                roles["torchserve"].append(p)
+            elif "java" in p.name():
+                roles["frontend"].append(p)
+            elif "model_service_worker" in line:
+                roles["backend"].append(p)
         return roles
 
     def key(self, kind: str) -> str:
@@ -193,36 +177,76 @@ async def closed_loop(clients: int, seconds: float, one: Any) -> tuple[int, list
     return len(latencies), latencies, errors, time.monotonic() - started
 
 
-async def torchserve_direct(
-    stack: Stack, body: bytes, clients: int, seconds: float
-) -> tuple[int, list[float], int, float]:
+async def torchserve_direct(stack: Stack, body: bytes, clients: int, seconds: float) -> Measured:
+    """N clients against TorchServe; the handler's CPU by stage, summed from its answers' heads."""
     headers = {"Authorization": f"Bearer {stack.key('inference')}", "Content-Type": "image/jpeg"}
     url = f"{stack.env['SEGSERVE_TORCHSERVE_URL']}/predictions/deeplabv3"
+    stages: dict[str, float] = {}
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as client:
 
         async def one() -> bool:
             response = await client.post(url, content=body, headers=headers)
-            return response.status_code == 200
+            if response.status_code != 200:
+                return False
+            for name, ms in json.loads(response.content.partition(b"\n")[0]).get("cpu_ms", {}).items():
+                stages[name] = stages.get(name, 0.0) + ms
+            return True
 
-        return await closed_loop(clients, seconds, one)
+        return (*await closed_loop(clients, seconds, one), stages)
 
 
 async def pipeline(
-    stack: Stack, body: bytes, clients: int, seconds: float, wait: bool
-) -> tuple[int, list[float], int, float]:
+    stack: Stack, body: bytes, clients: int, seconds: float, wait: bool, threshold: float = 0.0
+) -> Measured:
+    params = {"threshold": str(threshold)} if threshold else {}
     async with httpx.AsyncClient(
         base_url=stack.url, timeout=120, limits=httpx.Limits(max_connections=clients)
     ) as client:
 
         async def one() -> bool:
             headers = {"Content-Type": "image/jpeg", **({"Prefer": "wait=60"} if wait else {})}
-            job = (await client.post("/v1/jobs", content=body, headers=headers)).json()
+            job = (await client.post("/v1/jobs", content=body, headers=headers, params=params)).json()
             while job.get("status") in ("queued", "running"):
                 await asyncio.sleep(POLL_INTERVAL)
                 job = (await client.get(f"/v1/jobs/{job['id']}")).json()
             return job.get("status") == "succeeded"
 
-        return await closed_loop(clients, seconds, one)
+        return (*await closed_loop(clients, seconds, one), {})
+
+
+async def old_protocol(stack: Stack, body: bytes, clients: int, seconds: float) -> Measured:
+    """The old service's clients, as they are: ``POST /predict`` with a path and ``threshold 0.5``, then
+    ``GET /predict/{id}`` every 100 ms until it is no longer 202."""
+    name = f"{hash(body) & 0xFFFFFFFF:08x}.jpg"
+    (stack.image_root / name).write_bytes(body)
+    request = {"image_path": name, "threshold": THRESHOLD}
+    async with httpx.AsyncClient(
+        base_url=stack.url, timeout=120, limits=httpx.Limits(max_connections=clients)
+    ) as client:
+
+        async def one() -> bool:
+            submitted = await client.post("/predict", json=request)
+            if submitted.status_code != 200:
+                return False
+            job_id = submitted.json()["job_id"]
+            while True:
+                await asyncio.sleep(OLD_POLL_INTERVAL)
+                answer = await client.get(f"/predict/{job_id}")
+                if answer.status_code != 202:
+                    return answer.status_code == 200 and bool(answer.json().get("success"))
+
+        return (*await closed_loop(clients, seconds, one), {})
+
+
+def engine_alone(model_file: Path, precision: str, seconds: float) -> Measured:
+    """``benchmarks/engine_alone.py`` in a process of its own, as TorchServe's workers are."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "engine_alone.py"), str(model_file),
+         "--precision", precision, "--seconds", str(seconds)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    measured = json.loads(out.strip().splitlines()[-1])
+    return measured["images"], [], 0, measured["seconds"], {}
 
 
 async def pipeline_overhead(stack: Stack, body: bytes, jobs: int) -> list[float]:
@@ -241,98 +265,6 @@ async def pipeline_overhead(stack: Stack, body: bytes, jobs: int) -> list[float]
             assert job["status"] == "succeeded", job
             added.append(elapsed - job["timings_ms"]["backend"])
     return added
-
-
-class Isolated:
-    """An ``InProcess`` handler in a process of its own: torch's thread settings are per process, and two
-    engines' handlers in one process would set them for each other."""
-
-    def __init__(self, archive: Path, workdir: Path) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.pool = ProcessPoolExecutor(1, mp_context=context, initializer=_load, initargs=(archive, workdir))
-
-    def run(self, body: bytes, seconds: float) -> tuple[int, list[float], int, float]:
-        return self.pool.submit(_run, body, seconds).result()  # type: ignore[no-any-return]
-
-    def mask(self, body: bytes) -> Any:
-        return self.pool.submit(_mask, body).result()
-
-    def close(self) -> None:
-        self.pool.shutdown()
-
-
-_handler: InProcess | None = None
-
-
-def _load(archive: Path, workdir: Path) -> None:
-    global _handler
-    _handler = InProcess(archive, workdir)
-
-
-def _run(body: bytes, seconds: float) -> tuple[int, list[float], int, float]:
-    assert _handler is not None
-    return _handler.run(body, seconds)
-
-
-def _mask(body: bytes) -> Any:
-    assert _handler is not None
-    return _handler.mask(body)
-
-
-class InProcess:
-    """The handler's own code path, called directly in this process on the archive's weights."""
-
-    def __init__(self, archive: Path, workdir: Path) -> None:
-        sys.path.insert(0, str(ROOT))
-        from gateway.ops.archive import load_handler_module
-
-        with zipfile.ZipFile(archive) as mar:
-            mar.extractall(workdir)
-        manifest = json.loads((workdir / "MAR-INF" / "MANIFEST.json").read_text())
-        import yaml
-
-        config = yaml.safe_load((workdir / "model-config.yaml").read_text())
-        config.setdefault("handler", {})["intra_op_threads"] = os.cpu_count() or 1  # the limit: every core
-        handler = load_handler_module().DeepLabV3Handler()
-        self.context = _Context(workdir, manifest, config)
-        handler.initialize(self.context)
-        self.handler = handler
-
-    def mask(self, body: bytes) -> Any:
-        import numpy as np
-
-        [answer] = self.handler.handle([{"body": body}], self.context)
-        return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask_png"]))))
-
-    def run(self, body: bytes, seconds: float) -> tuple[int, list[float], int, float]:
-        latencies = []
-        started = time.monotonic()
-        while time.monotonic() - started < seconds:
-            t = time.perf_counter()
-            [answer] = self.handler.handle([{"body": body}], self.context)
-            assert "mask_png" in answer
-            latencies.append((time.perf_counter() - t) * 1000)
-        return len(latencies), latencies, 0, time.monotonic() - started
-
-
-class _Context:
-    def __init__(self, model_dir: Path, manifest: dict[str, Any], config: dict[str, Any]) -> None:
-        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
-        self.manifest = manifest
-        self.model_yaml_config = config
-        self.metrics = type("Metrics", (), {"add_time": lambda *a, **k: None})()
-
-    def get_all_request_header(self, idx: int) -> dict[str, str]:
-        return {}
-
-    def get_request_header(self, idx: int, key: str) -> None:
-        return None
-
-    def set_response_status(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def set_response_content_type(self, *args: Any) -> None:
-        pass
 
 
 def submit_path(stack: Stack, seconds: float, workdir: Path) -> dict[str, Any]:
@@ -401,55 +333,6 @@ async def _python_load(url: str, body: bytes, seconds: float) -> tuple[int, floa
     return done, elapsed
 
 
-def table(
-    results: dict[str, Result],
-    clients: int,
-    submit: dict[str, Any],
-    added: dict[str, list[float]],
-    engine: str,
-    agreement: float,
-) -> str:
-    lines = [
-        f"{'image':<8} {'config':<30} {'clients':>7} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}  CPU s/image by process",
-    ]
-    for r in results.values():
-        cpu = ", ".join(f"{k} {v / r.images:.3f}" for k, v in r.cpu_s.items() if r.images and v > 0.0005)
-        lines.append(
-            f"{r.image:<8} {r.config:<30} {r.clients:>7} {r.throughput:>9.2f} {r.percentile(0.5):>8.1f} {r.percentile(0.99):>8.1f} {r.errors:>6}  {cpu}"
-        )
-
-    def get(config: str, n: int, image: str = "640x480") -> Result:
-        return results[f"{image}/{config}/{n}"]
-
-    eager, fast = get("a in-process torch", 1), get(f"a' in-process {engine}", 1)
-    b, c = get(f"b torchserve {engine}", clients), get(f"c pipeline wait {engine}", clients)
-    c_torch = get("c pipeline wait torch", clients)
-    lone = get(f"c pipeline wait {engine}", 1).percentile(0.5) / fast.percentile(0.5)
-    lines += [
-        "",
-        f"targets, 640x480, {engine} against eager torch, in this run:",
-        f"  a'/a = {fast.throughput / eager.throughput:.2f} (>= 2.5), masks agreeing on {agreement:.4%} of pixels (>= 99.9%)",
-        f"  c/b = {c.throughput / b.throughput:.3f} at {clients} clients (>= 0.95)",
-        f"  c {engine} / c torch = {c.throughput / c_torch.throughput:.2f} at {clients} clients (>= 2.5)",
-        f"  1 client: c p50 / a' p50 = {lone:.3f} (<= 1.15)",
-        "",
-    ]
-    for image in ("640x480", "128x128"):
-        poll = get(f"c pipeline poll {engine}", clients, image)
-        b_image = get(f"b torchserve {engine}", clients, image)
-        lines.append(
-            f"{image}: poll c/b = {poll.throughput / b_image.throughput:.3f} at {clients} clients; at 1 client the "
-            f"pipeline adds {statistics.median(added[image]):+.1f} ms p50, "
-            f"{Result('', '', 1, 0, 0, added[image]).percentile(0.99):+.1f} ms p99 over its TorchServe request "
-            f"({len(added[image])} jobs)"
-        )
-    lines.append(
-        f"submit path: {submit['jobs_per_s']:.0f} jobs/s accepted by one gateway ({submit['load_tool']}), "
-        f"gateway RSS {submit['gateway_rss_mb']:.0f} MB"
-    )
-    return "\n".join(lines)
-
-
 def build(engine: str, precision: str, store: Path) -> Path:
     """The archive for ``engine``, with the same seeded random weights as every other engine's."""
     subprocess.run(
@@ -465,28 +348,54 @@ def agreement(first: Isolated, second: Isolated, body: bytes) -> float:
 
 
 def configurations(
-    engine: str, stacks: dict[str, Stack], local: dict[str, Isolated], args: argparse.Namespace
+    labels: Labels,
+    graph: tuple[str, str] | None,
+    stacks: dict[str, Stack],
+    local: dict[str, Isolated],
+    args: argparse.Namespace,
 ) -> list[tuple[str, int, tuple[str, ...], Any]]:
-    """(name, clients, images, run): run(body) -> (done, latencies ms, errors, seconds)."""
+    """(name, clients, images, run): run(body) -> (done, latencies ms, errors, seconds, stages). ``graph``:
+    the chosen engine's name and precision when it is OpenVINO, whose graph the engine-alone run takes."""
+    engine, n_max = labels.engine, args.concurrency
     seconds, fast, eager = args.seconds, stacks[engine], stacks["torch"]
-    both, large = ("640x480", "128x128"), ("640x480",)
+    every, flat = (*PHOTOS, "128x128"), ("flat",)
+
+    def wait(stack: Stack, n: int, threshold: float = 0.0) -> Any:
+        return lambda body: asyncio.run(pipeline(stack, body, n, seconds, True, threshold))
+
     configs: list[tuple[str, int, tuple[str, ...], Any]] = [
-        ("a in-process torch", 1, large, lambda body: local["torch"].run(body, seconds)),
-        (f"a' in-process {engine}", 1, both, lambda body: local[engine].run(body, seconds)),
+        (labels.eager, 1, flat, lambda body: local["torch"].run(body, seconds)),
+        (labels.in_process, 1, every, lambda body: local[engine].run(body, seconds)),
     ]
-    for n in (1, args.concurrency):
+    if graph is not None:
+        model = local[engine].model_dir / "model.onnx"
+        configs.append((labels.alone, 1, flat, lambda body: engine_alone(model, graph[1], seconds)))
+    for n in (1, n_max):
         configs += [
-            (f"b torchserve {engine}", n, both,
-             lambda body, n=n: asyncio.run(torchserve_direct(fast, body, n, seconds))),
-            (f"c pipeline wait {engine}", n, both,
-             lambda body, n=n: asyncio.run(pipeline(fast, body, n, seconds, True))),
-            ("c pipeline wait torch", n, large,
-             lambda body, n=n: asyncio.run(pipeline(eager, body, n, seconds, True))),
-        ]  # fmt: skip
+            (
+                labels.direct,
+                n,
+                every,
+                lambda body, n=n: asyncio.run(torchserve_direct(fast, body, n, seconds)),
+            ),
+            (labels.wait, n, every, wait(fast, n)),
+            (labels.wait_torch, n, flat, wait(eager, n)),
+        ]
+    for n in sorted({4, n_max}):
+        configs += [
+            (labels.threshold, n, PHOTOS, wait(fast, n, THRESHOLD)),
+            (
+                labels.old_protocol,
+                n,
+                PHOTOS,
+                lambda body, n=n: asyncio.run(old_protocol(fast, body, n, seconds)),
+            ),
+        ]
+        if n != n_max:
+            configs.append((labels.wait, n, PHOTOS, wait(fast, n)))
     configs.append(
-        (f"c pipeline poll {engine}", args.concurrency, both,
-         lambda body: asyncio.run(pipeline(fast, body, args.concurrency, seconds, False))),
-    )  # fmt: skip
+        (labels.poll, n_max, every, lambda body: asyncio.run(pipeline(fast, body, n_max, seconds, False)))
+    )
     return configs
 
 
@@ -510,10 +419,10 @@ def measure(
                     for role, processes in stack.processes().items()
                 }
                 before = cpu_seconds(roles)
-                done, latencies, errors, elapsed = run(body)
+                done, latencies, errors, elapsed, stages = run(body)
                 after = cpu_seconds(roles)
                 measured = Result(name, image, n, done, elapsed, latencies, errors,
-                                  {k: after[k] - before[k] for k in after})  # fmt: skip
+                                  {k: after[k] - before[k] for k in after}, stages)  # fmt: skip
                 results.setdefault(label, Result(name, image, n)).merge(measured)
                 print(
                     f"round {round_no + 1}/{rounds} {label:<40} {measured.throughput:6.2f} images/s",
@@ -550,7 +459,7 @@ def main() -> int:
     if not shutil.which("wrk") and shutil.which("apt-get") and os.geteuid() == 0:
         print("installing wrk, the load generator for the submit path …", flush=True)
         subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, capture_output=True)
-    images = {"640x480": picture(640, 480), "128x128": picture(128, 128)}
+    images = {"flat": picture(640, 480), "textured": textured(640, 480), "128x128": picture(128, 128)}
     chosen = args.engine if args.precision == "fp32" else f"{args.engine} {args.precision}"
     engines = {chosen: (args.engine, args.precision), "torch": ("torch", "fp32")}  # by label
     with tempfile.TemporaryDirectory(prefix="segserve-bench-") as tmp:
@@ -567,14 +476,16 @@ def main() -> int:
                 stacks[engine] = Stack(workdir / name / "home", archive.parent)
                 stacks[engine].start()
                 local[engine] = Isolated(archive, workdir / name / "mar")
-            agreed = agreement(local[chosen], local["torch"], images["640x480"])
-            configs = configurations(chosen, stacks, local, args)
+            agreed = agreement(local[chosen], local["torch"], images["flat"])
+            labels = Labels(chosen)
+            graph = (args.engine, args.precision) if args.engine == "openvino" else None
+            configs = configurations(labels, graph, stacks, local, args)
             # TorchServe's JVM compiles its request path over the first few hundred requests: measured, its
             # own time around the handler fell from 6.4 ms (requests 5-60) to 4.3 ms (600-700). Measure the
             # steady state a running service is in.
             print(f"warming up: {args.warmup:g} s of {args.concurrency} clients per stack …", flush=True)
             for engine in engines:
-                asyncio.run(pipeline(stacks[engine], images["640x480"], args.concurrency, args.warmup, True))
+                asyncio.run(pipeline(stacks[engine], images["flat"], args.concurrency, args.warmup, True))
                 for body in images.values():
                     local[engine].run(body, 0.5)
                     asyncio.run(pipeline(stacks[engine], body, 1, 1, True))
@@ -591,7 +502,7 @@ def main() -> int:
                 handler.close()
             for stack in stacks.values():
                 stack.stop()
-    report = table(results, args.concurrency, submit, added, chosen, agreed)
+    report = table(results, args.concurrency, submit, added, labels, agreed)
     print("\n" + report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

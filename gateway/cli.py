@@ -80,7 +80,8 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from gateway.ops.archive import ENGINES, PRECISIONS, VARIANTS, ServingConfig
+    from gateway.handlers.deeplabv3.catalog import ENGINES, PRECISIONS, VARIANTS
+    from gateway.ops.archive import ServingConfig
 
     defaults = ServingConfig()
     root = argparse.ArgumentParser(
@@ -189,19 +190,19 @@ def parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=defaults.batch_size,
-        help="TorchServe batch size (default: 8 with a CUDA GPU, 1 on CPU, where batching measured slower)",
+        help="TorchServe batch size (default: 16 with a CUDA GPU, 1 on CPU, where batching measured slower)",
     )
     p.add_argument(
         "--max-batch-delay",
         type=int,
         default=defaults.max_batch_delay_ms,
-        help="ms TorchServe waits to fill a batch (default: %(default)s)",
+        help="ms TorchServe waits to fill a batch (default: 10 with a CUDA GPU, 5 on CPU)",
     )
     p.add_argument(
         "--workers",
         type=int,
         default=defaults.workers,
-        help="TorchServe workers for the model (default: one per GPU, else one per CPU core up to 8)",
+        help="TorchServe workers for the model (default: two per GPU, else one per CPU core up to 8)",
     )
     p.add_argument(
         "--response-timeout",
@@ -219,8 +220,9 @@ def parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default=defaults.precision,
-        help="fp32 (default), or bf16: openvino on CPUs with AVX-512 BF16 or AMX, its forward pass about "
-        "1.8x as fast, masks that differ where classes are close (docs/models.md: Engines)",
+        help="fp32 (default); bf16: openvino on CPUs with AVX-512 BF16 or AMX, its forward pass about "
+        "1.8x as fast, masks that differ where classes are close (docs/models.md: Engines); fp16: torch "
+        "on a CUDA GPU (not yet run on one)",
     )
     p.add_argument(
         "--threads",

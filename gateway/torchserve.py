@@ -1,5 +1,8 @@
 """The one module that talks to TorchServe, so another model server could replace it.
 
+The handler answers an image with a line of JSON then the mask's PNG (``MASK_CONTENT_TYPE``); archives built
+before that answered JSON with the PNG in base64, which ``predict`` still reads.
+
 TorchServe enforces token authorization: its keys are in ``key_file.json`` in its working directory
 and expire (60 minutes by default). On a refused token the client re-reads the file and, when the key
 there is the one just refused, asks TorchServe for a fresh one with the file's API key.
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from gateway.handlers.deeplabv3.catalog import MASK_CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,23 @@ class Prediction:
     classes: list[dict[str, Any]]
     mask_png: bytes
     timings_ms: dict[str, float]
+
+
+def read_prediction(body: bytes) -> Prediction:
+    """The handler's answer to an image (``MASK_CONTENT_TYPE``): a line of JSON, then the mask's PNG.
+    ValueError or KeyError when it is not one."""
+    head, _, mask_png = body.partition(b"\n")
+    return prediction(json.loads(head), mask_png)
+
+
+def prediction(fields: dict[str, Any], mask_png: bytes) -> Prediction:
+    return Prediction(
+        width=fields["width"],
+        height=fields["height"],
+        classes=fields["classes"],
+        mask_png=mask_png,
+        timings_ms=fields.get("timings_ms", {}),
+    )
 
 
 class Tokens:
@@ -146,6 +168,12 @@ class TorchServe:
             raise BackendUnavailable(f"TorchServe answered {response.status_code}: {one_line(response.text)}")
         if response.status_code == 404:
             raise ModelNotFound(model)
+        content_type = response.headers.get("content-type", "").split(";")[0].strip()
+        if response.status_code == 200 and content_type == MASK_CONTENT_TYPE:
+            try:
+                return read_prediction(response.content)
+            except (ValueError, KeyError) as exc:
+                raise BackendUnavailable("unreadable answer from TorchServe (its JSON head)") from exc
         try:
             body = response.json()
         except ValueError as exc:
@@ -154,13 +182,7 @@ class TorchServe:
             error = body.get("error") if isinstance(body.get("error"), dict) else {}
             code = error.get("code") or ("too_large" if response.status_code == 413 else "backend_error")
             raise InputRejected(code, error.get("message") or body.get("message") or one_line(response.text))
-        return Prediction(
-            width=body["width"],
-            height=body["height"],
-            classes=body["classes"],
-            mask_png=base64.b64decode(body["mask_png"]),
-            timings_ms=body.get("timings_ms", {}),
-        )
+        return prediction(body, base64.b64decode(body["mask_png"]))  # an archive older than the binary answer
 
     async def models(self) -> list[dict[str, Any]]:
         """Every registered model version, as ``/v1/models`` shows it (the worker reports it)."""

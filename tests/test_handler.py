@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
+import gateway.handlers.deeplabv3.handler as handler_entry
 from gateway.app.params import VOC_CLASSES
-from gateway.ops.archive import calibrate_batch_norm, load_handler_module
-from tests.harness.handler import Context, full_size_probabilities, handler_module, mask_of, run
+from gateway.handlers.deeplabv3 import catalog, images
+from gateway.handlers.deeplabv3.engines import build_model
+from gateway.handlers.deeplabv3.handler import CpuMs, DeepLabV3Handler
+from gateway.ops.archive import calibrate_batch_norm
+from gateway.torchserve import read_prediction
+from tests.harness.handler import (
+    REFERENCE_TRANSFORMS,
+    Context,
+    full_size_probabilities,
+    head_of,
+    mask_of,
+    run,
+)
 from tests.harness.images import encode, scene
 
 
@@ -20,39 +36,63 @@ from tests.harness.images import encode, scene
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("model")
     torch.manual_seed(3)
-    model = calibrate_batch_norm(handler_module.build_model("mobilenet_v3_large"))
+    model = calibrate_batch_norm(build_model("mobilenet_v3_large"))
     torch.save(model.state_dict(), directory / "weights.pth")
     return directory
 
 
 @pytest.fixture(scope="module")
 def handler(model_dir: Path) -> Any:
-    service = handler_module.DeepLabV3Handler()
+    service = DeepLabV3Handler()
     service.initialize(Context(model_dir))
     return service
 
 
 def reference_mask(handler: Any, image: Image.Image) -> np.ndarray:
     """The arg-max of the full-size reference, on the eager model of a ``torch`` engine handler."""
-    probabilities = full_size_probabilities(handler.engine.model, handler.transforms, image)
+    probabilities = full_size_probabilities(handler.engine.model, REFERENCE_TRANSFORMS, image)
     return probabilities.argmax(1)[0].to(torch.uint8).numpy()
 
 
 def test_mask_matches_torchvision_at_original_size(handler: Any) -> None:
     image = scene(333, 251)
     [answer], context = run(handler, [{"body": encode(image, "PNG")}])
-    assert context.status == {}
-    mask = mask_of(answer)
+    assert context.status == {} and context.content_types == {0: catalog.MASK_CONTENT_TYPE}
+    mask, head = mask_of(answer), head_of(answer)
     assert mask.shape == (251, 333)
-    assert answer["width"] == 333 and answer["height"] == 251
+    assert head["width"] == 333 and head["height"] == 251
     expected = reference_mask(handler, image)
-    # The same model and the same interpolation: only float rounding at a near-tie could flip a pixel.
+    # The same model and the same interpolations: only float rounding at a near-tie could flip a pixel.
     assert np.mean(mask == expected) >= 0.9999
     assert len(np.unique(mask)) > 1, "a random model should still give several classes on this scene"
-    counts = {c["id"]: c["pixels"] for c in answer["classes"]}
+    counts = {c["id"]: c["pixels"] for c in head["classes"]}
     assert counts == {int(k): int(v) for k, v in zip(*np.unique(mask, return_counts=True), strict=True)}
-    assert sum(c["fraction"] for c in answer["classes"]) == pytest.approx(1.0, abs=1e-4)
-    assert all(c["name"] == VOC_CLASSES[c["id"]] for c in answer["classes"])
+    assert sum(c["fraction"] for c in head["classes"]) == pytest.approx(1.0, abs=1e-4)
+    assert all(c["name"] == VOC_CLASSES[c["id"]] for c in head["classes"])
+
+
+def test_the_gateway_reads_the_answer_as_the_handler_writes_it(handler: Any) -> None:
+    [answer], _ = run(handler, [{"body": encode(scene(160, 120))}])
+    prediction = read_prediction(answer)
+    assert (prediction.width, prediction.height) == (160, 120)
+    assert prediction.classes == head_of(answer)["classes"]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(prediction.mask_png))), mask_of(answer))
+    assert prediction.timings_ms["batch_size"] == 1
+
+
+def test_each_stage_reports_the_cpu_it_took(handler: Any) -> None:
+    """Every stage is timed on the process's CPU clock, and together they are no more than the CPU the
+    whole batch took (they cover most of it: the handler's own bookkeeping is the rest)."""
+    bodies = [encode(scene(640, 480, seed=i), "JPEG") for i in range(2)]
+    clock = time.process_time()
+    answers, _ = run(handler, [{"body": body} for body in bodies], [{"X-Threshold": "0.3"}] * 2)
+    spent_ms = (time.process_time() - clock) * 1000
+    stages = [head_of(answer)["cpu_ms"] for answer in answers]
+    assert all(set(s) == set(CpuMs.__dataclass_fields__) for s in stages)
+    for name in ("decode", "resize", "normalise", "forward", "mask", "png"):
+        assert all(s[name] > 0 for s in stages), name
+    charged = sum(sum(s.values()) for s in stages)
+    assert 0.5 * spent_ms < charged <= spent_ms + 1, (charged, spent_ms)
 
 
 def test_a_batch_agrees_with_each_image_alone(handler: Any) -> None:
@@ -63,11 +103,16 @@ def test_a_batch_agrees_with_each_image_alone(handler: Any) -> None:
     alone = [mask_of(run(handler, [{"body": encode(im)}])[0][0]) for im in images]
     together, context = run(handler, [{"body": encode(im)} for im in images])
     assert context.status == {}
-    assert [a["timings_ms"]["batch_size"] for a in together] == [3, 3, 3, 1]  # equal shapes share a pass
+    assert [head_of(a)["timings_ms"]["batch_size"] for a in together] == [
+        3,
+        3,
+        3,
+        1,
+    ]  # equal shapes share a pass
     for single, batched in zip(alone, together, strict=True):
         assert np.mean(single == mask_of(batched)) >= 0.9999
 
-    tensors = torch.stack([handler.transforms(im) for im in images[:3]])
+    tensors = torch.stack([REFERENCE_TRANSFORMS(im) for im in images[:3]])
     with torch.inference_mode():
         batch_logits = handler.engine.model(tensors)["out"]
         single_logits = torch.cat([handler.engine.model(t[None])["out"] for t in tensors])
@@ -84,11 +129,71 @@ def test_bad_images_fail_alone(handler: Any) -> None:
     truncated = good[: len(good) // 2]
     requests = [{"body": good}, {"body": b"not an image"}, {"body": truncated}, {"body": b""}, {"body": good}]
     answers, context = run(handler, requests)
-    assert "mask_png" in answers[0] and "mask_png" in answers[4]
+    assert isinstance(answers[0], bytes) and isinstance(answers[4], bytes)
     for idx in (1, 2, 3):
         assert context.status[idx][0] == 422
         assert answers[idx]["error"]["code"] == "invalid_image"
     assert set(context.status) == {1, 2, 3}
+
+
+class FaultyDecoder(ImageFile.ImageFile):
+    """A real PIL plugin whose decoder raises what PIL's own never raise (a plugin's bug), as hostile bytes
+    can make a decoder do."""
+
+    format = "FAULTY"
+    failure: type[Exception] = RuntimeError
+
+    def _open(self) -> None:
+        self._size, self._mode = (8, 8), "RGB"
+
+    def load(self) -> Any:
+        raise self.failure("the decoder fell over")
+
+
+@pytest.mark.parametrize("failure", [ZeroDivisionError, KeyError, RuntimeError, MemoryError])
+def test_any_decoder_error_fails_only_its_image(
+    handler: Any, monkeypatch: pytest.MonkeyPatch, failure: type[Exception]
+) -> None:
+    Image.init()  # PIL's own plugins first, so that the registry restored after the test holds them
+    monkeypatch.setattr(FaultyDecoder, "failure", failure)
+    monkeypatch.setitem(Image.OPEN, "FAULTY", (FaultyDecoder, lambda prefix: prefix.startswith(b"FAULTY")))
+    monkeypatch.setattr(Image, "ID", [*Image.ID, "FAULTY"])
+    good = encode(scene(64, 48))
+    answers, context = run(handler, [{"body": good}, {"body": b"FAULTY" + bytes(64)}, {"body": good}])
+    assert set(context.status) == {1} and context.status[1][0] == 422
+    assert answers[1]["error"]["code"] == "invalid_image"
+    assert failure.__name__ in answers[1]["error"]["message"]
+    assert mask_of(answers[0]).shape == mask_of(answers[2]).shape == (48, 64)
+
+
+def test_device_decoding_batches_jpegs_and_falls_back_to_the_pool(
+    handler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA the handler decodes a batch's JPEGs in one call on the device and the rest in a thread
+    pool; a JPEG that fails that call sends the call's JPEGs to the pool, where only it fails. The same
+    code runs here with the CPU as the device (no GPU has run it yet)."""
+    calls: list[int] = []
+    on_device = handler_entry.device_pictures
+
+    def counted(headers: Any, payloads: list[bytes], device: Any, short_side: int) -> Any:
+        calls.append(len(payloads))
+        return on_device(headers, payloads, device, short_side)
+
+    monkeypatch.setattr(handler_entry, "device_pictures", counted)
+    with ThreadPoolExecutor(2) as pool:
+        monkeypatch.setattr(handler, "pool", pool)
+        jpeg, png = encode(scene(64, 48), "JPEG"), encode(scene(64, 48), "PNG")
+        items = [handler_entry.Item(payload=body) for body in (jpeg, png, jpeg)]
+        handler._decode_on_device(items)
+        assert calls == [2], "the two JPEGs in one call, the PNG in the pool"
+        assert all(item.error is None and item.picture is not None for item in items)
+        assert all(item.picture.size == (64, 48) for item in items)
+        broken = [handler_entry.Item(payload=body) for body in (jpeg, jpeg[: len(jpeg) // 2], png)]
+        handler._decode_on_device(broken)
+    assert calls == [2, 2]
+    assert broken[0].picture is not None and broken[2].picture is not None
+    assert broken[1].picture is None and broken[1].error is not None
+    assert broken[1].error.code == "invalid_image"
 
 
 def test_pixel_bomb_is_refused_before_decoding(handler: Any) -> None:
@@ -121,7 +226,7 @@ def test_any_mode_is_converted(handler: Any, make: Any) -> None:
 
 def test_sixteen_bit_is_scaled_not_clipped() -> None:
     grey = np.full((4, 4), 40000, dtype=np.uint16)
-    rgb = handler_module.to_rgb(Image.fromarray(grey))
+    rgb = images.to_rgb(Image.fromarray(grey))
     assert rgb.mode == "RGB"
     assert np.asarray(rgb)[0, 0, 0] == round(40000 / 257)
 
@@ -132,14 +237,14 @@ def test_exif_orientation_is_honoured(handler: Any) -> None:
     exif = Image.Exif()
     exif[0x0112] = 8  # rotate 90° clockwise to view: what a phone writes for this
     [answer], _ = run(handler, [{"body": encode(stored, "JPEG", exif=exif.tobytes())}])
-    assert (answer["width"], answer["height"]) == (120, 80)
+    assert (head_of(answer)["width"], head_of(answer)["height"]) == (120, 80)
     assert mask_of(answer).shape == (80, 120)
 
 
 def test_classes_and_threshold(handler: Any) -> None:
     body = encode(scene(160, 120))
     [full], _ = run(handler, [{"body": body}])
-    present = [c["id"] for c in full["classes"]]
+    present = [c["id"] for c in head_of(full)["classes"]]
     keep = present[-1]
     [only], _ = run(handler, [{"body": body}], [{"X-Classes": str(keep)}])
     mask, full_mask = mask_of(only), mask_of(full)
@@ -153,7 +258,7 @@ def test_classes_and_threshold(handler: Any) -> None:
 
 def test_threshold_blanks_unsure_pixels(handler: Any) -> None:
     image = scene(160, 120)
-    confidence, labels = full_size_probabilities(handler.engine.model, handler.transforms, image).max(1)
+    confidence, labels = full_size_probabilities(handler.engine.model, REFERENCE_TRANSFORMS, image).max(1)
     threshold = float(np.quantile(confidence.numpy(), 0.3))
     assert 0 < threshold < 1
     expected = torch.where(confidence[0] < threshold, 0, labels[0]).to(torch.uint8).numpy()
@@ -170,7 +275,6 @@ def test_bad_parameters_are_errors(handler: Any, headers: dict[str, str]) -> Non
 
 
 def test_describe_labels_random_weights(handler: Any) -> None:
-    import json
 
     described = json.loads(handler.describe_handle())
     assert described["random_weights"] is True
@@ -181,5 +285,33 @@ def test_describe_labels_random_weights(handler: Any) -> None:
 
 
 def test_importing_the_handler_builds_nothing() -> None:
-    module = load_handler_module()
-    assert module._service is None
+    assert handler_entry._service is None
+
+
+def test_the_archived_package_imports_as_torchserve_imports_it(tmp_path: Path) -> None:
+    """TorchServe imports the handler by its file name with the model's directory on the path
+    (ts/model_loader.py); the package beside it must import by its relative imports alone, not from
+    segserve's installed copy."""
+    import subprocess
+    import sys
+
+    from gateway.ops.archive import ENTRY_MODULE, stage_handler
+
+    entry, package = stage_handler(tmp_path)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    entry.rename(model_dir / entry.name)
+    (package / "deeplabv3").rename(model_dir / "deeplabv3")
+    probe = (
+        "import sys, importlib; sys.path.insert(0, sys.argv[1]); "
+        f"entry = importlib.import_module({ENTRY_MODULE!r}); "
+        "print(entry.handle.__module__, 'gateway' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(model_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
+    assert result.stdout.split() == ["deeplabv3.handler", "False"], result.stderr

@@ -15,12 +15,12 @@ import pytest
 import torch
 import yaml
 
+from gateway.handlers.deeplabv3.engines import build_model
 from gateway.ops.archive import (
     BuildError,
     build_archive,
     calibrate_batch_norm,
     check_published_hash,
-    load_handler_module,
 )
 from gateway.ops.launcher import REDIS_MAXMEMORY, stack
 from gateway.settings import Settings, env_table
@@ -47,9 +47,7 @@ def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path) -> None:
     # an empty model store. It runs from outside the checkout.
     weights = tmp_path / "deeplabv3-local.pth"
     torch.manual_seed(1)
-    torch.save(
-        calibrate_batch_norm(load_handler_module().build_model("mobilenet_v3_large")).state_dict(), weights
-    )
+    torch.save(calibrate_batch_norm(build_model("mobilenet_v3_large")).state_dict(), weights)
     env["SEGSERVE_WEIGHTS"] = str(weights)
     env["SEGSERVE_MODEL_STORE"] = str(tmp_path / "store")
     env["SEGSERVE_TORCHSERVE_CONFIG"] = str(ROOT / "config.properties")

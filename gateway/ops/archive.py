@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,21 +25,25 @@ import warnings
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import yaml
 
+from gateway.handlers.deeplabv3 import catalog
+from gateway.handlers.deeplabv3.catalog import ENGINES, GRAPH_ENGINES, VARIANTS
 
-def handler_file() -> Path:
-    """The TorchServe handler, shipped inside the package (gateway.handlers is the checkout's handlers/)."""
-    return Path(str(files("gateway.handlers").joinpath("deeplabv3.py")))
+# TorchServe imports an archive's handler by its file name, from the model's directory
+# (ts/model_loader.py), where the handler's package lies beside it: this one line is that file.
+ENTRY_MODULE = "deeplabv3_handler"
+ENTRY_SOURCE = "from deeplabv3.handler import handle  # TorchServe calls handle(data, context)\n"
 
 
-VARIANTS = ("mobilenet_v3_large", "resnet50", "resnet101")
-ENGINES = ("onnxruntime", "openvino", "torch")  # the handler's own ENGINES, without importing torch here
-PRECISIONS = ("fp32", "bf16")  # the handler's own PRECISIONS
-GRAPH_ENGINES = ("onnxruntime", "openvino")  # the engines that run the exported ONNX graph
+def handler_package() -> Path:
+    """The TorchServe handler's package, installed with segserve (gateway.handlers is the checkout's
+    handlers/), so that an installed segserve builds archives without a checkout."""
+    return Path(str(files("gateway.handlers").joinpath("deeplabv3")))
+
+
 # torch.hub names published checkpoints <name>-<first 8+ hex digits of their SHA-256>.pth
 PUBLISHED_NAME = re.compile(r"^(?P<stem>.+)-(?P<prefix>[0-9a-f]{8,})\.pth$")
 
@@ -47,6 +51,9 @@ PUBLISHED_NAME = re.compile(r"^(?P<stem>.+)-(?P<prefix>[0-9a-f]{8,})\.pth$")
 def model_store() -> Path:
     """Where archives go and TorchServe finds them: ``model_store`` here, or SEGSERVE_MODEL_STORE."""
     return Path(os.environ.get("SEGSERVE_MODEL_STORE", "model_store")).resolve()
+
+
+WORKERS_PER_GPU = 2
 
 
 class BuildError(RuntimeError):
@@ -57,12 +64,15 @@ class BuildError(RuntimeError):
 class ServingConfig:
     """TorchServe's per-model settings, written into the archive's model-config.yaml."""
 
-    # None picks by the machine that builds the archive (normally the one that serves it), as measured:
-    # on CPU, OpenVINO (faster than ONNX Runtime on the same graph: README's Performance) with batches of
-    # one image (a forward pass of 4 images takes longer than 4 passes of one) and the workers and threads
-    # of default_threads; on CUDA, eager torch, one worker per GPU with batches of 8.
+    # None picks by the machine that builds the archive (normally the one that serves it): on CPU, as
+    # measured, OpenVINO (faster than ONNX Runtime on the same graph: docs/performance.md) with batches
+    # of one image (a forward pass of 4 images takes longer than 4 passes of one) and the workers and
+    # threads of default_threads. On CUDA, eager torch with batches of 16 gathered for up to 10 ms (a
+    # GPU's pass costs little more for 16 images than for one), and two workers per GPU, so that one
+    # worker's CPU work (decoding, encoding masks) overlaps the other's forward pass; the CPU's cores are
+    # shared among them for decoding. The CUDA choices have not been measured on a GPU yet.
     batch_size: int | None = None
-    max_batch_delay_ms: int = 5
+    max_batch_delay_ms: int | None = None
     workers: int | None = None
     response_timeout_s: int = 60
     engine: str | None = None
@@ -75,13 +85,15 @@ class ServingConfig:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         cores = os.cpu_count() or 1
         engine = self.engine or ("torch" if gpus else "openvino")
-        workers = self.workers or gpus or min(cores, 8)
+        workers = self.workers or (WORKERS_PER_GPU * gpus) or min(cores, 8)
         return dataclasses.replace(
             self,
-            batch_size=self.batch_size or (8 if gpus else 1),
+            batch_size=self.batch_size or (16 if gpus else 1),
+            max_batch_delay_ms=self.max_batch_delay_ms or (10 if gpus else 5),
             workers=workers,
             engine=engine,
-            threads=self.threads or (1 if gpus else default_threads(engine, cores, workers)),
+            threads=self.threads
+            or (max(1, cores // workers) if gpus else default_threads(engine, cores, workers)),
         )
 
     @property
@@ -117,16 +129,6 @@ def default_threads(engine: str, cores: int, workers: int) -> int:
     if engine in GRAPH_ENGINES:
         return cores
     return max(1, cores // workers)
-
-
-def load_handler_module() -> ModuleType:
-    """The handler as a module, so the architecture table has one home: the file that serves it."""
-    spec = importlib.util.spec_from_file_location("segserve_deeplabv3_handler", handler_file())
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def sha256_of(path: Path) -> str:
@@ -176,10 +178,11 @@ def prepare_weights(
     """Write a state dict for ``variant`` into ``workdir``; return (path, label, is_random)."""
     import torch
 
-    handler = load_handler_module()
+    from gateway.handlers.deeplabv3.engines import build_model, published_weights
+
     if random_seed is not None:
         torch.manual_seed(random_seed)
-        model = calibrate_batch_norm(handler.build_model(variant))
+        model = calibrate_batch_norm(build_model(variant))
         path = workdir / f"deeplabv3_{variant}-random-seed{random_seed}.pth"
         torch.save(model.state_dict(), path)
         return path, f"random (seed {random_seed}, meaningless masks)", True
@@ -192,11 +195,11 @@ def prepare_weights(
         if not verified:
             log(f"warning: {path.name} is not a published checkpoint name; its hash cannot be checked")
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        handler.build_model(variant).load_state_dict(state_dict)  # fails loudly on the wrong variant
+        build_model(variant).load_state_dict(state_dict)  # fails loudly on the wrong variant
         label = f"{path.name} ({'sha256 verified' if verified else 'unverified'})"
         return path, label, False
 
-    _, published = handler.VARIANTS[variant]
+    published = published_weights(variant)
     log(f"downloading {published.url} …")
     socket.setdefaulttimeout(60)  # torch.hub's download has no timeout of its own
     try:
@@ -217,7 +220,9 @@ def load_model(variant: str, weights_path: Path) -> Any:
     """The eval-mode model of ``variant`` on a state dict, without the auxiliary head (training only)."""
     import torch
 
-    model = load_handler_module().build_model(variant)
+    from gateway.handlers.deeplabv3.engines import build_model
+
+    model = build_model(variant)
     model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     model.aux_classifier = None
     return model.eval()
@@ -233,7 +238,6 @@ def export_onnx(variant: str, weights_path: Path, onnx_path: Path) -> Path:
     """
     import torch
 
-    handler = load_handler_module()
     model = load_model(variant, weights_path)
 
     class Logits(torch.nn.Module):
@@ -256,32 +260,31 @@ def export_onnx(variant: str, weights_path: Path, onnx_path: Path) -> Path:
             Logits().eval(),
             (torch.zeros(1, 3, 520, 693),),
             str(onnx_path),
-            input_names=[handler.ONNX_INPUT],
-            output_names=[handler.ONNX_OUTPUT],
-            dynamic_axes={handler.ONNX_INPUT: axes, handler.ONNX_OUTPUT: axes},
+            input_names=[catalog.ONNX_INPUT],
+            output_names=[catalog.ONNX_OUTPUT],
+            dynamic_axes={catalog.ONNX_INPUT: axes, catalog.ONNX_OUTPUT: axes},
             opset_version=17,
             dynamo=False,
         )
-    check_export(model, onnx_path, handler)
+    check_export(model, onnx_path)
     return onnx_path
 
 
-def check_export(model: Any, onnx_path: Path, handler: ModuleType) -> None:
+def check_export(model: Any, onnx_path: Path) -> None:
     """Refuse an export whose masks differ from torch's on a batch of a shape it was not traced with."""
     import numpy as np
     import onnxruntime as ort
     import torch
 
+    from gateway.handlers.deeplabv3.masks import full_size_mask
+
     sample = torch.randn(2, 3, 200, 264, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = model(sample)["out"].argmax(1).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    [logits] = session.run(None, {handler.ONNX_INPUT: sample.numpy()})
-    size = tuple(sample.shape[2:])
-    masks = [
-        handler.full_size_mask(handler.working_scores(torch.from_numpy(one), size, size), *size)
-        for one in logits
-    ]
+    [logits] = session.run(None, {catalog.ONNX_INPUT: sample.numpy()})
+    size = (int(sample.shape[2]), int(sample.shape[3]))
+    masks = [full_size_mask(torch.from_numpy(one), *size, batch_size=size) for one in logits]
     agreement = float((np.stack(masks) == expected).mean())
     if agreement < 0.999:
         raise BuildError(
@@ -310,7 +313,7 @@ def build_archive(
     store = store or model_store()
     serving = serving.resolved()
     try:
-        load_handler_module().check_precision(serving.engine, serving.precision)
+        check_precision(serving)
     except ValueError as exc:
         raise BuildError(str(exc)) from exc
     store.mkdir(parents=True, exist_ok=True)
@@ -324,11 +327,13 @@ def build_archive(
         config_path.write_text(
             yaml.safe_dump(model_config(serving, variant, label, is_random), sort_keys=False)
         )
+        entry, package = stage_handler(workdir)
         command = [
             sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", name,
             "--version", version,
-            "--handler", f"{handler_file().with_suffix('')}:handle",  # the archiver adds .py back
+            "--handler", f"{entry.with_suffix('')}:handle",  # the archiver adds .py back
+            "--extra-files", str(package),  # its contents go to the model's directory: the package
             "--serialized-file", str(served),
             "--config-file", str(config_path),
             "--export-path", str(store),
@@ -348,6 +353,26 @@ def build_archive(
         f"{serving.workers} workers x {serving.threads} threads, weights: {label})"
     )
     return archive
+
+
+def check_precision(serving: ServingConfig) -> None:
+    """The handler's own check, on this machine: the build is normally where the archive is served."""
+    import torch
+
+    from gateway.handlers.deeplabv3.engines import check_precision as handler_check
+
+    assert serving.engine is not None
+    handler_check(serving.engine, serving.precision, on_cuda=torch.cuda.is_available())
+
+
+def stage_handler(workdir: Path) -> tuple[Path, Path]:
+    """The archive's handler entry and a directory holding the handler's package, in ``workdir``."""
+    entry = workdir / f"{ENTRY_MODULE}.py"
+    entry.write_text(ENTRY_SOURCE)
+    package = workdir / "handler"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(handler_package(), package / "deeplabv3", ignore=ignore)
+    return entry, package
 
 
 def model_config(serving: ServingConfig, variant: str, label: str, is_random: bool) -> dict[str, Any]:

@@ -3,8 +3,8 @@ context object, a model in a temp dir, and the reference each mask is held to.""
 
 from __future__ import annotations
 
-import base64
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gateway.ops.archive import GRAPH_ENGINES, load_handler_module
+from gateway.handlers.deeplabv3.catalog import GRAPH_ENGINES
+from gateway.handlers.deeplabv3.engines import published_weights
+from gateway.handlers.deeplabv3.handler import DeepLabV3Handler
 
-# Loaded once for every test module, so that they all hold the same handler classes.
-handler_module = load_handler_module()
+# The weights' own preprocessing, the reference every engine is compared with.
+REFERENCE_TRANSFORMS = published_weights("mobilenet_v3_large").transforms()
 
 
 class Context:
@@ -30,6 +32,7 @@ class Context:
         }
         self.headers = headers or []
         self.status: dict[int, tuple[int, str]] = {}
+        self.content_types: dict[int, str] = {}
         self.metrics = Metrics()
 
     def get_all_request_header(self, idx: int) -> dict[str, str]:
@@ -42,7 +45,7 @@ class Context:
         self.status[idx] = (code, phrase)
 
     def set_response_content_type(self, idx: int, value: str) -> None:
-        pass
+        self.content_types[idx] = value
 
 
 class Metrics:
@@ -50,7 +53,7 @@ class Metrics:
         pass
 
 
-def make_handler(directory: Path, engine: str, **settings: Any) -> Any:
+def make_handler(directory: Path, engine: str, **settings: Any) -> DeepLabV3Handler:
     """The handler, initialized on the model saved in ``directory`` for ``engine``, at fp32 unless
     ``settings`` say otherwise."""
     context = Context(directory)
@@ -58,7 +61,7 @@ def make_handler(directory: Path, engine: str, **settings: Any) -> Any:
         "model": {"serializedFile": "model.onnx" if engine in GRAPH_ENGINES else "weights.pth"}
     }
     context.model_yaml_config["handler"].update({"engine": engine, "precision": "fp32", **settings})
-    service = handler_module.DeepLabV3Handler()
+    service = DeepLabV3Handler()
     service.initialize(context)
     return service
 
@@ -70,8 +73,15 @@ def run(
     return handler.handle(requests, context), context
 
 
-def mask_of(answer: dict[str, Any]) -> np.ndarray:
-    image = Image.open(io.BytesIO(base64.b64decode(answer["mask_png"])))
+def head_of(answer: bytes) -> dict[str, Any]:
+    """The JSON line that starts an answer to an image."""
+    head: dict[str, Any] = json.loads(answer.partition(b"\n")[0])
+    return head
+
+
+def mask_of(answer: bytes) -> np.ndarray:
+    """The mask of an answer to an image: the PNG after its JSON line, a palette image."""
+    image = Image.open(io.BytesIO(answer.partition(b"\n")[2]))
     assert image.mode == "P"
     return np.asarray(image)
 
