@@ -301,8 +301,8 @@ def check_precision(engine: str, precision: str, on_cuda: bool) -> None:
     bf16 on OpenVINO, measured on this project's 2-core AMD EPYC (AVX-512 BF16, no AMX), mobilenet_v3_large
     on random weights, 640x480: the forward pass took 33 ms instead of 58. The masks differ from fp32's
     wherever two classes score within bf16's rounding (8 significant bits): random weights leave many such
-    pixels (the README gives the measured agreement). fp16 is for CUDA's half-precision units; on a CPU
-    torch has no fast half-precision convolutions."""
+    pixels (docs/performance.md gives the measured agreement). fp16 is for CUDA's half-precision units; on a
+    CPU torch has no fast half-precision convolutions."""
     catalog.check_served(engine, precision)
     if precision == "bf16" and not cpu_computes_in_bf16():
         raise ValueError(
