@@ -91,8 +91,12 @@ class Stack:
         log = (self.home / "up.log").open("wb")
         self.process = subprocess.Popen(
             [str(BIN / "segserve"), "up", "--port", str(self.port)],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -118,8 +122,12 @@ class Stack:
         """Processes by role: gateway, worker, redis, TorchServe's Java frontend and its Python backends."""
         assert self.process is not None
         roles: dict[str, list[psutil.Process]] = {
-            "gateway": [], "worker": [], "redis": [], "frontend": [], "backend": []
-        }  # fmt: skip
+            "gateway": [],
+            "worker": [],
+            "redis": [],
+            "frontend": [],
+            "backend": [],
+        }
         for p in psutil.Process(self.process.pid).children(recursive=True):
             try:
                 line = " ".join(p.cmdline())
@@ -241,10 +249,19 @@ async def old_protocol(stack: Stack, body: bytes, clients: int, seconds: float) 
 def engine_alone(model_file: Path, precision: str, seconds: float) -> Measured:
     """``benchmarks/engine_alone.py`` in a process of its own, as TorchServe's workers are."""
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "engine_alone.py"), str(model_file),
-         "--precision", precision, "--seconds", str(seconds)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "engine_alone.py"),
+            str(model_file),
+            "--precision",
+            precision,
+            "--seconds",
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     measured = json.loads(out.strip().splitlines()[-1])
     return measured["images"], [], 0, measured["seconds"], {}
 
@@ -271,12 +288,26 @@ def submit_path(stack: Stack, seconds: float, workdir: Path) -> dict[str, Any]:
     """Jobs/s one gateway accepts with no worker to take them (its own Redis database), and its memory."""
     port = free_port()
     redis_url = stack.env["SEGSERVE_REDIS_URL"].rsplit("/", 1)[0] + "/1"
-    env = {**stack.env, "SEGSERVE_REDIS_URL": redis_url, "SEGSERVE_MAX_QUEUED": "100000000",
-           "SEGSERVE_TORCHSERVE_KEY_FILE": str(stack.home / "torchserve" / "key_file.json")}  # fmt: skip
+    env = {
+        **stack.env,
+        "SEGSERVE_REDIS_URL": redis_url,
+        "SEGSERVE_MAX_QUEUED": "100000000",
+        "SEGSERVE_TORCHSERVE_KEY_FILE": str(stack.home / "torchserve" / "key_file.json"),
+    }
     gateway = subprocess.Popen(
-        [str(BIN / "uvicorn"), "gateway.app:app", "--port", str(port), "--log-level", "warning", "--no-access-log"],
-        cwd=ROOT, env=env, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(BIN / "uvicorn"),
+            "gateway.app:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
@@ -303,8 +334,14 @@ def submit_path(stack: Stack, seconds: float, workdir: Path) -> dict[str, Any]:
     finally:
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(timeout=30)
-    return {"accepted": accepted, "seconds": elapsed, "jobs_per_s": accepted / elapsed, "gateway_cpu_s": cpu,
-            "gateway_rss_mb": rss_mb, "load_tool": tool}  # fmt: skip
+    return {
+        "accepted": accepted,
+        "seconds": elapsed,
+        "jobs_per_s": accepted / elapsed,
+        "gateway_cpu_s": cpu,
+        "gateway_rss_mb": rss_mb,
+        "load_tool": tool,
+    }
 
 
 def _wrk(url: str, image: Path, seconds: float, workdir: Path) -> tuple[int, float]:
@@ -315,8 +352,10 @@ def _wrk(url: str, image: Path, seconds: float, workdir: Path) -> tuple[int, flo
     )
     out = subprocess.run(
         ["wrk", "-t1", "-c32", f"-d{int(seconds)}s", "-s", str(script), f"{url}/v1/jobs"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     total = int(next(line.split()[0] for line in out.splitlines() if "requests in" in line))
     bad = next((int(line.split()[-1]) for line in out.splitlines() if "Non-2xx" in line), 0)
     return total - bad, float(seconds)
@@ -336,10 +375,20 @@ async def _python_load(url: str, body: bytes, seconds: float) -> tuple[int, floa
 def build(engine: str, precision: str, store: Path) -> Path:
     """The archive for ``engine``, with the same seeded random weights as every other engine's."""
     subprocess.run(
-        [str(BIN / "segserve"), "build-model", "--engine", engine, "--precision", precision,
-         "--random-weights", "--model-store", str(store)],
-        cwd=ROOT, check=True,
-    )  # fmt: skip
+        [
+            str(BIN / "segserve"),
+            "build-model",
+            "--engine",
+            engine,
+            "--precision",
+            precision,
+            "--random-weights",
+            "--model-store",
+            str(store),
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     return store / "deeplabv3.mar"
 
 
@@ -421,8 +470,17 @@ def measure(
                 before = cpu_seconds(roles)
                 done, latencies, errors, elapsed, stages = run(body)
                 after = cpu_seconds(roles)
-                measured = Result(name, image, n, done, elapsed, latencies, errors,
-                                  {k: after[k] - before[k] for k in after}, stages)  # fmt: skip
+                measured = Result(
+                    name,
+                    image,
+                    n,
+                    done,
+                    elapsed,
+                    latencies,
+                    errors,
+                    {k: after[k] - before[k] for k in after},
+                    stages,
+                )
                 results.setdefault(label, Result(name, image, n)).merge(measured)
                 print(
                     f"round {round_no + 1}/{rounds} {label:<40} {measured.throughput:6.2f} images/s",
@@ -506,8 +564,15 @@ def main() -> int:
     print("\n" + report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = {k: {**asdict(v), "throughput": v.throughput, "p50_ms": v.percentile(0.5), "p99_ms": v.percentile(0.99)}
-               for k, v in results.items()}  # fmt: skip
+    summary = {
+        k: {
+            **asdict(v),
+            "throughput": v.throughput,
+            "p50_ms": v.percentile(0.5),
+            "p99_ms": v.percentile(0.99),
+        }
+        for k, v in results.items()
+    }
     for v in summary.values():
         v.pop("latencies_ms")
     out.write_text(

@@ -102,8 +102,11 @@ async def test_positions_come_true_under_fair_dispatch(store: JobStore) -> None:
     loaded = [await store.load(job.id, job.owner) for job in jobs]
     predicted = {job.id: job.position for job in loaded if job is not None}
     order = [job.id for job in await run_all(store)]
-    misses = [(order.index(job_id), position) for job_id, position in predicted.items()
-              if abs(order.index(job_id) - position) > 1]  # fmt: skip
+    misses = [
+        (order.index(job_id), position)
+        for job_id, position in predicted.items()
+        if abs(order.index(job_id) - position) > 1
+    ]
     assert not misses, misses
 
 
@@ -324,7 +327,9 @@ def test_a_flood_from_one_key_holds_up_no_other(stack: Stack) -> None:
     own = Stack(stack.redis, stack.torchserve, env, log_dir=stack.log_dir)
     own.start_gateway()
     own.start_worker()
-    flood_key, late_key = ({"Authorization": f"Bearer {k}", "Content-Type": "image/jpeg"} for k in ("flood-key", "late-key"))  # fmt: skip
+    flood_key, late_key = (
+        {"Authorization": f"Bearer {k}", "Content-Type": "image/jpeg"} for k in ("flood-key", "late-key")
+    )
     try:
         with httpx.Client(base_url=own.url, timeout=60) as client:
             queue = lambda: client.get("/v1/queue", headers=flood_key).json()["workers"]  # noqa: E731
@@ -340,9 +345,20 @@ def test_a_flood_from_one_key_holds_up_no_other(stack: Stack) -> None:
                 answer.json()["id"]: ended_job(client, answer.json()["id"], late_key) for answer in late
             }
         listed = subprocess.run(
-            [str(BIN / "segserve"), "jobs", "--url", own.url, "--api-key", "late-key", "--status", "succeeded"],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            [
+                str(BIN / "segserve"),
+                "jobs",
+                "--url",
+                own.url,
+                "--api-key",
+                "late-key",
+                "--status",
+                "succeeded",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert "6 jobs" in listed.stdout and all(answer.json()["id"] in listed.stdout for answer in late)
     finally:
         own.stop()

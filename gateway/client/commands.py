@@ -93,10 +93,16 @@ def jobs(args: argparse.Namespace) -> int:
         return 1
     columns = ("id", "status", "priority", "created", "position", "error")
     rows = [
-        (job["id"], job["status"], job["priority"], job["created_at"], str(job.get("position", "")),
-         (job.get("error") or {}).get("code", ""))
+        (
+            job["id"],
+            job["status"],
+            job["priority"],
+            job["created_at"],
+            str(job.get("position", "")),
+            (job.get("error") or {}).get("code", ""),
+        )
         for job in found
-    ]  # fmt: skip
+    ]
     if not sys.stdout.isatty():  # for scripts: one tab-separated line a job, nothing cut short
         print(f"# {len(found)} jobs, newest first")
         print("\t".join(columns))

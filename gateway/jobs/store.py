@@ -164,10 +164,20 @@ class JobStore:
         if idempotency:
             step_keys.append(keys.idempotency(sub.owner, idempotency))
         args: list[EncodableT] = [
-            sub.job_id, repr(created), config.max_queued, arq_job, flat(fields), sub.input_bytes,
-            config.max_queued_bytes, MEMORY_SHARE, sub.owner, repr(sub.priority.queue_score(created)),
-            repr(created + wait_ms), limits.to_json(), self.layout,
-        ]  # fmt: skip
+            sub.job_id,
+            repr(created),
+            config.max_queued,
+            arq_job,
+            flat(fields),
+            sub.input_bytes,
+            config.max_queued_bytes,
+            MEMORY_SHARE,
+            sub.owner,
+            repr(sub.priority.queue_score(created)),
+            repr(created + wait_ms),
+            limits.to_json(),
+            self.layout,
+        ]
         if config.min_replicas:
             # WAIT counts the replicas that have this connection's writes: it goes on the submit's connection.
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -244,11 +254,24 @@ class JobStore:
 
     async def cancel(self, job_id: str) -> JobStatus | None:
         """The job's status after the cancel: CANCELED, or how it had already ended; None when unknown."""
-        step_keys = [keys.job(job_id), keys.QUEUE, keys.arq_job(job_id), keys.in_progress(job_id),
-                     keys.arq_retry(job_id), keys.STATS, keys.PENDING, keys.DELIVERIES]  # fmt: skip
+        step_keys = [
+            keys.job(job_id),
+            keys.QUEUE,
+            keys.arq_job(job_id),
+            keys.in_progress(job_id),
+            keys.arq_retry(job_id),
+            keys.STATS,
+            keys.PENDING,
+            keys.DELIVERIES,
+        ]
         args: list[EncodableT] = [
-            job_id, repr(now_ms()), keys.CHANGED_CHANNEL, self.config.ttl_ms, keys.DELIVERY_PREFIX, self.layout,
-        ]  # fmt: skip
+            job_id,
+            repr(now_ms()),
+            keys.CHANGED_CHANNEL,
+            self.config.ttl_ms,
+            keys.DELIVERY_PREFIX,
+            self.layout,
+        ]
         answer = (await self.scripts["cancel"](keys=step_keys, args=args)).decode()
         return None if answer == "missing" else JobStatus(answer)
 
@@ -258,14 +281,26 @@ class JobStore:
         enqueued = now_ms()
         config, limits = self.config, limits or OwnerLimits()
         arq_job = serialize_job(FUNCTION, (job_id,), {}, None, int(enqueued), serializer=serialize)
-        step_keys = [keys.job(job_id), keys.QUEUE, keys.arq_job(job_id), keys.in_progress(job_id),
-                     keys.arq_retry(job_id)]  # fmt: skip
+        step_keys = [
+            keys.job(job_id),
+            keys.QUEUE,
+            keys.arq_job(job_id),
+            keys.in_progress(job_id),
+            keys.arq_retry(job_id),
+        ]
         priority = await self.redis.hget(keys.job(job_id), "priority")  # type: ignore[misc]
         score = Priority(priority.decode() if priority else "normal").queue_score(enqueued)
         args: list[EncodableT] = [
-            job_id, repr(enqueued), arq_job, config.max_queued, config.max_queued_bytes, MEMORY_SHARE,
-            limits.to_json(), repr(score), self.layout,
-        ]  # fmt: skip
+            job_id,
+            repr(enqueued),
+            arq_job,
+            config.max_queued,
+            config.max_queued_bytes,
+            MEMORY_SHARE,
+            limits.to_json(),
+            repr(score),
+            self.layout,
+        ]
         answer = await self.scripts["retry"](keys=step_keys, args=args)
         kind = answer[0].decode()
         if kind == "queued":
@@ -276,12 +311,26 @@ class JobStore:
 
     async def delete(self, job_id: str) -> None:
         """Forget everything of the job, its blobs too. A running one's completion then keeps nothing."""
-        step_keys = [keys.job(job_id), keys.QUEUE, keys.arq_job(job_id), keys.in_progress(job_id),
-                     keys.arq_retry(job_id), keys.STATS, keys.PENDING, keys.BLOB_EXPIRY, keys.DELIVERIES]  # fmt: skip
+        step_keys = [
+            keys.job(job_id),
+            keys.QUEUE,
+            keys.arq_job(job_id),
+            keys.in_progress(job_id),
+            keys.arq_retry(job_id),
+            keys.STATS,
+            keys.PENDING,
+            keys.BLOB_EXPIRY,
+            keys.DELIVERIES,
+        ]
         look_again = now_ms() + self.config.try_ms  # after any running try, which may still write a mask
         args: list[EncodableT] = [
-            job_id, keys.CHANGED_CHANNEL, keys.DELIVERY_PREFIX, look_again, repr(now_ms()), self.layout,
-        ]  # fmt: skip
+            job_id,
+            keys.CHANGED_CHANNEL,
+            keys.DELIVERY_PREFIX,
+            look_again,
+            repr(now_ms()),
+            self.layout,
+        ]
         await self.scripts["delete"](keys=step_keys, args=args)
         try:
             await self.blobs.delete(keys.blobs_of(job_id))
@@ -294,9 +343,13 @@ class JobStore:
         """A page of the owner's jobs, newest first, created before ``before_ms``; and where the next page
         starts (None at the end). A page may hold fewer than ``limit`` jobs when a status filter skips many."""
         args: list[EncodableT] = [
-            owner, "+inf" if before_ms is None else repr(before_ms), limit, status.value if status else "",
-            LIST_LOOK_AT, self.layout,
-        ]  # fmt: skip
+            owner,
+            "+inf" if before_ms is None else repr(before_ms),
+            limit,
+            status.value if status else "",
+            LIST_LOOK_AT,
+            self.layout,
+        ]
         last, *ids = await self.scripts["list"](args=args)
         loaded = await asyncio.gather(*(self.load(raw.decode(), owner) for raw in ids))
         jobs = [job for job in loaded if job is not None and (status is None or job.status is status)]
@@ -323,8 +376,13 @@ class JobStore:
         """Take the job for one try; None when there is nothing to do (deleted, canceled or ended)."""
         step_keys = [keys.job(job_id), keys.RUNNING, keys.DELIVERIES]
         args: list[EncodableT] = [
-            job_id, repr(now_ms()), deadline_ms, keys.CHANGED_CHANNEL, keys.DELIVERY_PREFIX, self.layout,
-        ]  # fmt: skip
+            job_id,
+            repr(now_ms()),
+            deadline_ms,
+            keys.CHANGED_CHANNEL,
+            keys.DELIVERY_PREFIX,
+            self.layout,
+        ]
         answer = await self.scripts["start"](keys=step_keys, args=args)
         if answer[0].decode() != "run":
             return None
@@ -363,10 +421,16 @@ class JobStore:
         status = outcome.status.value
         step_keys = [keys.job(job.id), keys.RUNNING, keys.STATS, keys.PENDING, keys.DELIVERIES]
         args: list[EncodableT] = [
-            job.id, repr(finished), self.config.ttl_ms, status, flat(fields),
-            json.dumps(counter_increments(status, seconds)), keys.CHANGED_CHANNEL, keys.DELIVERY_PREFIX,
+            job.id,
+            repr(finished),
+            self.config.ttl_ms,
+            status,
+            flat(fields),
+            json.dumps(counter_increments(status, seconds)),
+            keys.CHANGED_CHANNEL,
+            keys.DELIVERY_PREFIX,
             self.layout,
-        ]  # fmt: skip
+        ]
         answer = (await self.scripts["complete"](keys=step_keys, args=args)).decode()
         if answer == "gone":
             await self.blobs.delete(keys.blobs_of(job.id))
@@ -384,12 +448,24 @@ class JobStore:
     async def abandon(self, job_id: str, error: JobError) -> bool:
         """arq has ended the job without an outcome of ours: fail it with ``error``, unless it has ended,
         is gone, or arq will run it again. Whether it failed it."""
-        step_keys = [keys.job(job_id), keys.QUEUE, keys.in_progress(job_id), keys.RUNNING, keys.STATS,
-                     keys.PENDING, keys.DELIVERIES]  # fmt: skip
+        step_keys = [
+            keys.job(job_id),
+            keys.QUEUE,
+            keys.in_progress(job_id),
+            keys.RUNNING,
+            keys.STATS,
+            keys.PENDING,
+            keys.DELIVERIES,
+        ]
         args: list[EncodableT] = [
-            job_id, repr(now_ms()), self.config.ttl_ms, json.dumps(asdict(error)), keys.CHANGED_CHANNEL,
-            keys.DELIVERY_PREFIX, self.layout,
-        ]  # fmt: skip
+            job_id,
+            repr(now_ms()),
+            self.config.ttl_ms,
+            json.dumps(asdict(error)),
+            keys.CHANGED_CHANNEL,
+            keys.DELIVERY_PREFIX,
+            self.layout,
+        ]
         return bool(await self.scripts["abandon"](keys=step_keys, args=args))
 
     # Blobs whose job is gone.

@@ -329,16 +329,25 @@ def build_archive(
         )
         entry, package = stage_handler(workdir)
         command = [
-            sys.executable, "-m", "model_archiver.model_packaging",
-            "--model-name", name,
-            "--version", version,
-            "--handler", f"{entry.with_suffix('')}:handle",  # the archiver adds .py back
-            "--extra-files", str(package),  # its contents go to the model's directory: the package
-            "--serialized-file", str(served),
-            "--config-file", str(config_path),
-            "--export-path", str(store),
+            sys.executable,
+            "-m",
+            "model_archiver.model_packaging",
+            "--model-name",
+            name,
+            "--version",
+            version,
+            "--handler",
+            f"{entry.with_suffix('')}:handle",  # the archiver adds .py back
+            "--extra-files",
+            str(package),  # its contents go to the model's directory: the package
+            "--serialized-file",
+            str(served),
+            "--config-file",
+            str(config_path),
+            "--export-path",
+            str(store),
             "--force",
-        ]  # fmt: skip
+        ]
         # The archiver stages files in $TMPDIR/<model name>: a directory of its own keeps two builds of one
         # name (two checkouts, two test runs) from deleting each other's files.
         staging = {**os.environ, "TMPDIR": str(workdir)}

@@ -164,8 +164,13 @@ class DeepLabV3Handler:
             logger.warning("RANDOM WEIGHTS (%s): masks from this model are meaningless", self.weights_label)
         logger.info(
             "deeplabv3 %s ready on %s: engine %s, precision %s, %d intra-op threads, weights: %s",
-            self.variant, self.device, self.engine_name, self.precision, self.threads, self.weights_label,
-        )  # fmt: skip
+            self.variant,
+            self.device,
+            self.engine_name,
+            self.precision,
+            self.threads,
+            self.weights_label,
+        )
 
     def _load_engine(self, model_file: str, gpu_id: int | None, manifest: dict[str, Any]) -> Engine:
         peers = model_peers(manifest) if self.narrow_threads else None
