@@ -259,7 +259,10 @@ def assert_b_took_over(
     # place at once), so no worker's log says it ended; it must be one A was running.
     unmarked = set(jobs) - (a_finished | marked(b_log, "←"))
     assert unmarked <= interrupted, f"jobs that ended with no worker saying so: {unmarked - interrupted}"
-    assert interrupted <= marked(b_after_kill, "→") & b_finished_after, interrupted - b_finished_after
+    # The rest of what A was running came back through arq, and B ran it to the end.
+    taken_over = interrupted - unmarked
+    assert taken_over, f"every job {a.name} was running had ended when it went down: the kill proved nothing"
+    assert taken_over <= marked(b_after_kill, "→") & b_finished_after, taken_over - b_finished_after
     # Every try the store counted is one a worker logged, and the other way round, but for the jobs that arq
     # gave B again after A died: A's last try may have died before the store heard of it, or after the job
     # ended but before arq heard of that (B's try then finds it ended and counts nothing).

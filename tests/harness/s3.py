@@ -8,6 +8,7 @@ URLs included), speaks multipart uploads, bulk deletes and lifecycle rules. It n
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import uuid
 from dataclasses import dataclass, field
@@ -90,7 +91,24 @@ class CephS3:
     def config(self) -> Path:
         return self.directory / "ceph.conf"
 
-    def start(self) -> None:
+    def start(self, attempts: int = 3) -> None:
+        """Start the cluster. A start that fails (a port taken between choosing and binding it, a monitor slow to
+        answer on a busy machine) is stopped whole, its logs kept in the error, and tried again from nothing on
+        fresh ports."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self.start_once()
+                return
+            except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
+                self.stop()
+                if attempt == attempts:
+                    raise RuntimeError(
+                        f"Ceph did not start in {attempts} tries; the last: {exc}\n{self.logs()}"
+                    ) from exc
+                shutil.rmtree(self.directory)
+                self.monitor_port, self.gateway_port = free_port(), free_port()
+
+    def start_once(self) -> None:
         for part in ("run", "log", "mon.a", "osd.0", "rgw"):
             (self.directory / part).mkdir(parents=True, exist_ok=True)
         fsid = str(uuid.uuid4())
@@ -128,6 +146,14 @@ class CephS3:
         )
         self.run("ceph-mon", "-c", str(self.config), "--mkfs", "-i", "a", "--monmap", str(monmap))
         self.daemon("ceph-mon", "-i", "a")
+        wait_until(
+            lambda: (
+                self.alive()
+                and self.run("ceph", "-c", str(self.config), "--connect-timeout", "10", "mon", "stat")
+            ),
+            60,
+            "Ceph's monitor",
+        )
         osd_uuid = str(uuid.uuid4())
         osd = self.run(
             "ceph", "-c", str(self.config), "--connect-timeout", "20", "osd", "new", osd_uuid
@@ -135,12 +161,18 @@ class CephS3:
         self.run("ceph-osd", "-c", str(self.config), "-i", osd, "--mkfs", "--osd-uuid", osd_uuid)
         self.daemon("ceph-osd", "-i", osd)
         wait_until(
-            lambda: f"osd.{osd} up" in self.run("ceph", "-c", str(self.config), "osd", "dump"),
+            lambda: (
+                self.alive() and f"osd.{osd} up" in self.run("ceph", "-c", str(self.config), "osd", "dump")
+            ),
             60,
             "Ceph's object store daemon",
         )
         self.daemon("radosgw", "-n", "client.rgw")
-        wait_until(lambda: httpx.get(self.endpoint, timeout=2).status_code < 500, 60, "Ceph's RADOS Gateway")
+        wait_until(
+            lambda: self.alive() and httpx.get(self.endpoint, timeout=2).status_code < 500,
+            60,
+            "Ceph's RADOS Gateway",
+        )
         self.run(
             "radosgw-admin",
             "-c",
@@ -163,6 +195,21 @@ class CephS3:
         """A Ceph daemon in the foreground, in its own process group, so stopping it leaves nothing."""
         command = [program, "-f", "-c", str(self.config), *args]
         self.daemons.append(spawn(command, self.directory / "log" / f"{program}.out"))
+
+    def alive(self) -> bool:
+        """True while every daemon runs; a daemon that has exited ends the wait for it at once."""
+        for daemon in self.daemons:
+            if daemon.poll() is not None:
+                raise RuntimeError(f"{daemon.args!r} exited with {daemon.returncode}")
+        return True
+
+    def logs(self, lines: int = 15) -> str:
+        """The ends of the daemons' logs, for an error that says why a start failed."""
+        tails = []
+        for log in sorted((self.directory / "log").glob("*")):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            tails.append(f"--- {log.name}\n" + "\n".join(tail))
+        return "\n".join(tails)
 
     def stop(self) -> None:
         for daemon in reversed(self.daemons):  # the gateway first: it waits for the others as it stops
