@@ -26,7 +26,7 @@ from gateway.app.errors import EXCEPTION_HANDLERS, job_store_full, problem_respo
 from gateway.app.web import ModelCatalog, Services
 from gateway.budget import MemoryBudget
 from gateway.jobs import BlobStoreError, BlobStoreFull, JobStore, Waiters
-from gateway.jobs.connection import connect, stop
+from gateway.jobs.connection import connect, deadlines, stop
 from gateway.settings import Settings
 from gateway.tenants import load as load_tenants
 from gateway.webhooks import signing_key
@@ -39,7 +39,7 @@ TICK_SECONDS = 1.0
 async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     settings = Settings.from_env()
     # No ping here: the gateway starts, and answers 503, while Redis is still coming up.
-    redis = connect(settings, socket_connect_timeout=2, socket_timeout=10)
+    redis = connect(settings, **deadlines(settings))
     store = JobStore.from_settings(redis, settings)
     services = Services(
         settings=settings,
@@ -47,7 +47,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         store=store,
         catalog=ModelCatalog(store, settings.models_cache_seconds),
         # Its own connection, with no read timeout: the subscription is quiet for as long as no job ends.
-        waiters=Waiters(connect(settings, socket_connect_timeout=2)),
+        waiters=Waiters(
+            connect(settings, socket_connect_timeout=settings.redis_timeout, socket_keepalive=True)
+        ),
         tenants=load_tenants(settings),  # malformed keys, or a list that names none, stop the start
         openapi=yaml.safe_load(files("gateway.app").joinpath("static", "openapi.yaml").read_text()),
         http=urls.client(settings.url_timeout),

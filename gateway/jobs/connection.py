@@ -67,15 +67,25 @@ async def stop(task: asyncio.Task[Any]) -> None:
         task.result()  # an error it ended with is the caller's
 
 
+def deadlines(settings: Settings) -> dict[str, Any]:
+    """redis-py's options that give every call a deadline: a Redis that hangs (SIGSTOP, or a host gone with
+    no reset, which the kernel's keepalive finds) fails a call within ``redis_timeout``, never later. The read
+    timeout outlasts the longest WAIT a submission sends for its replicas."""
+    wait_seconds = settings.redis_replica_timeout_ms / 1000 if settings.redis_min_replicas else 0.0
+    return {
+        "socket_connect_timeout": settings.redis_timeout,
+        "socket_timeout": max(settings.redis_timeout, wait_seconds + 1.0),
+        "socket_keepalive": True,
+    }
+
+
 def worker_connection(settings: Settings) -> ArqRedis:
     """``segserve worker``'s client, with what arq's own Sentinel pool lacks: read and connect timeouts
     and retries. A primary whose host vanishes (silence, no reset) then costs a command seconds, not
     forever, and the retry reconnects to the primary Sentinel has promoted."""
     redis = connect(
         settings,
-        socket_connect_timeout=2,
-        socket_timeout=3,
-        socket_keepalive=True,
+        **deadlines(settings),
         # Few retries: a job's try must see the error well inside its time limit, and come back later.
         # Only failed connections: a timed-out command may have run, and some steps must run once.
         retry=Retry(
