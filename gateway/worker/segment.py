@@ -13,7 +13,7 @@ from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.budget import BudgetTimeout
-from gateway.jobs import BlobStoreError, Job, Outcome, Result, now_ms
+from gateway.jobs import BlobStoreError, Job, Outcome, Result, StaleTry, now_ms
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, InputRejected, ModelNotFound, TorchServe
 from gateway.worker.overlay import draw_overlay, memory_needed
@@ -35,6 +35,10 @@ async def segment(ctx: dict[str, Any], job_id: str) -> None:
     attempt: int = ctx["job_try"]
     try:
         await one_try(state, job_id, attempt)
+    except StaleTry:
+        # Stalled past the lease: a newer try owns the job now, and arq's end of this one must not touch it.
+        logger.warning("%s: try %d was overtaken by a newer one; its outcome is dropped", job_id, attempt)
+        state.stale.add(job_id)
     except STORES_UNAVAILABLE as exc:
         delay = backoff(state.settings, attempt)
         logger.warning("%s: a store does not answer (%s), try again in %.1fs", job_id, exc, delay)
@@ -60,7 +64,7 @@ async def one_try(state: WorkerState, job_id: str, attempt: int) -> None:
                 await store.complete(job, outcome)  # inside the hold: the outcome holds the mask and overlay
     except (BudgetTimeout, BlobStoreError) as exc:
         # Busy with other images, or the blob store does not answer: this try ends, the job waits.
-        if not await store.release(job_id):
+        if not await store.release(job):
             return  # canceled or deleted meanwhile: no next try
         delay = backoff(settings, attempt)
         logger.info("%s: %s; try %d again in %.1fs", job_id, exc, attempt, delay)
@@ -84,7 +88,7 @@ async def outcome_of(state: WorkerState, job: Job, attempt: int) -> Outcome | No
     except (BackendUnavailable, asyncio.TimeoutError) as exc:
         reason = str(exc) or f"no answer in {settings.inference_timeout:g} s"
         if attempt < settings.max_attempts:
-            if not await state.store.release(job.id):
+            if not await state.store.release(job):
                 return None
             delay = backoff(settings, attempt)
             logger.info("%s: backend unavailable (%s), try %d again in %.1fs", job.id, reason, attempt, delay)
