@@ -49,15 +49,18 @@ class RedisServer(Server):
     directory: Path
     process: subprocess.Popen[bytes] | None = None
     options: tuple[str, ...] = ()  # more of redis-server's options, e.g. ("--replicaof", "127.0.0.1", "6379")
+    password: str = ""  # set: clients and replicas need it (requirepass, masterauth)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        credentials = f":{self.password}@" if self.password else ""
+        return f"redis://{credentials}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", *self.options],
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", *self.options,
+             *(("--requirepass", self.password, "--masterauth", self.password) if self.password else ())],
             stdout=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         wait_until(self.ping, 10, "redis-server")
@@ -69,7 +72,7 @@ class RedisServer(Server):
     def client(self, db: int = 0):  # type: ignore[no-untyped-def]
         import redis
 
-        return redis.Redis(port=self.port, db=db, socket_connect_timeout=1)
+        return redis.Redis(port=self.port, db=db, socket_connect_timeout=1, password=self.password or None)
 
 
 def build_model_store(store: Path) -> Path:
