@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis.exceptions import ResponseError
 
 from gateway.client import Client, SegserveError
 from gateway.jobs import NotReplicated
-from gateway.jobs.connection import connect, deadlines
+from gateway.jobs.connection import connect, deadlines, no_replicas
 from gateway.settings import Settings
 from tests.harness.images import encode, scene
 from tests.harness.jobs import directory_store, submit
@@ -105,7 +107,9 @@ def guarded(redis_binary: str, tmp_path: Path) -> Iterator[ReplicatedRedis]:
     servers.stop()
 
 
-async def test_sentinels_with_a_password_refuse_a_re_pointing_without_it(guarded: ReplicatedRedis) -> None:
+async def test_guarded_sentinels_refuse_a_re_pointing_and_a_lone_primary_refuses_writes(
+    guarded: ReplicatedRedis,
+) -> None:
     import redis
 
     port = guarded.sentinel_ports[0]
@@ -128,3 +132,13 @@ async def test_sentinels_with_a_password_refuse_a_re_pointing_without_it(guarded
     client = connect(settings, **deadlines(settings))
     assert await client.set("segserve:probe", "1")
     await client.aclose()
+    # Cut off from both replicas, the primary takes no write: what it would accept, a failover would drop.
+    primary = connect(Settings(redis_url=guarded.primary.url), **deadlines(settings))
+    for replica in guarded.replicas:
+        replica.stop()
+    with pytest.raises(ResponseError) as refused:
+        for _ in range(100):  # until the primary sees them gone (at once: their connections close)
+            await primary.set("segserve:probe", "2")
+            await asyncio.sleep(0.1)
+    assert no_replicas(refused.value)
+    await primary.aclose()

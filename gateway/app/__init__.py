@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -26,7 +26,7 @@ from gateway.app.errors import EXCEPTION_HANDLERS, job_store_full, problem_respo
 from gateway.app.web import ModelCatalog, Services
 from gateway.budget import MemoryBudget
 from gateway.jobs import BlobStoreError, BlobStoreFull, JobStore, Waiters
-from gateway.jobs.connection import connect, deadlines, stop
+from gateway.jobs.connection import connect, deadlines, no_replicas, stop
 from gateway.settings import Settings
 from gateway.tenants import load as load_tenants
 from gateway.webhooks import signing_key
@@ -89,6 +89,13 @@ async def redis_down(request: Request, exc: Exception) -> Response:
     )
 
 
+async def redis_refused(request: Request, exc: Exception) -> Response:
+    """A primary without replicas in sync takes no writes (min-replicas-to-write): away for a failover."""
+    if no_replicas(exc):
+        return await redis_down(request, exc)
+    raise exc
+
+
 async def redis_full(request: Request, exc: Exception) -> Response:
     problem = job_store_full()
     return problem_response(problem.status, problem.code, problem.detail, problem.headers)
@@ -113,6 +120,7 @@ app = Starlette(
         RedisConnectionError: redis_down,
         RedisTimeoutError: redis_down,
         OutOfMemoryError: redis_full,
+        ResponseError: redis_refused,
         BlobStoreError: blob_store_down,
     },
 )

@@ -19,10 +19,17 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.jobs.store import deserialize, serialize
 from gateway.settings import Settings
+
+
+def no_replicas(exc: BaseException) -> bool:
+    """Whether Redis refused a write for want of replicas in sync (``min-replicas-to-write``): a primary
+    cut off from its replicas, soon replaced by the failover. redis-py has no class of its own for it."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOREPLICAS")
 
 
 def sentinels(settings: Settings) -> list[tuple[str, int]]:
@@ -49,7 +56,11 @@ def connect(settings: Settings, **options: Any) -> ArqRedis:
     database = int(url.path.strip("/") or 0)
     # A sentinel's host that vanishes must cost a lookup seconds: the next sentinel is asked then. Sentinels
     # that require a password (so that nobody else can re-point the master name) take the URL's.
-    sentinel_options = {"socket_connect_timeout": 2, "socket_timeout": 2, "socket_keepalive": True}
+    sentinel_options: dict[str, Any] = {
+        "socket_connect_timeout": 2,
+        "socket_timeout": 2,
+        "socket_keepalive": True,
+    }
     if url.password:
         sentinel_options["password"] = url.password
     sentinel = Sentinel(addresses, sentinel_kwargs=sentinel_options, **options)  # type: ignore[no-untyped-call]

@@ -9,11 +9,12 @@ from typing import Any
 
 from arq import Retry
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.budget import BudgetTimeout
 from gateway.jobs import BlobStoreError, Job, Outcome, Result, StaleTry, now_ms
+from gateway.jobs.connection import no_replicas
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, InputRejected, ModelNotFound, TorchServe
 from gateway.worker.overlay import draw_overlay, memory_needed
@@ -39,7 +40,9 @@ async def segment(ctx: dict[str, Any], job_id: str) -> None:
         # Stalled past the lease: a newer try owns the job now, and arq's end of this one must not touch it.
         logger.warning("%s: try %d was overtaken by a newer one; its outcome is dropped", job_id, attempt)
         state.stale.add(job_id)
-    except STORES_UNAVAILABLE as exc:
+    except (*STORES_UNAVAILABLE, ResponseError) as exc:
+        if isinstance(exc, ResponseError) and not no_replicas(exc):
+            raise
         delay = backoff(state.settings, attempt)
         logger.warning("%s: a store does not answer (%s), try again in %.1fs", job_id, exc, delay)
         raise Retry(defer=delay) from exc

@@ -78,7 +78,9 @@ class ReplicatedRedis:
         for n in range(2):
             (directory / f"replica{n}").mkdir()
             follow = ("--replicaof", "127.0.0.1", str(primary.port), *MIN_REPLICAS)
-            replicas.append(RedisServer(free_port(), directory / f"replica{n}", options=follow, password=password))
+            replicas.append(
+                RedisServer(free_port(), directory / f"replica{n}", options=follow, password=password)
+            )
             replicas[-1].start()
 
         def in_sync() -> bool:
