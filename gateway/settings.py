@@ -24,6 +24,9 @@ class Settings:
     # failover; 0: off. A submission waits up to redis_replica_timeout_ms for them, then fails with 503.
     redis_min_replicas: int = 0
     redis_replica_timeout_ms: int = 1000
+    # Seconds one call to Redis may take before it fails (503 redis_unavailable at the gateway): a Redis that
+    # hangs (SIGSTOP, a host gone without a reset) then costs a request this long, not until it is back.
+    redis_timeout: float = 3.0
     # The worker's TorchServe: its inference and management APIs. Gateways never call it.
     torchserve_url: str = "http://127.0.0.1:8080"
     torchserve_management_url: str = "http://127.0.0.1:8081"

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import json
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,15 @@ logger = logging.getLogger(__name__)
 
 # What a restarting, overloaded or unreachable TorchServe answers; worth trying again later.
 TRANSIENT_STATUSES = {500, 502, 503, 504, 507}
+
+# TCP keepalive, probed after 10 s of silence every 5 s: a TorchServe whose host vanished (no reset) fails
+# an idle pooled connection in ~25 s, not after the kernel's default of two hours.
+KEEPALIVE = [
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+]
 
 
 def one_line(text: str, limit: int = 200) -> str:
@@ -134,7 +144,10 @@ class TorchServe:
         self.tokens = Tokens(key_file)
         # TorchServe queues requests with no timeout of its own while its worker restarts: ours bounds them.
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0), limits=limits)
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            transport=httpx.AsyncHTTPTransport(limits=limits, socket_options=KEEPALIVE),
+        )
         self._describe_cache: dict[tuple[str, str], dict[str, Any]] = {}
 
     async def aclose(self) -> None:

@@ -10,11 +10,13 @@ import json
 import signal
 import threading
 import time
+from dataclasses import dataclass
 
 import httpx
 import psutil
 
 from gateway.client import Client
+from gateway.settings import Settings
 from tests.harness.images import encode, scene
 from tests.harness.processes import free_port, stop_process, wait_until
 from tests.harness.receiver import Receiver
@@ -208,3 +210,60 @@ def test_webhooks_outlive_a_receiver_down_and_killed_processes(isolated: Stack) 
                 assert deliveries["job.started"]["attempts"] > 1, deliveries
     finally:
         receiver.close()
+
+
+@dataclass(frozen=True)
+class Answer:
+    sent: float  # time.monotonic() when it was sent
+    seconds: float  # until it was answered
+    response: httpx.Response
+
+
+def steady_load(url: str, answers: list[Answer], done: threading.Event) -> None:
+    """Submissions one after another, five a second, until ``done``."""
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while not done.is_set():
+            sent = time.monotonic()
+            response = client.post("/v1/jobs", content=SMALL, headers={"Content-Type": "image/jpeg"})
+            answers.append(Answer(sent, time.monotonic() - sent, response))
+            time.sleep(0.2)
+
+
+def test_a_frozen_redis_gets_fast_503s_and_every_accepted_job_succeeds(isolated: Stack, stack: Stack) -> None:
+    """Redis stopped with SIGSTOP (it holds its connections and answers nothing, as a vanished host does)
+    under a steady load: every submission meanwhile is answered within the deadline, with a 503 that says
+    when to come back, and the gateway takes jobs again by itself once Redis thaws."""
+    bound = Settings().redis_timeout + 5  # the deadline, and slack for a slow machine
+    answers: list[Answer] = []
+    done = threading.Event()
+    loader = threading.Thread(target=steady_load, args=(isolated.url, answers, done))
+    loader.start()
+    redis = psutil.Process(stack.redis.process.pid)  # type: ignore[union-attr]
+    try:
+        time.sleep(1)
+        redis.send_signal(signal.SIGSTOP)
+        frozen = time.monotonic()
+        time.sleep(15)
+    finally:
+        redis.send_signal(signal.SIGCONT)
+    thawed = time.monotonic()
+    try:
+        wait_until(lambda: answers[-1].sent > thawed and answers[-1].response.status_code == 202, 30, "a 202")
+    finally:
+        done.set()
+        loader.join()
+    recovered = next(a.sent + a.seconds for a in answers if a.sent > thawed and a.response.status_code == 202)
+    during = [a for a in answers if frozen <= a.sent < thawed]
+    refused = [a.response for a in during if a.response.status_code == 503]
+    assert refused, "submissions met the frozen Redis"
+    assert {r.json()["code"] for r in refused} == {"redis_unavailable"}
+    assert all(r.headers["Retry-After"].isdigit() for r in refused)
+    assert {a.response.status_code for a in answers} <= {202, 503}
+    slowest = max(a.seconds for a in during)
+    assert slowest < bound, (slowest, bound)
+    print(
+        f"frozen 15 s: {len(during)} submissions, {len(refused)} answered 503, slowest {slowest:.2f} s;"
+        f" 202 again {recovered - thawed:.2f} s after the thaw"
+    )
+    accepted = [a.response.json()["id"] for a in answers if a.response.status_code == 202]
+    assert_all_succeeded_once(isolated.url, accepted)

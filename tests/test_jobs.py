@@ -29,6 +29,7 @@ from gateway.jobs import (
     QueueFull,
     Result,
     RetryRefused,
+    StaleTry,
     keys,
     now_ms,
 )
@@ -374,7 +375,7 @@ async def test_retry_refuses_what_it_cannot_run(store: JobStore) -> None:
 
 async def test_a_retried_try_starts_again_and_counts_attempts(store: JobStore) -> None:
     job = await take(store, await submit(store))
-    await store.release(job.id)  # the try ended without an outcome (raise Retry)
+    await store.release(job)  # the try ended without an outcome (raise Retry)
     await store.redis.delete(in_progress_key_prefix + job.id)
     assert (await store.fleet.queue_stats()).running == 0
     again = await take(store, job)
@@ -402,7 +403,7 @@ async def test_abandon_leaves_what_is_not_lost(store: JobStore) -> None:
     await store.complete(done, Outcome.succeeded(RESULT, b"PNG", {}))
     await end_try(store, done.id)
     retried = await take(store, await submit(store))
-    assert await store.release(retried.id)  # the try asks to run later: arq puts it back in its queue
+    assert await store.release(retried)  # the try asks to run later: arq puts it back in its queue
     await store.redis.delete(in_progress_key_prefix + retried.id)
     for job in (done, retried):
         assert not await store.abandon(job.id, gave_up)
@@ -413,7 +414,7 @@ async def test_abandon_leaves_what_is_not_lost(store: JobStore) -> None:
 async def test_a_canceled_try_asks_for_no_next_one(store: JobStore) -> None:
     job = await take(store, await submit(store))
     await store.cancel(job.id)
-    assert not await store.release(job.id)
+    assert not await store.release(job)
     assert await store.redis.zcard("segserve:running") == 0
 
 
@@ -543,3 +544,25 @@ def test_only_the_job_store_writes_job_keys() -> None:
         text=True,
     ).stdout.split()
     assert hits == ["gateway/jobs/keys.py"], hits
+
+
+async def test_a_try_stalled_past_its_lease_can_neither_complete_nor_disturb_the_newer_one(
+    store: JobStore,
+) -> None:
+    stalled = await take(store, await submit(store))
+    await store.redis.delete(in_progress_key_prefix + stalled.id)  # its lease ran out: arq runs it again
+    newer = await take(store, stalled)
+    assert (stalled.attempts, newer.attempts) == (1, 2)
+    with pytest.raises(StaleTry):
+        await store.complete(stalled, Outcome.succeeded(RESULT, b"PNG", {}))
+    with pytest.raises(StaleTry):
+        await store.release(stalled)
+    running = await store.load(newer.id)
+    assert running is not None and running.status is JobStatus.RUNNING and running.attempts == 2
+    assert await store.redis.zscore("segserve:running", newer.id) is not None  # the newer try's lease
+    assert await store.redis.exists(in_progress_key_prefix + newer.id)
+    assert blobs_of(store, newer.id) == {"inputs"}  # nothing of the stalled try's outcome was kept
+    assert await store.complete(newer, Outcome.succeeded(RESULT, b"PNG", {})) is JobStatus.SUCCEEDED
+    with pytest.raises(StaleTry):  # and never after the newer try has ended either
+        await store.complete(stalled, Outcome.failed("internal_error", "late"))
+    assert (await store.load(newer.id)).status is JobStatus.SUCCEEDED  # type: ignore[union-attr]

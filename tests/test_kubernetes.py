@@ -696,14 +696,15 @@ def test_keda_scales_the_workers_from_zero_on_the_backlog(rendered: Rendered) ->
         assert [a.strip() for a in metadata["addresses"].split(",")] == [
             f"{host}.{rendered.namespace}.svc:{port}" for host, _, port in ours
         ]
-    # The password comes from the Secret everyone else reads it from.
     auth = rendered.one("TriggerAuthentication", trigger["authenticationRef"]["name"])
-    (ref,) = auth["spec"]["secretTargetRef"]
-    assert ref["parameter"] == "password"
+    # The password comes from the Secret everyone else reads it from; the sentinels ask for it too.
+    refs = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
+    assert set(refs) == {"password", "sentinelPassword"}
     redis_password = env_of(containers_of(rendered.one("StatefulSet", "segserve-redis"))["redis"])[
         "REDIS_PASSWORD"
     ]
-    assert {"name": ref["name"], "key": ref["key"]} == redis_password["valueFrom"]["secretKeyRef"]
+    for ref in refs.values():
+        assert {"name": ref["name"], "key": ref["key"]} == redis_password["valueFrom"]["secretKeyRef"]
 
 
 def test_worker_pods_finish_their_jobs_before_they_are_killed(rendered: Rendered) -> None:
@@ -740,6 +741,15 @@ def test_redis_sentinel_group(rendered: Rendered) -> None:
     scripts = rendered.one("ConfigMap", "segserve-redis-scripts")["data"]
     assert "appendonly yes" in scripts["redis.sh"]
     assert "sentinel resolve-hostnames yes" in scripts["sentinel.sh"]
+    # Nobody without the password re-points the master name; a primary alone takes no write.
+    for line in (
+        "protected-mode yes",
+        "requirepass $REDIS_PASSWORD",
+        "sentinel sentinel-pass $REDIS_PASSWORD",
+    ):
+        assert line in scripts["sentinel.sh"]
+    assert "protected-mode no" not in scripts["sentinel.sh"]
+    assert "min-replicas-to-write 1" in scripts["redis.sh"]
     assert "sentinel announce-hostnames yes" in scripts["sentinel.sh"]
     # A restarted former primary asks the sentinels first, and becomes a replica of the one they name.
     redis_sh = scripts["redis.sh"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -12,9 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis.exceptions import ResponseError
 
 from gateway.client import Client, SegserveError
 from gateway.jobs import NotReplicated
+from gateway.jobs.connection import connect, deadlines, no_replicas
+from gateway.settings import Settings
 from tests.harness.images import encode, scene
 from tests.harness.jobs import directory_store, submit
 from tests.harness.processes import wait_until
@@ -94,3 +98,47 @@ def test_a_failover_under_load_loses_no_accepted_job(
     finally:
         stop.set()
         stack.stop()
+
+
+@pytest.fixture
+def guarded(redis_binary: str, tmp_path: Path) -> Iterator[ReplicatedRedis]:
+    servers = ReplicatedRedis.start(tmp_path, password="s3cret-for-tests")
+    yield servers
+    servers.stop()
+
+
+async def test_guarded_sentinels_refuse_a_re_pointing_and_a_lone_primary_refuses_writes(
+    guarded: ReplicatedRedis,
+) -> None:
+    import redis
+
+    port = guarded.sentinel_ports[0]
+    wait_until(lambda: guarded.primary_port() == guarded.primary.port, 30, "the sentinels")
+    with redis.Redis(host="127.0.0.1", port=port, socket_timeout=2) as stranger:
+        for attempt in (
+            ("SENTINEL", "MONITOR", "elsewhere", "127.0.0.1", "1", "1"),
+            ("SENTINEL", "SET", MASTER, "auth-pass", "x"),
+            ("SENTINEL", "REMOVE", MASTER),
+            ("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER),
+        ):
+            with pytest.raises(redis.exceptions.AuthenticationError):
+                stranger.execute_command(*attempt)
+    assert guarded.primary_port() == guarded.primary.port  # still the one it watched
+    with guarded.primary.client() as primary:
+        assert primary.config_get("min-replicas-to-write") == {"min-replicas-to-write": "1"}
+    # The gateway's and the worker's connection reaches the primary through them with the URL's password.
+    url = f"redis://:{guarded.password}@unused:1/0"
+    settings = Settings(redis_url=url, redis_sentinels=guarded.addresses, redis_sentinel_master=MASTER)
+    client = connect(settings, **deadlines(settings))
+    assert await client.set("segserve:probe", "1")
+    await client.aclose()
+    # Cut off from both replicas, the primary takes no write: what it would accept, a failover would drop.
+    primary = connect(Settings(redis_url=guarded.primary.url), **deadlines(settings))
+    for replica in guarded.replicas:
+        replica.stop()
+    with pytest.raises(ResponseError) as refused:
+        for _ in range(100):  # until the primary sees them gone (at once: their connections close)
+            await primary.set("segserve:probe", "2")
+            await asyncio.sleep(0.1)
+    assert no_replicas(refused.value)
+    await primary.aclose()

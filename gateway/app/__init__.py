@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -27,7 +27,7 @@ from gateway.app.errors import EXCEPTION_HANDLERS, job_store_full, problem_respo
 from gateway.app.web import Services
 from gateway.budget import MemoryBudget
 from gateway.jobs import BlobStoreError, BlobStoreFull, JobStore, Waiters
-from gateway.jobs.connection import connect, stop
+from gateway.jobs.connection import connect, deadlines, no_replicas, stop
 from gateway.settings import Settings
 from gateway.tenants import load as load_tenants
 from gateway.webhooks import signing_key
@@ -40,7 +40,7 @@ TICK_SECONDS = 1.0
 async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     settings = Settings.from_env()
     # No ping here: the gateway starts, and answers 503, while Redis is still coming up.
-    redis = connect(settings, socket_connect_timeout=2, socket_timeout=10)
+    redis = connect(settings, **deadlines(settings))
     store = JobStore.from_settings(redis, settings)
     services = Services(
         settings=settings,
@@ -48,7 +48,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         store=store,
         catalog=ModelCatalog(store, settings.models_cache_seconds),
         # Its own connection, with no read timeout: the subscription is quiet for as long as no job ends.
-        waiters=Waiters(connect(settings, socket_connect_timeout=2)),
+        waiters=Waiters(
+            connect(settings, socket_connect_timeout=settings.redis_timeout, socket_keepalive=True)
+        ),
         tenants=load_tenants(settings),  # malformed keys, or a list that names none, stop the start
         openapi=yaml.safe_load(files("gateway.app").joinpath("static", "openapi.yaml").read_text()),
         http=urls.client(settings.url_timeout),
@@ -88,6 +90,13 @@ async def redis_down(request: Request, exc: Exception) -> Response:
     )
 
 
+async def redis_refused(request: Request, exc: Exception) -> Response:
+    """A primary without replicas in sync takes no writes (min-replicas-to-write): away for a failover."""
+    if no_replicas(exc):
+        return await redis_down(request, exc)
+    raise exc
+
+
 async def redis_full(request: Request, exc: Exception) -> Response:
     problem = job_store_full()
     return problem_response(problem.status, problem.code, problem.detail, problem.headers)
@@ -112,6 +121,7 @@ app = Starlette(
         RedisConnectionError: redis_down,
         RedisTimeoutError: redis_down,
         OutOfMemoryError: redis_full,
+        ResponseError: redis_refused,
         BlobStoreError: blob_store_down,
     },
 )

@@ -1,6 +1,7 @@
 """How every process reaches the job store's Redis: one URL, or the primary that Redis Sentinel names.
 
-With SEGSERVE_REDIS_SENTINELS set, the URL's host and port are not used (its database and password are):
+With SEGSERVE_REDIS_SENTINELS set, the URL's host and port are not used (its database and password are; the
+password is the sentinels' too):
 the sentinels are asked for the primary of SEGSERVE_REDIS_SENTINEL_MASTER, and asked again after a
 failover. arq's worker gets the same through its own Sentinel support.
 """
@@ -18,10 +19,17 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.jobs.store import deserialize, serialize
 from gateway.settings import Settings
+
+
+def no_replicas(exc: BaseException) -> bool:
+    """Whether Redis refused a write for want of replicas in sync (``min-replicas-to-write``): a primary
+    cut off from its replicas, soon replaced by the failover. redis-py has no class of its own for it."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOREPLICAS")
 
 
 def sentinels(settings: Settings) -> list[tuple[str, int]]:
@@ -46,8 +54,15 @@ def connect(settings: Settings, **options: Any) -> ArqRedis:
         )
     url = urlparse(settings.redis_url)
     database = int(url.path.strip("/") or 0)
-    # A sentinel's host that vanishes must cost a lookup seconds: the next sentinel is asked then.
-    sentinel_options = {"socket_connect_timeout": 2, "socket_timeout": 2}
+    # A sentinel's host that vanishes must cost a lookup seconds: the next sentinel is asked then. Sentinels
+    # that require a password (so that nobody else can re-point the master name) take the URL's.
+    sentinel_options: dict[str, Any] = {
+        "socket_connect_timeout": 2,
+        "socket_timeout": 2,
+        "socket_keepalive": True,
+    }
+    if url.password:
+        sentinel_options["password"] = url.password
     sentinel = Sentinel(addresses, sentinel_kwargs=sentinel_options, **options)  # type: ignore[no-untyped-call]
     primary: ArqRedis = sentinel.master_for(
         settings.redis_sentinel_master, redis_class=ArqRedis, db=database, password=url.password
@@ -67,15 +82,25 @@ async def stop(task: asyncio.Task[Any]) -> None:
         task.result()  # an error it ended with is the caller's
 
 
+def deadlines(settings: Settings) -> dict[str, Any]:
+    """redis-py's options that give every call a deadline: a Redis that hangs (SIGSTOP, or a host gone with
+    no reset, which the kernel's keepalive finds) fails a call within ``redis_timeout``, never later. The read
+    timeout outlasts the longest WAIT a submission sends for its replicas."""
+    wait_seconds = settings.redis_replica_timeout_ms / 1000 if settings.redis_min_replicas else 0.0
+    return {
+        "socket_connect_timeout": settings.redis_timeout,
+        "socket_timeout": max(settings.redis_timeout, wait_seconds + 1.0),
+        "socket_keepalive": True,
+    }
+
+
 def worker_connection(settings: Settings) -> ArqRedis:
     """``segserve worker``'s client, with what arq's own Sentinel pool lacks: read and connect timeouts
     and retries. A primary whose host vanishes (silence, no reset) then costs a command seconds, not
     forever, and the retry reconnects to the primary Sentinel has promoted."""
     redis = connect(
         settings,
-        socket_connect_timeout=2,
-        socket_timeout=3,
-        socket_keepalive=True,
+        **deadlines(settings),
         # Few retries: a job's try must see the error well inside its time limit, and come back later.
         # Only failed connections: a timed-out command may have run, and some steps must run once.
         retry=Retry(

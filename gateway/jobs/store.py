@@ -82,6 +82,11 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+class StaleTry(Exception):
+    """A try stalled past its lease (a paused or partitioned worker) while a newer try started: the step was
+    refused, and the newer try's state is untouched. arq's own end of the stale try must leave it alone too."""
+
+
 class NotReplicated(Exception):
     """Fewer replicas than asked for confirmed a new job in time."""
 
@@ -401,6 +406,11 @@ class JobStore:
         they are removed again when the step keeps nothing. A succeeded job's input goes at once: nothing can
         run it again. Returns the job's status afterwards (the outcome's, or CANCELED), or None when it is gone.
         """
+        # The blobs' names are the job's, not the try's: a try fenced off writes none of them. A newer try
+        # that starts between this look and the step below writes its own outcome over them after it.
+        current = await self.redis.hget(keys.job(job.id), "attempts")  # type: ignore[misc]
+        if current is not None and int(current) != job.attempts:
+            raise StaleTry(job.id)
         written = []
         if outcome.mask_png is not None:
             written.append(keys.mask_blob(job.id))
@@ -430,8 +440,11 @@ class JobStore:
             keys.CHANGED_CHANNEL,
             keys.DELIVERY_PREFIX,
             self.layout,
+            job.attempts,
         ]
         answer = (await self.scripts["complete"](keys=step_keys, args=args)).decode()
+        if answer == "stale":  # the newer try started meanwhile: what was written is its to overwrite
+            raise StaleTry(job.id)
         if answer == "gone":
             await self.blobs.delete(keys.blobs_of(job.id))
             return None
@@ -441,9 +454,14 @@ class JobStore:
             await self.blobs.delete([keys.input_blob(job.id)])
         return JobStatus(answer)
 
-    async def release(self, job_id: str) -> bool:
-        """The try ended without an outcome: whether the job still wants another (not canceled or gone)."""
-        return bool(await self.scripts["release"](keys=[keys.job(job_id), keys.RUNNING], args=[job_id]))
+    async def release(self, job: Job) -> bool:
+        """The try ended without an outcome: whether the job still wants another (not canceled or gone, and
+        no newer try started meanwhile)."""
+        step_keys = [keys.job(job.id), keys.RUNNING]
+        answer = await self.scripts["release"](keys=step_keys, args=[job.id, job.attempts])
+        if answer < 0:
+            raise StaleTry(job.id)
+        return bool(answer)
 
     async def abandon(self, job_id: str, error: JobError) -> bool:
         """arq has ended the job without an outcome of ours: fail it with ``error``, unless it has ended,

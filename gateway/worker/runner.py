@@ -171,6 +171,14 @@ class SegserveWorker(Worker):
         self.work_may_wait.set()
         self._listener: asyncio.Task[None] | None = None
 
+    async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
+        """arq's end of a try deletes the job's in-progress key and its record: for a try fenced off (stalled
+        past its lease), those belong to the newer try that runs now, and are left to it."""
+        if "state" in self.ctx and job_id in state_of(self.ctx).stale:
+            state_of(self.ctx).stale.discard(job_id)
+            return
+        await super().finish_job(job_id, *args, **kwargs)
+
     async def main(self) -> None:
         await self._wait_for_redis()
         await super().main()

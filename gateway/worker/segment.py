@@ -9,11 +9,12 @@ from typing import Any
 
 from arq import Retry
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.budget import BudgetTimeout
-from gateway.jobs import BlobStoreError, Job, Outcome, Result, failure_code, now_ms
+from gateway.jobs import BlobStoreError, Job, Outcome, Result, StaleTry, failure_code, now_ms
+from gateway.jobs.connection import no_replicas
 from gateway.retrying import backoff
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, InputRejected, ModelNotFound, TorchServe
@@ -39,7 +40,13 @@ async def segment(ctx: dict[str, Any], job_id: str) -> None:
     attempt: int = ctx["job_try"]
     try:
         await one_try(state, job_id, attempt)
-    except STORES_UNAVAILABLE as exc:
+    except StaleTry:
+        # Stalled past the lease: a newer try owns the job now, and arq's end of this one must not touch it.
+        logger.warning("%s: try %d was overtaken by a newer one; its outcome is dropped", job_id, attempt)
+        state.stale.add(job_id)
+    except (*STORES_UNAVAILABLE, ResponseError) as exc:
+        if isinstance(exc, ResponseError) and not no_replicas(exc):
+            raise
         raise try_later(state.settings, job_id, attempt, f"a store does not answer ({exc})") from exc
 
 
@@ -62,7 +69,7 @@ async def one_try(state: WorkerState, job_id: str, attempt: int) -> None:
                 await store.complete(job, outcome)  # inside the hold: the outcome holds the mask and overlay
     except (BudgetTimeout, BlobStoreError) as exc:
         # Busy with other images, or the blob store does not answer: this try ends, the job waits.
-        if not await store.release(job_id):
+        if not await store.release(job):
             return  # canceled or deleted meanwhile: no next try
         raise try_later(settings, job_id, attempt, exc) from exc
 
@@ -84,7 +91,7 @@ async def outcome_of(state: WorkerState, job: Job, attempt: int) -> Outcome | No
     except (BackendUnavailable, asyncio.TimeoutError) as exc:
         reason = str(exc) or f"no answer in {settings.inference_timeout:g} s"
         if attempt < settings.max_attempts:
-            if not await state.store.release(job.id):
+            if not await state.store.release(job):
                 return None
             raise try_later(settings, job.id, attempt, f"backend unavailable ({reason})") from exc
         message = f"model server unavailable after {attempt} tries ({reason})"

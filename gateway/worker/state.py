@@ -21,6 +21,7 @@ class WorkerState:
     # How many jobs it takes at once: what its TorchServe computes now and next, as the heartbeat last read it.
     in_flight: int
     loops: list[asyncio.Task[None]] = field(default_factory=list)  # heartbeat, deliveries, sweeper
+    stale: set[str] = field(default_factory=set)  # jobs whose try here was fenced off: arq's end leaves them
 
 
 def state_of(ctx: dict[str, object]) -> WorkerState:

@@ -15,23 +15,38 @@ from tests.harness.servers import RedisServer
 MASTER = "segserve"
 
 
-def sentinel_config(port: int, bind: str, directory: Path, primary: tuple[str, int]) -> str:
+# On the primary (and a replica once promoted): no write is taken while no replica is in sync (lagging under
+# 10 s), so a primary cut off from its replicas stops accepting what the failover would drop.
+MIN_REPLICAS = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10")
+
+
+def sentinel_config(
+    port: int, bind: str, directory: Path, primary: tuple[str, int], password: str = ""
+) -> str:
     """A sentinel of three (quorum 2) watching ``primary``: it calls the primary down after 1 s of silence, so
-    a failover takes seconds, not the default minute."""
+    a failover takes seconds, not the default minute. With ``password``, the Redis and the sentinels need it,
+    and nobody without it can re-point the master name (SENTINEL MONITOR, SENTINEL SET)."""
     host, primary_port = primary
-    return (
+    config = (
         f"port {port}\nbind {bind}\ndir {directory}\n"
         f"sentinel monitor {MASTER} {host} {primary_port} 2\n"
         f"sentinel down-after-milliseconds {MASTER} 1000\n"
         f"sentinel failover-timeout {MASTER} 10000\n"
     )
+    if password:
+        config += (
+            f"protected-mode yes\nrequirepass {password}\n"
+            f"sentinel auth-pass {MASTER} {password}\nsentinel sentinel-pass {password}\n"
+        )
+    return config
 
 
-def primary_address(host: str, port: int) -> tuple[str, int]:
+def primary_address(host: str, port: int, password: str = "") -> tuple[str, int]:
     """The primary that the sentinel at ``host:port`` names now."""
     import redis
 
-    with redis.Redis(host=host, port=port, socket_connect_timeout=1, socket_timeout=2) as sentinel:
+    options: dict[str, Any] = {"socket_connect_timeout": 1, "socket_timeout": 2, "password": password or None}
+    with redis.Redis(host=host, port=port, **options) as sentinel:
         address, primary_port = sentinel.execute_command("SENTINEL", "get-master-addr-by-name", MASTER)
     return address.decode(), int(primary_port)
 
@@ -51,22 +66,20 @@ class ReplicatedRedis:
     replicas: list[RedisServer]
     sentinel_ports: list[int]
     sentinels: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    password: str = ""
 
     @classmethod
-    def start(cls, directory: Path) -> ReplicatedRedis:
+    def start(cls, directory: Path, password: str = "") -> ReplicatedRedis:
         """The primary and its replicas, once both replicas are in sync; then the sentinels."""
         (directory / "primary").mkdir()
-        primary = RedisServer(free_port(), directory / "primary")
+        primary = RedisServer(free_port(), directory / "primary", options=MIN_REPLICAS, password=password)
         primary.start()
         replicas = []
         for n in range(2):
             (directory / f"replica{n}").mkdir()
+            follow = ("--replicaof", "127.0.0.1", str(primary.port), *MIN_REPLICAS)
             replicas.append(
-                RedisServer(
-                    free_port(),
-                    directory / f"replica{n}",
-                    options=("--replicaof", "127.0.0.1", str(primary.port)),
-                )
+                RedisServer(free_port(), directory / f"replica{n}", options=follow, password=password)
             )
             replicas[-1].start()
 
@@ -75,7 +88,7 @@ class ReplicatedRedis:
                 return online_replicas(client) == 2
 
         wait_until(in_sync, 30, "the replicas to sync")
-        servers = cls(primary, replicas, [free_port() for _ in range(3)])
+        servers = cls(primary, replicas, [free_port() for _ in range(3)], password=password)
         servers.start_sentinels(directory)
         return servers
 
@@ -86,7 +99,8 @@ class ReplicatedRedis:
     def start_sentinels(self, directory: Path) -> None:
         for port in self.sentinel_ports:
             conf = directory / f"sentinel-{port}.conf"
-            conf.write_text(sentinel_config(port, "127.0.0.1", directory, ("127.0.0.1", self.primary.port)))
+            primary = ("127.0.0.1", self.primary.port)
+            conf.write_text(sentinel_config(port, "127.0.0.1", directory, primary, self.password))
             self.sentinels.append(
                 subprocess.Popen(
                     ["redis-server", str(conf), "--sentinel"],
@@ -96,7 +110,7 @@ class ReplicatedRedis:
             )
 
     def primary_port(self) -> int:
-        return primary_address("127.0.0.1", self.sentinel_ports[0])[1]
+        return primary_address("127.0.0.1", self.sentinel_ports[0], self.password)[1]
 
     def stop(self) -> None:
         # SIGKILL: on SIGTERM a primary waits up to 10 s for replicas that are already gone.

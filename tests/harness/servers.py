@@ -66,14 +66,19 @@ class RedisServer(Server):
     directory: Path
     process: subprocess.Popen[bytes] | None = None
     options: tuple[str, ...] = ()  # more of redis-server's options, e.g. ("--replicaof", "127.0.0.1", "6379")
+    password: str = ""  # set: clients and replicas need it (requirepass, masterauth)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        credentials = f":{self.password}@" if self.password else ""
+        return f"redis://{credentials}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            redis_command("127.0.0.1", self.port, self.directory, *self.options),
+            [
+                *redis_command("127.0.0.1", self.port, self.directory, *self.options),
+                *(("--requirepass", self.password, "--masterauth", self.password) if self.password else ()),
+            ],
             stdout=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -86,7 +91,7 @@ class RedisServer(Server):
     def client(self, db: int = 0):  # type: ignore[no-untyped-def]
         import redis
 
-        return redis.Redis(port=self.port, db=db, socket_connect_timeout=1)
+        return redis.Redis(port=self.port, db=db, socket_connect_timeout=1, password=self.password or None)
 
 
 def build_model_store(store: Path) -> Path:

@@ -6,8 +6,11 @@
 -- KEYS: 1 metadata, 2 running set, 3 counters, 4 pending inputs, 5 webhook deliveries due
 -- ARGV: 1 job id, 2 finished (ms), 3 ttl (ms), 4 status, 5 outcome fields as a flat JSON list,
 --       6 counter increments as a JSON list of [field, amount], 7 the changed channel, 8 a delivery's key
---       prefix, 9 S
--- Returns the job's status after the step: ARGV[4], or 'canceled', or 'gone' (deleted or expired)
+--       prefix, 9 S, 10 the try's fence (its attempt number, from start.lua)
+-- Returns the job's status after the step: ARGV[4], or 'canceled', or 'gone' (deleted or expired), or 'stale'
+-- when a newer try has started since (this one stalled past its lease): then nothing at all changes.
+local attempts = redis.call('HGET', KEYS[1], 'attempts')
+if attempts and attempts ~= ARGV[10] then return 'stale' end
 local S = cjson.decode(ARGV[9])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', S.queue, ARGV[1])

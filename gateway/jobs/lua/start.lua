@@ -3,6 +3,7 @@
 -- job was accepted, and its few bytes of state must not hold it up.
 -- KEYS: 1 metadata, 2 running set, 3 webhook deliveries due
 -- ARGV: 1 job id, 2 now (ms), 3 deadline of this try (ms), 4 the changed channel, 5 a delivery's key prefix, 6 S
+-- The try's fence is the job's attempt count after this step: complete and release refuse any other.
 -- Returns {'gone'} (deleted or expired) | {'ended'} (canceled, ended by an earlier try, or not started in
 -- time) | {'run', metadata}
 local S = cjson.decode(ARGV[6])
