@@ -112,7 +112,10 @@ class TorchServe:
         self.tokens = Tokens(key_file)
         # TorchServe queues requests with no timeout of its own while its worker restarts: ours bounds them.
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0), limits=limits)
+        # No proxies from the environment: the bearer tokens must go to TorchServe and nowhere else.
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=5.0), limits=limits, trust_env=False
+        )
         self._describe_cache: dict[tuple[str, str], dict[str, Any]] = {}
 
     async def aclose(self) -> None:
