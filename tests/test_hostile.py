@@ -202,3 +202,10 @@ def test_malformed_http_is_refused_by_the_server_with_a_4xx(
     assert answer.startswith(b"HTTP/1.1 4"), answer[:200]
     with httpx.Client(base_url=gateway_process.url) as client:
         assert client.get("/healthz").status_code == 200
+
+
+def test_the_webhook_secret_is_never_served_without_a_key(http: httpx.Client) -> None:
+    """With no API keys, anyone who reaches the gateway would get the key that signs its deliveries."""
+    answer = http.get("/v1/webhooks/secret")
+    assert_problem(answer, "secret_needs_key")
+    assert answer.status_code == 403 and "whsec_" not in answer.text
