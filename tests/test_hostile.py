@@ -5,13 +5,17 @@ code: no 500, no reset connection, and the gateway keeps answering."""
 from __future__ import annotations
 
 import base64
+import os
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from gateway.app.compat import read_image_file, resolve_image_path
+from gateway.app.errors import Problem
 from tests.harness.images import encode, scene
 from tests.harness.servers import GatewayServer, RedisServer
 
@@ -209,3 +213,49 @@ def test_the_webhook_secret_is_never_served_without_a_key(http: httpx.Client) ->
     answer = http.get("/v1/webhooks/secret")
     assert_problem(answer, "secret_needs_key")
     assert answer.status_code == 403 and "whsec_" not in answer.text
+
+
+def test_predict_reads_only_regular_files_and_never_past_the_limit(
+    gateway_process: GatewayServer, http: httpx.Client
+) -> None:
+    """A FIFO (which would hang a plain open), a device, a symlink out of the root, and a file over the limit:
+    each a 4xx, and the gateway still answers."""
+    root = Path(gateway_process.env["SEGSERVE_IMAGE_ROOT"])
+    os.mkfifo(root / "fifo.jpg")
+    os.mknod(root / "zero.jpg", stat.S_IFCHR | 0o600, os.makedev(1, 5))  # /dev/zero: endless bytes
+    (root / "out.jpg").symlink_to("/etc/hostname")
+    (root / "in.jpg").symlink_to(root / "cat.jpg")
+    (root / "huge.jpg").write_bytes(IMAGE + b"\0" * (20 << 20))  # past SEGSERVE_MAX_BODY_BYTES
+    for name, status, code in [("fifo.jpg", 404, "image_not_found"), ("zero.jpg", 404, "image_not_found"),
+                               ("out.jpg", 403, "path_outside_root"), ("huge.jpg", 413, "body_too_large")]:  # fmt: skip
+        answer = http.post("/predict", json={"image_path": name})
+        assert answer.status_code == status, (name, answer.text)
+        assert_problem(answer, code)
+    assert http.post("/predict", json={"image_path": "in.jpg"}).json()["success"] is True
+
+
+def test_a_file_swapped_for_a_symlink_or_grown_after_the_check_is_still_refused(tmp_path: Path) -> None:
+    """The checks of image_path and the read are separate steps; the read itself refuses what a swap could
+    bring: a symlink as the last step (O_NOFOLLOW), a FIFO (O_NONBLOCK, then fstat), and bytes past the limit
+    however large the file was when it was checked."""
+    (tmp_path / "real.jpg").write_bytes(IMAGE)
+    checked = tmp_path / "checked.jpg"
+    checked.write_bytes(IMAGE)
+    resolved = resolve_image_path(str(tmp_path), "checked.jpg")
+    checked.unlink()
+    checked.symlink_to(tmp_path / "real.jpg")  # swapped after the check
+    with pytest.raises(Problem) as refused:
+        read_image_file(resolved, 1 << 20)
+    assert refused.value.code == "path_outside_root"
+    checked.unlink()
+    os.mkfifo(checked)
+    with pytest.raises(Problem) as refused:
+        read_image_file(resolved, 1 << 20)
+    assert refused.value.code == "image_not_found"
+    checked.unlink()
+    checked.write_bytes(IMAGE)
+    with checked.open("ab") as growing:
+        growing.write(b"\0" * 4096)  # grown after the check
+    with pytest.raises(Problem) as refused:
+        read_image_file(resolved, len(IMAGE) + 100)
+    assert refused.value.code == "body_too_large"
