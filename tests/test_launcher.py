@@ -181,3 +181,16 @@ def test_the_image_compose_builds_leaves_state_and_secrets_out() -> None:
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert "COPY . ." in (ROOT / "compose.yaml").read_text()
     assert {".segserve/", ".venv/", ".git/", "model_store/*.mar", "key_file.json"} <= ignored
+
+
+def test_compose_ships_safe(tmp_path: Path) -> None:
+    """With no API keys, compose publishes the gateway on loopback only, and no other port at all; what
+    holds secrets and customers' images stays out of the image."""
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    published = {name: s.get("ports", []) for name, s in services.items() if s.get("ports")}
+    keyed = any("SEGSERVE_API_KEYS" in str(s.get("environment", "")) for s in services.values())
+    assert list(published) == ["gateway"] and (
+        keyed or all(p.startswith("127.0.0.1:") for p in published["gateway"])
+    )
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".segserve/", ".venv/", "model_store/*.mar", ".git/", "key_file.json"} <= set(ignored)
