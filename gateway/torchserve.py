@@ -144,9 +144,11 @@ class TorchServe:
         self.tokens = Tokens(key_file)
         # TorchServe queues requests with no timeout of its own while its worker restarts: ours bounds them.
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        # No proxies from the environment: the bearer tokens must go to TorchServe and nowhere else.
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=5.0),
             transport=httpx.AsyncHTTPTransport(limits=limits, socket_options=KEEPALIVE),
+            trust_env=False,
         )
         self._describe_cache: dict[tuple[str, str], dict[str, Any]] = {}
 

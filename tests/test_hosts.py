@@ -26,6 +26,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from gateway.client import Client, SegserveError
+from gateway.webhooks import signing_key
 from tests.harness.hosts import (
     REDIS_PORT,
     SENTINEL_PORT,
@@ -288,9 +289,7 @@ def test_a_worker_host_goes_down_mid_run_and_the_live_one_takes_over(
     with network.explained():
         hosts = start_two_worker_hosts(network, model_store, blob_store)
         a, b, url = hosts.a, hosts.b, hosts.url
-        events = CompletionEvents(
-            network.runner_address, httpx.get(f"{url}/v1/webhooks/secret").json()["key"]
-        )
+        events = CompletionEvents(network.runner_address, signing_key(WEBHOOK_SECRET, ""))
         try:
             began = time.monotonic()
             ids = submit_all(url, total, events.url)

@@ -58,11 +58,11 @@ def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path) -> None:
         assert "redis-server" in names and "org.pytorch.serve.ModelServer" in names
         assert names.count("segserve worker") == 2 and "gateway.app:app" in names
         assert_one_job_succeeds(port)
-        secret = httpx.get(f"http://127.0.0.1:{port}/v1/webhooks/secret").json()["key"]
+        refused = httpx.get(f"http://127.0.0.1:{port}/v1/webhooks/secret")  # no keys: never served
+        assert refused.status_code == 403 and refused.json()["code"] == "secret_needs_key"
         kept = (tmp_path / "home" / "webhook_secret").read_text().strip()
-        assert (
-            secret == signing_key(kept, "") and f"{tmp_path / 'home' / 'webhook_secret'}" in log.read_text()
-        )
+        assert signing_key(kept, "").startswith("whsec_")
+        assert f"{tmp_path / 'home' / 'webhook_secret'}" in log.read_text()
         # The supervisor stays small: the archive is built in a process of its own, so it never holds torch.
         assert psutil.Process(up.pid).memory_info().rss < 150 << 20
 
@@ -186,3 +186,16 @@ def test_the_image_compose_builds_leaves_state_and_secrets_out() -> None:
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert "COPY . ." in (ROOT / "compose.yaml").read_text()
     assert {".segserve/", ".venv/", ".git/", "model_store/*.mar", "key_file.json"} <= ignored
+
+
+def test_compose_ships_safe(tmp_path: Path) -> None:
+    """With no API keys, compose publishes the gateway on loopback only, and no other port at all; what
+    holds secrets and customers' images stays out of the image."""
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    published = {name: s.get("ports", []) for name, s in services.items() if s.get("ports")}
+    keyed = any("SEGSERVE_API_KEYS" in str(s.get("environment", "")) for s in services.values())
+    assert list(published) == ["gateway"] and (
+        keyed or all(p.startswith("127.0.0.1:") for p in published["gateway"])
+    )
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".segserve/", ".venv/", "model_store/*.mar", ".git/", "key_file.json"} <= set(ignored)

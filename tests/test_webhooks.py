@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import gzip
 import json
 import time
@@ -124,6 +125,21 @@ async def test_only_the_events_asked_for(store: JobStore, deliverer: Deliverer, 
     delivery = await delivered(store, job.id, "job.completed")
     assert [json.loads(r.body)["type"] for r in receiver.received] == ["job.completed"]
     assert delivery["last_status"] == 200 and delivery["attempts"] == 1
+
+
+async def test_each_delivery_checks_the_url_again(store: JobStore, receiver: Receiver) -> None:
+    """A host allowed at submission that resolves to a refused address by delivery time (DNS rebinding, or
+    the operator's allow list shrank) gets nothing: the delivery fails without a connection."""
+    job = await submit(store, receiver.url + "/hook")
+    await run_to_the_end(store, job)
+    stricter = Deliverer(store, dataclasses.replace(SETTINGS, allowed_url_hosts=""))
+    task = asyncio.create_task(stricter.run())
+    try:
+        delivery = await delivered(store, job.id, "job.completed", state="failed")
+    finally:
+        task.cancel()
+    assert delivery["attempts"] == 1 and delivery["last_status"] is None
+    assert receiver.received == [], "a refused URL is never sent to"
 
 
 async def test_a_500_is_retried_with_growing_delays_under_one_id(

@@ -43,6 +43,13 @@ async def webhook_secret(request: Request) -> Response:
         raise Problem(
             404, "webhooks_disabled", "this server sends no webhooks: SEGSERVE_WEBHOOK_SECRET is unset"
         )
+    if not owner:  # no API keys: anyone who reaches the gateway could then forge its deliveries
+        raise Problem(
+            403,
+            "secret_needs_key",
+            "the webhook signing key is served only to API keys; with none configured, derive it from "
+            "SEGSERVE_WEBHOOK_SECRET (gateway.webhooks.signing_key(secret, ''))",
+        )
     return JSONResponse({"key": signing_key(svc.settings.webhook_secret, owner)})
 
 

@@ -94,6 +94,44 @@ class RedisServer(Server):
         return redis.Redis(port=self.port, db=db, socket_connect_timeout=1, password=self.password or None)
 
 
+@dataclass
+class GatewayServer(Server):
+    """A gateway (uvicorn) alone on a Redis, with no TorchServe or worker: the real process, for what the
+    gateway answers by itself (bad input, authentication, the URL guard) in the fast tier."""
+
+    redis: RedisServer
+    blobs: Path
+    log_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.port = self.port or free_port()
+        env = {
+            **os.environ,
+            "SEGSERVE_REDIS_URL": self.redis.url,
+            "SEGSERVE_BLOB_URL": str(self.blobs),
+            "SEGSERVE_TORCHSERVE_MANAGEMENT_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens
+            "SEGSERVE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            **self.env,
+        }
+        command = [str(BIN / "uvicorn"), "gateway.app:app", "--host", self.host, "--port", str(self.port)]
+        self.process = spawn(command, self.log_dir / f"gateway-{self.port}.log", cwd=ROOT, env=env)
+        wait_until(self.healthy, 30, "the gateway")
+
+    def healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the gateway exited with {self.process.returncode}; see {self.log_dir}")
+        return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+
+
 def build_model_store(store: Path) -> Path:
     """A random-weights archive in ``store``, built by the project's own builder, as `segserve build-model`
     does."""
