@@ -77,6 +77,9 @@ class Settings:
     # (docs/tenancy.md), or one key per line. Unset: no authentication. Set but naming no key: an error.
     api_keys: str = ""
     api_keys_file: str = ""
+    # Without keys, only callers on this machine (loopback) are served; other hosts get 403 anonymous_remote
+    # unless this says that anonymous access from anywhere is meant (a trusted network, a proxy in front).
+    allow_anonymous_remote: bool = False
     # Seconds between two looks at the keys file: a changed file takes effect without a restart.
     keys_reload_seconds: float = 5.0
     # With two or more keys, the share of max_queued, and of the workers' slots, that a key naming no
@@ -143,4 +146,9 @@ def parse(name: str, raw: str, kind: type) -> object:
 
 def env_table() -> list[tuple[str, str]]:
     """(variable, default) for every setting, for docs/configuration.md and ``segserve up --help``."""
-    return [(f"SEGSERVE_{f.name.upper()}", str(f.default)) for f in fields(Settings)]
+    return [(f"SEGSERVE_{f.name.upper()}", shown(f.default)) for f in fields(Settings)]
+
+
+def shown(default: object) -> str:
+    """A default as it is written in the environment: booleans as true/false."""
+    return str(default).lower() if isinstance(default, bool) else str(default)

@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 from gateway.jobs import Fleet, ModelInfo, Outcome, Result, WorkerInfo, now_ms
 from tests.harness.images import encode, scene
 from tests.harness.jobs import directory_store
-from tests.harness.processes import free_port
+from tests.harness.processes import LOOPBACK_CLIENT, free_port
 from tests.harness.servers import RedisServer
 
 IMAGE = encode(scene(32, 24))
@@ -38,8 +38,23 @@ def env(fresh_redis: RedisServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 def api(env: RedisServer) -> Iterator[TestClient]:
     from gateway.app import app
 
-    with TestClient(app) as client:
+    with TestClient(app, client=LOOPBACK_CLIENT) as client:
         yield client
+
+
+def test_without_keys_only_this_machine_is_served(env: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail closed: a keyless gateway that other hosts can reach serves them only when the operator says so."""
+    from gateway.app import app
+
+    with TestClient(app, client=("203.0.113.7", 40000)) as remote:
+        refused = remote.post("/v1/jobs", content=IMAGE, headers=JPEG)
+        assert refused.status_code == 403 and refused.json()["code"] == "anonymous_remote", refused.text
+        assert remote.get("/v1/queue").status_code == 403 and remote.get("/healthz").status_code == 200
+    with TestClient(app, client=("::ffff:127.0.0.1", 40000)) as mapped:
+        assert mapped.post("/v1/jobs", content=IMAGE, headers=JPEG).status_code == 202
+    monkeypatch.setenv("SEGSERVE_ALLOW_ANONYMOUS_REMOTE", "true")
+    with TestClient(app, client=("203.0.113.7", 40000)) as remote:
+        assert remote.post("/v1/jobs", content=IMAGE, headers=JPEG).status_code == 202
 
 
 def complete(redis: RedisServer, job_id: str, mask: Image.Image, overlay: bytes | None = None) -> None:
@@ -103,7 +118,7 @@ def test_body_limit_and_queue_bound(env: RedisServer, monkeypatch: pytest.Monkey
     monkeypatch.setenv("SEGSERVE_MAX_QUEUED", "1")
     from gateway.app import app
 
-    with TestClient(app) as api:
+    with TestClient(app, client=LOOPBACK_CLIENT) as api:
         assert_problem(api.post("/v1/jobs", content=b"x" * 2000, headers=JPEG), 413, "body_too_large")
         in_a_form = {"image": ("big.jpg", b"x" * 1500, "image/jpeg")}  # the form's own limit has headroom
         assert_problem(api.post("/v1/jobs", files=in_a_form), 413, "body_too_large")
@@ -169,7 +184,7 @@ def test_api_keys_keep_jobs_apart(env: RedisServer, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("SEGSERVE_API_KEYS", "alice-key,bob-key")
     from gateway.app import app
 
-    with TestClient(app) as api:
+    with TestClient(app, client=LOOPBACK_CLIENT) as api:
         assert_problem(api.post("/v1/jobs", content=IMAGE, headers=JPEG), 401, "unauthorized")
         alice = {**JPEG, "Authorization": "Bearer alice-key"}
         job = api.post("/v1/jobs", content=IMAGE, headers=alice).json()
@@ -189,7 +204,7 @@ def test_compatibility_routes(
     monkeypatch.setenv("SEGSERVE_IMAGE_ROOT", str(tmp_path))
     from gateway.app import app
 
-    with TestClient(app) as compat:
+    with TestClient(app, client=LOOPBACK_CLIENT) as compat:
         answer = compat.post("/predict", json={"image_path": "cat.jpg", "target_class_ids": [15, 0]}).json()
         assert answer["success"] is True and answer["status"] == f"/job_status/{answer['job_id']}"
         assert compat.get(f"/job_status/{answer['job_id']}").json()["status"] == "queued"
@@ -284,6 +299,6 @@ def test_redis_down_is_503(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEGSERVE_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
     from gateway.app import app
 
-    with TestClient(app) as api:
+    with TestClient(app, client=LOOPBACK_CLIENT) as api:
         assert_problem(api.post("/v1/jobs", content=IMAGE, headers=JPEG), 503, "redis_unavailable")
         assert_problem(api.get("/readyz"), 503, "not_ready")

@@ -27,7 +27,9 @@ def test_api_keys_are_kept_only_as_digests(tmp_path: Path) -> None:
     assert not any(k in shown for k in ("env-key", "file-key-1", "file-key-2"))
 
 
-def test_keys_from_a_file_guard_every_route_but_health(stack: Stack, tmp_path: Path) -> None:
+def test_keys_from_a_file_guard_every_route_but_health_and_hide_the_hosts(
+    stack: Stack, tmp_path: Path
+) -> None:
     keys_file = tmp_path / "keys"
     keys_file.write_text("only-key\n")
     guarded = Stack(stack.redis, stack.torchserve, stack.env, log_dir=stack.log_dir)
@@ -47,6 +49,13 @@ def test_keys_from_a_file_guard_every_route_but_health(stack: Stack, tmp_path: P
                 assert client.get(path).status_code == 200, path
             headers = {"Authorization": "Bearer only-key", "Content-Type": "image/jpeg", "Prefer": "wait=30"}
             assert client.post("/v1/jobs", content=SMALL, headers=headers).json()["status"] == "succeeded"
+            # A tenant learns how many workers there are and how busy, never where they run.
+            workers = client.get("/v1/queue", headers=headers).json()["workers"]
+            open_workers = httpx.get(f"{stack.url}/v1/queue").json()[
+                "workers"
+            ]  # no keys: the operator's stack
+            assert workers and {"host", "pid"}.isdisjoint(workers[0])
+            assert open_workers[0]["host"] and str(open_workers[0]["pid"]) not in json.dumps(workers)
     finally:
         guarded.stop()
 

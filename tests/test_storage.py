@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 from gateway.jobs import JobStore, Outcome, Result, keys
 from gateway.settings import Settings
 from tests.harness.images import encode, scene
+from tests.harness.processes import LOOPBACK_CLIENT
 from tests.harness.s3 import CephS3
 from tests.harness.servers import RedisServer
 
@@ -47,7 +48,7 @@ def app(fresh_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[A
     def start(**env: str) -> TestClient:
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        clients.append(TestClient(gateway).__enter__())
+        clients.append(TestClient(gateway, client=LOOPBACK_CLIENT).__enter__())
         return clients[-1]
 
     yield start

@@ -24,7 +24,7 @@ from gateway.settings import Settings
 from gateway.tenants import KeysError, load
 from tests.harness.images import encode, scene
 from tests.harness.jobs import directory_store, submit
-from tests.harness.processes import BIN, wait_until
+from tests.harness.processes import BIN, LOOPBACK_CLIENT, wait_until
 from tests.harness.servers import RedisServer, Stack, isolated_env
 
 IMAGE = encode(scene(32, 24))
@@ -262,7 +262,7 @@ def test_each_limit_is_refused_with_its_code_and_ratelimit_fields(keyed: Path) -
 
     from gateway.app import app
 
-    with TestClient(app) as api:
+    with TestClient(app, client=LOOPBACK_CLIENT) as api:
         first = api.post("/v1/jobs", content=IMAGE, headers=A)
         assert first.status_code == 202
         assert first.headers["ratelimit-policy"] == '"rate";q=2;w=10, "queued";q=3'
@@ -299,7 +299,7 @@ def test_priority_and_queue_timeout_are_checked(keyed: Path) -> None:
 
     from gateway.app import app
 
-    with TestClient(app) as api:
+    with TestClient(app, client=LOOPBACK_CLIENT) as api:
         for query in ("priority=urgent", "queue_timeout=0", "queue_timeout=nan", "queue_timeout=99999999"):
             answer = api.post(f"/v1/jobs?{query}", content=IMAGE, headers=B)
             assert answer.status_code == 422 and answer.json()["code"] == "invalid_parameter", query
@@ -312,7 +312,7 @@ def test_live_event_streams_are_capped_per_key(keyed: Path) -> None:
 
     from gateway.app import app
 
-    with TestClient(app) as api:
+    with TestClient(app, client=LOOPBACK_CLIENT) as api:
         job = api.post("/v1/jobs", content=IMAGE, headers=B).json()
         with api.stream("GET", f"/v1/jobs/{job['id']}/events", headers=B) as first:
             assert first.status_code == 200

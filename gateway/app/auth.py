@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 
 from starlette.requests import Request
 
-from gateway.app.errors import unauthorized
+from gateway.app.errors import anonymous_remote, unauthorized
 from gateway.app.web import services
 from gateway.tenants import ANONYMOUS, Tenant
 
@@ -18,6 +19,8 @@ def caller(request: Request) -> Tenant:
     svc.tenants = svc.tenants.refresh(time.monotonic())
     tenants = svc.tenants
     if not tenants.required:
+        if not svc.settings.allow_anonymous_remote and not from_loopback(request):
+            raise anonymous_remote()  # fail closed: keyless is for one machine unless said otherwise
         return tenants.of(ANONYMOUS)
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -26,6 +29,15 @@ def caller(request: Request) -> Tenant:
     if tenant is None:
         raise unauthorized()
     return tenant
+
+
+def from_loopback(request: Request) -> bool:
+    try:
+        address = ipaddress.ip_address(request.client.host if request.client else "")
+    except ValueError:  # no address at all
+        return False
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return (mapped or address).is_loopback
 
 
 def authenticate(request: Request) -> str:

@@ -26,6 +26,15 @@ def unauthorized(detail: str = "missing or invalid API key") -> Problem:
     return Problem(401, "unauthorized", detail, {"WWW-Authenticate": 'Bearer realm="segserve"'})
 
 
+def anonymous_remote() -> Problem:
+    return Problem(
+        403,
+        "anonymous_remote",
+        "this gateway has no API keys and serves callers on its own machine only: set SEGSERVE_API_KEYS, "
+        "or SEGSERVE_ALLOW_ANONYMOUS_REMOTE=true to serve every host without keys",
+    )
+
+
 def job_not_found() -> Problem:
     return Problem(404, "job_not_found", "no such job (unknown, expired or deleted)")
 

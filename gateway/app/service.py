@@ -56,7 +56,9 @@ async def webhook_secret(request: Request) -> Response:
 async def queue(request: Request) -> Response:
     svc = services(request)
     authenticate(request)
-    return JSONResponse(dataclasses.asdict(await svc.store.fleet.queue_stats()))
+    # Host names and pids are the operator's: with API keys, callers are tenants and see neither.
+    stats = await svc.store.fleet.queue_stats(show_hosts=not svc.tenants.required)
+    return JSONResponse(dataclasses.asdict(stats))
 
 
 async def healthz(request: Request) -> Response:

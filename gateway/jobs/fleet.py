@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
 import json
 
 from arq.connections import ArqRedis
@@ -100,7 +101,9 @@ class Fleet:
             dataclasses.replace(ModelInfo.from_api(m), workers=0, workers_ready=0) for m in json.loads(last)
         ]
 
-    async def queue_stats(self) -> QueueStats:
+    async def queue_stats(self, *, show_hosts: bool = False) -> QueueStats:
+        """The queue's counts and the live workers. Without ``show_hosts`` (callers are tenants, not the
+        operator) a worker is named by a digest of its id, with no host name or pid."""
         now = now_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(keys.BACKLOG)
@@ -110,6 +113,9 @@ class Fleet:
         workers = [dataclasses.asdict(w) for w in await self.live_workers()]
         for worker in workers:
             del worker["models"]  # /v1/models shows them, summed over workers
+            if not show_hosts:
+                del worker["host"], worker["pid"]
+                worker["id"] = hashlib.sha256(worker["id"].encode()).hexdigest()[:16]
         succeeded, failed, canceled, expired = (int(float(v or 0)) for v in finished)
         queued = max(0, in_backlog - running)
         return QueueStats(queued, running, succeeded, failed, canceled, expired, workers)

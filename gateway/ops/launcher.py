@@ -10,6 +10,7 @@ leaving nothing behind. compose.yaml runs the same commands; tests/test_launcher
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -195,6 +196,13 @@ def kept_webhook_secret(home: Path) -> str:
     return path.read_text().strip()
 
 
+def loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        return host == "localhost"
+
+
 def port_busy(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
@@ -330,6 +338,13 @@ def up(host: str, port: int, workers: int, model: str) -> int:
         "SEGSERVE_BLOB_URL": os.environ.get("SEGSERVE_BLOB_URL") or str(home / "blobs"),
         "PYTHONUNBUFFERED": "1",
     }
+    keyless = not (settings.api_keys.strip(",") or settings.api_keys_file)
+    if keyless and not settings.allow_anonymous_remote and not loopback(host):
+        print(
+            f"no API keys: callers from other hosts than this one get 403 anonymous_remote on {host}; set "
+            "SEGSERVE_API_KEYS (or SEGSERVE_ALLOW_ANONYMOUS_REMOTE=true on a trusted network)",
+            flush=True,
+        )
     children = stack(settings, home, store, model, workers, host, port)
     supervisor = Supervisor(children, env, home / "logs")
     interrupted = supervisor.stopping  # set by Ctrl-C (SIGINT) or SIGTERM, and by stop()

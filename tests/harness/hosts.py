@@ -126,7 +126,9 @@ def start_gateway(host: Host, **settings: str) -> str:
             "--log-level",
             "warning",
         ],
-        clean_environment(**settings),
+        clean_environment(
+            **{"allow_anonymous_remote": "true", **settings}
+        ),  # the tests call from another host
     )
     url = f"http://{host.address}:{GATEWAY_PORT}"
     wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, 60, "the gateway")

@@ -15,6 +15,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+# Starlette's TestClient calls from "testclient"; a gateway without keys serves loopback callers only.
+LOOPBACK_CLIENT = ("127.0.0.1", 50000)
 
 
 def free_port() -> int:
