@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.jobs.store import new_job_id
+from gateway.jobs import new_job_id
 from gateway.settings import Settings
 from gateway.tenants import load as load_tenants
 from tests.harness.images import encode, scene

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlparse
 
@@ -22,8 +24,24 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.jobs.store import deserialize, serialize
 from gateway.settings import Settings
+
+
+def serialize(obj: Any) -> bytes:
+    """arq's serializer: JSON, so nothing in Redis can make a worker run code (pickle could)."""
+    return json.dumps(obj, separators=(",", ":"), default=_describe).encode()
+
+
+def deserialize(data: bytes) -> Any:
+    return json.loads(data)
+
+
+def _describe(obj: Any) -> Any:
+    if isinstance(obj, BaseException):  # arq serializes exceptions of its own
+        return f"{type(obj).__name__}: {obj}"
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    raise TypeError(f"cannot serialize {type(obj).__name__}")
 
 
 def no_replicas(exc: BaseException) -> bool:

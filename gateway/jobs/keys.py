@@ -6,7 +6,22 @@ argument. arq's own keys are arq's (``arq.constants``), named here so every modu
 
 from __future__ import annotations
 
+import re
+import secrets
+
 from arq.constants import default_queue_name, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+
+# A job's id: the name of everything it owns.
+JOB_ID = re.compile(r"^j_[0-9a-f]{32}$")
+
+
+def valid_id(job_id: str) -> bool:
+    return bool(JOB_ID.match(job_id))
+
+
+def new_job_id() -> str:
+    return "j_" + secrets.token_hex(16)  # 128 random bits
+
 
 # arq's: its queue (a sorted set of job ids, by when they may run), a job's record, its running try, its tries.
 QUEUE = default_queue_name

@@ -15,11 +15,7 @@ import dataclasses
 import json
 import logging
 import math
-import re
-import secrets
-from dataclasses import asdict, dataclass
-from datetime import datetime
-from typing import Any
+from dataclasses import asdict
 
 from arq.connections import ArqRedis
 from arq.jobs import serialize_job
@@ -27,6 +23,8 @@ from redis.typing import EncodableT
 
 from gateway.jobs import keys
 from gateway.jobs.blobs import Blobs
+from gateway.jobs.bounds import NotReplicated, QueueFull, RetryRefused, StaleTry, StoreConfig
+from gateway.jobs.connection import serialize
 from gateway.jobs.fairness import Admission, FairView, OwnerLimits, layout
 from gateway.jobs.fleet import Fleet, counter_increments
 from gateway.jobs.outbox import Outbox, decode
@@ -41,97 +39,6 @@ FUNCTION = "segment"
 MEMORY_SHARE = 0.9
 SWEEP_LEASE_MS = 60_000
 LIST_LOOK_AT = 1000  # GET /v1/jobs looks at most at this many of an owner's jobs per page
-
-
-def serialize(obj: Any) -> bytes:
-    """arq's serializer: JSON, so nothing in Redis can make a worker run code (pickle could)."""
-    return json.dumps(obj, separators=(",", ":"), default=_describe).encode()
-
-
-def deserialize(data: bytes) -> Any:
-    return json.loads(data)
-
-
-def _describe(obj: Any) -> Any:
-    if isinstance(obj, BaseException):  # arq serializes exceptions of its own
-        return f"{type(obj).__name__}: {obj}"
-    if isinstance(obj, datetime):
-        return obj.isoformat()
-    raise TypeError(f"cannot serialize {type(obj).__name__}")
-
-
-JOB_ID = re.compile(r"^j_[0-9a-f]{32}$")
-
-
-def valid_id(job_id: str) -> bool:
-    return bool(JOB_ID.match(job_id))
-
-
-def new_job_id() -> str:
-    return "j_" + secrets.token_hex(16)  # 128 random bits
-
-
-class QueueFull(Exception):
-    """A bound refuses a job: ``limit`` is 'queue' (jobs), 'bytes' (pending inputs), 'memory' (Redis near its
-    maxmemory), or the owner's own 'key_queue' (its jobs) or 'key_rate' (its submissions a second).
-    ``retry_after_s``: when to try again."""
-
-    def __init__(self, limit: str, retry_after_s: int = 5) -> None:
-        super().__init__(limit)
-        self.limit = limit
-        self.retry_after_s = retry_after_s
-
-
-class StaleTry(Exception):
-    """A try stalled past its lease (a paused or partitioned worker) while a newer try started: the step was
-    refused, and the newer try's state is untouched. arq's own end of the stale try must leave it alone too."""
-
-
-class NotReplicated(Exception):
-    """Fewer replicas than asked for confirmed a new job in time."""
-
-
-@dataclass(frozen=True)
-class RetryRefused:
-    """Why a job cannot be queued again: 'active' (queued or running), 'succeeded', 'ending' (canceled
-    while it ran, and that try has not ended yet), 'no_input' (its input is gone) or 'missing'."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """The job store's bounds and timing, from the settings of the same names."""
-
-    result_ttl_s: int = 3600
-    max_queued: int = 1000
-    max_queued_bytes: int = 4 << 30
-    min_replicas: int = 0
-    replica_timeout_ms: int = 1000
-    try_ms: float = 75_000  # the longest a try may run: a deleted job's blobs are looked at again after it
-    min_window: int = 8  # arq's queue is filled to twice the live workers' slots, and at least to this
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> StoreConfig:
-        return cls(
-            result_ttl_s=settings.result_ttl,
-            max_queued=settings.max_queued,
-            max_queued_bytes=settings.max_queued_bytes,
-            min_replicas=settings.redis_min_replicas,
-            replica_timeout_ms=settings.redis_replica_timeout_ms,
-            try_ms=(settings.inference_timeout + 15) * 1000,
-            min_window=settings.worker_concurrency,
-        )
-
-    @property
-    def ttl_ms(self) -> int:
-        return self.result_ttl_s * 1000
-
-    @property
-    def longest_wait_ms(self) -> int:
-        """How long a job may wait to start when it names no queue_timeout: it ends 'expired' before its
-        metadata's TTL could remove it unseen."""
-        return max(self.ttl_ms * 9 // 10, self.ttl_ms - 10_000)
 
 
 class JobStore:
@@ -243,7 +150,7 @@ class JobStore:
 
     async def load(self, job_id: str, owner: str = "") -> Job | None:
         """The job; None when unknown, expired, deleted or another key's."""
-        if not valid_id(job_id):
+        if not keys.valid_id(job_id):
             return None
         step_keys = [keys.job(job_id), keys.in_progress(job_id), keys.QUEUE]
         args = [job_id, keys.IN_PROGRESS_PREFIX, keys.WAITING_PREFIX]
