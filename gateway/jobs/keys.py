@@ -65,6 +65,12 @@ def job(job_id: str) -> str:
     return JOB_PREFIX + job_id
 
 
+def job_and_arq(job_id: str) -> list[str]:
+    """The job's hash, then arq's queue and arq's keys for it: the first keys of every step that may move the
+    job in or out of arq (the Lua scripts read them as KEYS[1] to KEYS[5])."""
+    return [job(job_id), QUEUE, arq_job(job_id), in_progress(job_id), arq_retry(job_id)]
+
+
 def arq_job(job_id: str) -> str:
     return ARQ_JOB_PREFIX + job_id
 

@@ -167,11 +167,7 @@ class JobStore:
     async def cancel(self, job_id: str) -> JobStatus | None:
         """The job's status after the cancel: CANCELED, or how it had already ended; None when unknown."""
         step_keys = [
-            keys.job(job_id),
-            keys.QUEUE,
-            keys.arq_job(job_id),
-            keys.in_progress(job_id),
-            keys.arq_retry(job_id),
+            *keys.job_and_arq(job_id),
             keys.STATS,
             keys.PENDING,
             keys.DELIVERIES,
@@ -193,13 +189,7 @@ class JobStore:
         enqueued = now_ms()
         config, limits = self.config, limits or OwnerLimits()
         arq_job = serialize_job(FUNCTION, (job_id,), {}, None, int(enqueued), serializer=serialize)
-        step_keys = [
-            keys.job(job_id),
-            keys.QUEUE,
-            keys.arq_job(job_id),
-            keys.in_progress(job_id),
-            keys.arq_retry(job_id),
-        ]
+        step_keys = keys.job_and_arq(job_id)
         priority = await self.redis.hget(keys.job(job_id), "priority")  # type: ignore[misc]
         score = Priority(priority.decode() if priority else "normal").queue_score(enqueued)
         args: list[EncodableT] = [
@@ -224,11 +214,7 @@ class JobStore:
     async def delete(self, job_id: str) -> None:
         """Forget everything of the job, its blobs too. A running one's completion then keeps nothing."""
         step_keys = [
-            keys.job(job_id),
-            keys.QUEUE,
-            keys.arq_job(job_id),
-            keys.in_progress(job_id),
-            keys.arq_retry(job_id),
+            *keys.job_and_arq(job_id),
             keys.STATS,
             keys.PENDING,
             keys.BLOB_EXPIRY,
