@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 
 from gateway.client import Client, SegserveError
 from gateway.jobs import NotReplicated
-from gateway.jobs.connection import connect, deadlines, no_replicas
+from gateway.jobs.connection import close, connect, deadlines, no_replicas
 from gateway.settings import Settings
 from tests.harness.images import encode, scene
 from tests.harness.jobs import directory_store, submit
@@ -131,7 +131,7 @@ async def test_guarded_sentinels_refuse_a_re_pointing_and_a_lone_primary_refuses
     settings = Settings(redis_url=url, redis_sentinels=guarded.addresses, redis_sentinel_master=MASTER)
     client = connect(settings, **deadlines(settings))
     assert await client.set("segserve:probe", "1")
-    await client.aclose()
+    await close(client)
     # Cut off from both replicas, the primary takes no write: what it would accept, a failover would drop.
     primary = connect(Settings(redis_url=guarded.primary.url), **deadlines(settings))
     for replica in guarded.replicas:
@@ -141,4 +141,4 @@ async def test_guarded_sentinels_refuse_a_re_pointing_and_a_lone_primary_refuses
             await primary.set("segserve:probe", "2")
             await asyncio.sleep(0.1)
     assert no_replicas(refused.value)
-    await primary.aclose()
+    await close(primary)

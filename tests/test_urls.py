@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 
 from gateway import urls
 from tests.harness.images import encode, scene
-from tests.harness.processes import free_port
+from tests.harness.processes import LOOPBACK_CLIENT, free_port
 from tests.harness.servers import WEBHOOK_SECRET, RedisServer
 
 IMAGE_B64 = base64.b64encode(encode(scene(32, 24))).decode()
@@ -89,7 +89,7 @@ def app_client(
     monkeypatch.setenv("SEGSERVE_WEBHOOK_SECRET", WEBHOOK_SECRET)
     from gateway.app import app
 
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, raise_server_exceptions=False, client=LOOPBACK_CLIENT) as client:
         yield client
 
 

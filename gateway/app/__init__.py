@@ -27,7 +27,7 @@ from gateway.app.errors import EXCEPTION_HANDLERS, job_store_full, problem_respo
 from gateway.app.web import Services
 from gateway.budget import MemoryBudget
 from gateway.jobs import BlobStoreError, BlobStoreFull, JobStore, Waiters
-from gateway.jobs.connection import connect, deadlines, no_replicas, stop
+from gateway.jobs.connection import close, connect, deadlines, no_replicas, stop
 from gateway.settings import Settings
 from gateway.tenants import load as load_tenants
 from gateway.webhooks import signing_key
@@ -67,7 +67,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         await stop(ticker)
         await services.waiters.stop()
         await services.http.aclose()
-        await redis.aclose(close_connection_pool=True)  # a pool passed in is not closed by default
+        await close(redis)
 
 
 async def tick(store: JobStore) -> None:

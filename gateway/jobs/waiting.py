@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from arq.connections import ArqRedis
 
 from gateway.jobs.channels import follow
-from gateway.jobs.connection import stop
+from gateway.jobs.connection import close, stop
 from gateway.jobs.keys import CHANGED_CHANNEL
 from gateway.jobs.records import Job, JobStatus
 from gateway.jobs.store import JobStore
@@ -37,7 +37,7 @@ class Waiters:
     async def stop(self) -> None:
         if self._task is not None:
             await stop(self._task)
-        await self.redis.aclose()
+        await close(self.redis)
 
     def _wake(self, job_id: bytes) -> None:
         for key in (job_id.decode(), ANY_JOB):
