@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from tests.harness.images import encode, scene
 from tests.harness.servers import GatewayServer, RedisServer
 
-FAST, FULL = 50, 500
+FAST, FULL = 50, 200
 BUDGETS = [FAST, pytest.param(FULL, marks=pytest.mark.slow)]
 JPEG = encode(scene(32, 24))
 PNG = encode(scene(32, 24), "PNG")

@@ -22,7 +22,7 @@ from PIL import Image
 from tests.harness.images import encode, scene
 from tests.harness.servers import Stack
 
-SECONDS, CLIENTS = 45, 50
+SECONDS, CLIENTS = 30, 50
 Kind = tuple[str, Callable[[int], tuple[bytes, str]], int, str | None]
 
 

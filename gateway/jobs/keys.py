@@ -39,6 +39,9 @@ WORKER_PREFIX = "segserve:worker:"  # a worker's last heartbeat, as JSON
 MODELS = "segserve:models"  # the last model catalog a worker reported: /v1/models while none is alive
 DELIVERIES = "segserve:deliveries"  # sorted set: webhook delivery id -> when it is due (ms)
 DELIVERY_PREFIX = "segserve:delivery:"  # hash: one webhook delivery
+# What every ending of a job touches, in this order in each ending script: its counters, its input's bytes
+# leaving the pending sum, and the webhook deliveries it schedules.
+ENDING = (STATS, PENDING, DELIVERIES)
 IDEMPOTENCY_PREFIX = "segserve:idempotency:"  # <owner>:<Idempotency-Key> -> the first job's id
 ORPHAN_SWEEP_LOCK = "segserve:orphan-sweep"  # held by the one worker that lists the blob store
 

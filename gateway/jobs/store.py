@@ -166,12 +166,7 @@ class JobStore:
 
     async def cancel(self, job_id: str) -> JobStatus | None:
         """The job's status after the cancel: CANCELED, or how it had already ended; None when unknown."""
-        step_keys = [
-            *keys.job_and_arq(job_id),
-            keys.STATS,
-            keys.PENDING,
-            keys.DELIVERIES,
-        ]
+        step_keys = [*keys.job_and_arq(job_id), *keys.ENDING]
         args: list[EncodableT] = [
             job_id,
             repr(now_ms()),
@@ -322,7 +317,7 @@ class JobStore:
         if "inference" in timings:
             seconds["inference"] = timings["inference"] / 1000
         status = outcome.status.value
-        step_keys = [keys.job(job.id), keys.RUNNING, keys.STATS, keys.PENDING, keys.DELIVERIES]
+        step_keys = [keys.job(job.id), keys.RUNNING, *keys.ENDING]
         args: list[EncodableT] = [
             job.id,
             repr(finished),
@@ -364,9 +359,7 @@ class JobStore:
             keys.QUEUE,
             keys.in_progress(job_id),
             keys.RUNNING,
-            keys.STATS,
-            keys.PENDING,
-            keys.DELIVERIES,
+            *keys.ENDING,
         ]
         args: list[EncodableT] = [
             job_id,
