@@ -99,10 +99,23 @@ class Host:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)
 
+    def cut(self) -> None:
+        """The host's cable is pulled: it runs on, and nothing it sends or is sent arrives, with no reset."""
+        ip("link", "set", self.veth, "down")
+
     def down(self) -> None:
         """The host vanishes: its cable is pulled first (no goodbye reaches anyone), then it loses power."""
-        ip("link", "set", self.veth, "down")
+        self.cut()
         self.kill()
+
+    def unroute(self, address: str) -> None:
+        """The link from this host to ``address`` is cut, every other link stays: what it sends there is
+        dropped (a black hole: open connections hear nothing, no reset), and a new connection fails at once."""
+        ip("-n", self.netns, "route", "add", "blackhole", f"{address}/32")
+
+    def reroute(self, address: str) -> None:
+        """The link to ``address`` is mended."""
+        ip("-n", self.netns, "route", "del", "blackhole", f"{address}/32")
 
 
 class Network:
