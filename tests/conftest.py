@@ -13,6 +13,7 @@ import pytest
 
 from gateway.jobs import JobStore
 from tests.harness.jobs import directory_store
+from tests.harness.kubernetes import DEPLOY, OVERLAYS, Rendered, render
 from tests.harness.processes import free_port, wait_until
 from tests.harness.receiver import Receiver
 from tests.harness.s3 import CephS3
@@ -145,3 +146,14 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephS3]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> tuple[str, Rendered]:
+    """An overlay of deploy/kubernetes, rendered by `kubectl kustomize`: (its name, its objects)."""
+    return request.param, Rendered(render(DEPLOY / "overlays" / request.param))
+
+
+@pytest.fixture(scope="module")
+def rendered(overlay: tuple[str, Rendered]) -> Rendered:
+    return overlay[1]

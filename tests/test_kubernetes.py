@@ -22,10 +22,20 @@ import yaml
 
 from gateway.jobs import keys
 from gateway.settings import Settings
+from tests.harness.kubernetes import (
+    DEPLOY,
+    OVERLAYS,
+    Rendered,
+    containers_of,
+    env_of,
+    labels,
+    literal_env,
+    pod_spec,
+    render,
+    selects,
+)
 from tests.harness.processes import ROOT
 
-DEPLOY = ROOT / "deploy" / "kubernetes"
-OVERLAYS = ("cpu", "gpu")
 # The oldest Kubernetes with native sidecars on by default is 1.29; we validate against a current one.
 KUBERNETES_VERSION = "1.31"
 REDIS_PORTS = {6379, 26379}
@@ -67,17 +77,6 @@ SETTINGS = {f"SEGSERVE_{f.name.upper()}" for f in fields(Settings)}
 # Rendering
 
 
-def render(directory: Path) -> list[dict[str, Any]]:
-    """What ``kubectl kustomize directory`` prints, as objects."""
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl is needed to render the overlays (`kubectl kustomize`, kustomize v5)")
-    result = subprocess.run(
-        ["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr}"
-    return [obj for obj in yaml.safe_load_all(result.stdout) if obj is not None]
-
-
 def image_name(image: str) -> str:
     """``registry:port/name`` of ``registry:port/name:tag``."""
     name, _, tag = image.rpartition(":")
@@ -105,66 +104,6 @@ def all_containers(objects: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 # Lookups
 
 
-class Rendered:
-    def __init__(self, objects: list[dict[str, Any]]) -> None:
-        self.objects = objects
-
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
-        return [o for o in self.objects if o["kind"] == kind]
-
-    def one(self, kind: str, name: str) -> dict[str, Any]:
-        found = [o for o in self.of_kind(kind) if o["metadata"]["name"] == name]
-        assert len(found) == 1, f"{len(found)} {kind} named {name}"
-        return found[0]
-
-    def workloads(self) -> list[dict[str, Any]]:
-        return self.of_kind("Deployment") + self.of_kind("StatefulSet")
-
-    def pod_labels(self, component: str) -> dict[str, str]:
-        (workload,) = [
-            w for w in self.workloads() if labels(w).get("app.kubernetes.io/component") == component
-        ]
-        return dict(workload["spec"]["template"]["metadata"]["labels"])
-
-    @property
-    def namespace(self) -> str:
-        (namespace,) = self.of_kind("Namespace")
-        return str(namespace["metadata"]["name"])
-
-    @property
-    def gateway(self) -> dict[str, Any]:
-        return self.one("Deployment", "segserve-gateway")
-
-    @property
-    def worker(self) -> dict[str, Any]:
-        return self.one("Deployment", "segserve-worker")
-
-
-def labels(obj: dict[str, Any]) -> dict[str, str]:
-    return dict(obj["metadata"].get("labels", {}))
-
-
-def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
-    return dict(workload["spec"]["template"]["spec"])
-
-
-def containers_of(workload: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    spec = pod_spec(workload)
-    return {c["name"]: c for c in spec.get("initContainers", []) + spec["containers"]}
-
-
-def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {e["name"]: e for e in container.get("env", [])}
-
-
-def literal_env(container: dict[str, Any]) -> dict[str, str]:
-    return {name: e["value"] for name, e in env_of(container).items() if "value" in e}
-
-
-def selects(selector: dict[str, str], pod_labels: dict[str, str]) -> bool:
-    return all(pod_labels.get(k) == v for k, v in selector.items())
-
-
 def torchserve_config(rendered: Rendered) -> dict[str, str]:
     text = rendered.one("ConfigMap", "segserve-torchserve")["data"]["config.properties"]
     return read_properties(text)
@@ -175,16 +114,6 @@ def read_properties(text: str) -> dict[str, str]:
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read_string("[p]\n" + text)
     return dict(parser["p"])
-
-
-@pytest.fixture(scope="module", params=OVERLAYS)
-def overlay(request: pytest.FixtureRequest) -> tuple[str, Rendered]:
-    return request.param, Rendered(render(DEPLOY / "overlays" / request.param))
-
-
-@pytest.fixture(scope="module")
-def rendered(overlay: tuple[str, Rendered]) -> Rendered:
-    return overlay[1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -417,19 +346,6 @@ def test_the_worker_reaches_torchserve_over_the_pods_loopback(rendered: Rendered
     assert "runAsUser" in pod_spec(rendered.worker)["securityContext"]
     for container in (torchserve, worker):
         assert "runAsUser" not in container.get("securityContext", {}), container["name"]
-
-
-def test_no_service_nor_policy_lets_anyone_reach_the_worker_pods(rendered: Rendered) -> None:
-    worker_pods = rendered.pod_labels("worker")
-    deny = [
-        p
-        for p in rendered.of_kind("NetworkPolicy")
-        if selects(p["spec"]["podSelector"]["matchLabels"], worker_pods)
-    ]
-    assert deny, "no NetworkPolicy selects the worker pods"
-    for policy in deny:
-        assert policy["spec"]["policyTypes"] == ["Ingress"]
-        assert not policy["spec"].get("ingress"), "a NetworkPolicy lets traffic into the worker pods"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ modules and the benchmarks (benchmarks/). A module per concern; import from the 
 - ``namespaces``: many hosts on one machine, as Linux network namespaces on a bridge (``Network``,
   ``Host``); needs root (``namespaces_unavailable`` says why not).
 - ``hosts``: what runs on those hosts: Redis, Sentinel, TorchServe, an arq worker and a gateway.
+- ``kubernetes``: deploy/kubernetes rendered by `kubectl kustomize` (``render``, ``Rendered``), and lookups
+  in its workloads (``pod_spec``, ``containers_of``, ``env_of``, ``selects``).
 
 Nothing here is a fixture, and importing a module starts nothing: the fixtures decide what runs when.
 """
