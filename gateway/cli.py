@@ -73,9 +73,11 @@ def up(args: argparse.Namespace) -> int:
 
 
 def worker(args: argparse.Namespace) -> int:
-    from gateway.worker import main as run
+    from gateway.worker import check, main
 
-    run()
+    if args.check:
+        return check()
+    main()
     return 0
 
 
@@ -107,6 +109,11 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=up)
 
     p = commands.add_parser("worker", help="one arq worker process, woken at once when a job is enqueued")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 0 while this host's worker is alive (its heartbeat in Redis, every 2 s), else 1",
+    )
     p.set_defaults(run=worker)
 
     p = commands.add_parser("submit", help="segment images and folders of images, writing mask PNGs")

@@ -16,6 +16,7 @@ from tests.harness.jobs import directory_store
 from tests.harness.kubernetes import DEPLOY, OVERLAYS, Rendered, render
 from tests.harness.processes import free_port, wait_until
 from tests.harness.receiver import Receiver
+from tests.harness.redis_users import REDIS_USERS
 from tests.harness.s3 import CephS3
 from tests.harness.servers import (
     RedisServer,
@@ -48,14 +49,24 @@ def redis_binary() -> str:
 
 @pytest.fixture(scope="session")
 def redis_server(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(free_port(), tmp_path_factory.mktemp("redis")) as server:
+    """The session stack's Redis, with the Kubernetes manifest's users: its gateways and workers log in as
+    theirs, so every test of the stack runs on those rules, and none of its commands may be refused."""
+    with RedisServer(
+        free_port(), tmp_path_factory.mktemp("redis"), users=tuple(REDIS_USERS.values())
+    ) as server:
         yield server
+        with server.client() as redis:
+            refused = redis.acl_log()
+        assert not refused, f"Redis refused segserve's users: {refused}"
 
 
 @pytest.fixture(scope="session")
 def job_redis(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A Redis of the fast tier's own, flushed by each test that uses it."""
-    with RedisServer(free_port(), tmp_path_factory.mktemp("job-redis")) as server:
+    """A Redis of the fast tier's own, flushed by each test that uses it; with the manifest's users, as the
+    stack's has them, for the fast tier's gateways."""
+    with RedisServer(
+        free_port(), tmp_path_factory.mktemp("job-redis"), users=tuple(REDIS_USERS.values())
+    ) as server:
         yield server
 
 

@@ -35,6 +35,7 @@ from tests.harness.kubernetes import (
     selects,
 )
 from tests.harness.processes import ROOT
+from tests.harness.redis_users import KEDA, SENTINEL_USERS
 
 # The oldest Kubernetes with native sidecars on by default is 1.29; we validate against a current one.
 KUBERNETES_VERSION = "1.31"
@@ -58,6 +59,8 @@ KEDA_REDIS_METADATA = {
     "databaseIndex",
     "enableTLS",
     "unsafeSsl",
+    "username",
+    "sentinelUsername",
 }
 # KEDA's and the Prometheus operator's schemas, installed from the npm registry by tests/kubernetes/package.json.
 NPM_PACKAGES = ROOT / "tests" / "kubernetes"
@@ -383,7 +386,8 @@ def test_worker_pod_probes(rendered: Rendered) -> None:
     assert "http://127.0.0.1:8080/ping" in script
     assert "--healthy" in startup
     (worker,) = spec["containers"]
-    assert worker["livenessProbe"]["exec"]["command"] == ["arq", "gateway.worker.WorkerSettings", "--check"]
+    # segserve's --check, which logs in to the sentinels (tests/test_sentinel.py); arq's passes them no login.
+    assert worker["livenessProbe"]["exec"]["command"] == ["segserve", "worker", "--check"]
     assert worker["command"] == ["segserve", "worker"]
 
 
@@ -612,15 +616,18 @@ def test_keda_scales_the_workers_from_zero_on_the_backlog(rendered: Rendered) ->
         assert [a.strip() for a in metadata["addresses"].split(",")] == [
             f"{host}.{rendered.namespace}.svc:{port}" for host, _, port in ours
         ]
+    # KEDA logs in as its own user, which may only count the backlog (tests/test_redis_users.py), on the
+    # sentinels too, with the password the Redis and the sentinels give that user.
+    assert metadata["username"] == metadata.get("sentinelUsername", metadata["username"]) == KEDA.name
+    assert KEDA.name in SENTINEL_USERS
     auth = rendered.one("TriggerAuthentication", trigger["authenticationRef"]["name"])
-    # The password comes from the Secret everyone else reads it from; the sentinels ask for it too.
     refs = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
     assert set(refs) == {"password", "sentinelPassword"}
-    redis_password = env_of(containers_of(rendered.one("StatefulSet", "segserve-redis"))["redis"])[
-        "REDIS_PASSWORD"
-    ]
-    for ref in refs.values():
-        assert {"name": ref["name"], "key": ref["key"]} == redis_password["valueFrom"]["secretKeyRef"]
+    for container in ("redis", "sentinel"):
+        workload = rendered.one("StatefulSet", f"segserve-{container}")
+        keda_password = env_of(containers_of(workload)[container])["KEDA_PASSWORD"]
+        for ref in refs.values():
+            assert {"name": ref["name"], "key": ref["key"]} == keda_password["valueFrom"]["secretKeyRef"]
 
 
 def test_worker_pods_finish_their_jobs_before_they_are_killed(rendered: Rendered) -> None:
@@ -684,7 +691,17 @@ def test_redis_sentinel_group(rendered: Rendered) -> None:
         assert env["SEGSERVE_REDIS_SENTINELS"].split(",") == [
             f"segserve-sentinel-{i}.{service}:26379" for i in range(sentinel["spec"]["replicas"])
         ]
-        assert urlparse(env["SEGSERVE_REDIS_URL"]).password == "$(REDIS_PASSWORD)"
+        # Each as its own Redis user (tests/test_redis_users.py), with the password the Redis and the
+        # sentinels give that user.
+        role = workload["metadata"]["name"].removeprefix("segserve-")
+        url = urlparse(env["SEGSERVE_REDIS_URL"])
+        assert url.username == f"segserve-{role}" and url.password == "$(REDIS_PASSWORD)"
+        assert url.username in SENTINEL_USERS
+        own = env_of(containers_of(workload)[role])["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        for member in ("redis", "sentinel"):
+            variable = f"{role.upper()}_PASSWORD"
+            theirs = env_of(containers_of(rendered.one("StatefulSet", f"segserve-{member}"))[member])
+            assert theirs[variable]["valueFrom"]["secretKeyRef"] == own, (member, variable)
     pods = " ".join(f"segserve-sentinel-{i}" for i in range(sentinel["spec"]["replicas"]))
     assert f'SENTINEL_PODS="{pods}"' in scripts["common.sh"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +22,8 @@ from gateway.jobs.connection import close, connect, deadlines, no_replicas
 from gateway.settings import Settings
 from tests.harness.images import encode, scene
 from tests.harness.jobs import directory_store, submit
-from tests.harness.processes import wait_until
+from tests.harness.processes import BIN, wait_until
+from tests.harness.redis_users import GATEWAY, KEDA, WORKER
 from tests.harness.sentinel import MASTER, ReplicatedRedis
 from tests.harness.servers import Stack, TorchServeServer, stack_env
 
@@ -123,14 +125,29 @@ async def test_guarded_sentinels_refuse_a_re_pointing_and_a_lone_primary_refuses
         ):
             with pytest.raises(redis.exceptions.AuthenticationError):
                 stranger.execute_command(*attempt)
+    # segserve's own users, with their passwords, may ask where the primary is, and nothing more.
+    for user in (GATEWAY, WORKER, KEDA):
+        with redis.Redis(port=port, username=user.name, password=user.password, socket_timeout=2) as ours:
+            assert ours.sentinel_get_master_addr_by_name(MASTER) == (b"127.0.0.1", guarded.primary.port)
+            for attempt in (
+                ("SENTINEL", "MONITOR", "elsewhere", "127.0.0.1", "1", "1"),
+                ("SENTINEL", "SET", MASTER, "down-after-milliseconds", "1"),
+                ("SENTINEL", "REMOVE", MASTER),
+                ("SENTINEL", "FAILOVER", MASTER),
+                ("SENTINEL", "RESET", "*"),
+                ("SENTINEL", "CONFIG", "SET", "resolve-hostnames", "no"),
+            ):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    ours.execute_command(*attempt)
     assert guarded.primary_port() == guarded.primary.port  # still the one it watched
     with guarded.primary.client() as primary:
         assert primary.config_get("min-replicas-to-write") == {"min-replicas-to-write": "1"}
-    # The gateway's and the worker's connection reaches the primary through them with the URL's password.
-    url = f"redis://:{guarded.password}@unused:1/0"
+    # The gateway's connection reaches the primary through them as the URL's user, and writes as that user.
+    url = GATEWAY.login("redis://unused:1/0")
     settings = Settings(redis_url=url, redis_sentinels=guarded.addresses, redis_sentinel_master=MASTER)
     client = connect(settings, **deadlines(settings))
     assert await client.set("segserve:probe", "1")
+    assert await client.acl_whoami() == GATEWAY.name
     await close(client)
     # Cut off from both replicas, the primary takes no write: what it would accept, a failover would drop.
     primary = connect(Settings(redis_url=guarded.primary.url), **deadlines(settings))
@@ -142,3 +159,24 @@ async def test_guarded_sentinels_refuse_a_re_pointing_and_a_lone_primary_refuses
             await asyncio.sleep(0.1)
     assert no_replicas(refused.value)
     await close(primary)
+
+
+def test_the_worker_check_logs_in_to_guarded_sentinels(guarded: ReplicatedRedis) -> None:
+    """The worker pods' liveness probe, as the worker's user: arq's own ``--check`` passes no login to the
+    sentinels, so behind guarded ones it could never tell a live worker from a dead one."""
+    from gateway.worker import WorkerSettings
+
+    env = {
+        **os.environ,
+        "SEGSERVE_REDIS_URL": WORKER.login("redis://unused:1/0"),
+        "SEGSERVE_REDIS_SENTINELS": guarded.addresses,
+        "SEGSERVE_REDIS_SENTINEL_MASTER": MASTER,
+    }
+    check = [str(BIN / "segserve"), "worker", "--check"]
+    wait_until(lambda: guarded.primary_port() == guarded.primary.port, 30, "the sentinels")
+    silent = subprocess.run(check, env=env, capture_output=True, text=True, timeout=60)
+    assert silent.returncode == 1 and "no heartbeat" in silent.stdout, silent.stdout + silent.stderr
+    with guarded.primary.client() as primary:  # the heartbeat, as arq's worker writes it every 2 s
+        primary.psetex(WorkerSettings.health_check_key, 10_000, "j_complete=0 j_failed=0")
+    alive = subprocess.run(check, env=env, capture_output=True, text=True, timeout=60)
+    assert alive.returncode == 0, alive.stdout + alive.stderr

@@ -1,7 +1,7 @@
 """How every process reaches the job store's Redis: one URL, or the primary that Redis Sentinel names.
 
-With SEGSERVE_REDIS_SENTINELS set, the URL's host and port are not used (its database and password are; the
-password is the sentinels' too):
+With SEGSERVE_REDIS_SENTINELS set, the URL's host and port are not used (its user, password and database are;
+the user and password are the sentinels' too):
 the sentinels are asked for the primary of SEGSERVE_REDIS_SENTINEL_MASTER, and asked again after a
 failover. arq's worker gets the same through its own Sentinel support.
 """
@@ -73,17 +73,22 @@ def connect(settings: Settings, **options: Any) -> ArqRedis:
     url = urlparse(settings.redis_url)
     database = int(url.path.strip("/") or 0)
     # A sentinel's host that vanishes must cost a lookup seconds: the next sentinel is asked then. Sentinels
-    # that require a password (so that nobody else can re-point the master name) take the URL's.
+    # that require a login (so that nobody else can re-point the master name) take the URL's user and password.
+    username = url.username or None
     sentinel_options: dict[str, Any] = {
         "socket_connect_timeout": 2,
         "socket_timeout": 2,
         "socket_keepalive": True,
     }
     if url.password:
-        sentinel_options["password"] = url.password
+        sentinel_options.update(username=username, password=url.password)
     sentinel = Sentinel(addresses, sentinel_kwargs=sentinel_options, **options)  # type: ignore[no-untyped-call]
     primary: ArqRedis = sentinel.master_for(
-        settings.redis_sentinel_master, redis_class=ArqRedis, db=database, password=url.password
+        settings.redis_sentinel_master,
+        redis_class=ArqRedis,
+        db=database,
+        username=username,
+        password=url.password,
     )
     primary.job_serializer, primary.job_deserializer = serialize, deserialize
     return primary

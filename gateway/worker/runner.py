@@ -33,7 +33,7 @@ from gateway.jobs import (
     serialize,
 )
 from gateway.jobs.channels import follow
-from gateway.jobs.connection import stop, worker_connection, worker_redis_settings
+from gateway.jobs.connection import close, stop, worker_connection, worker_redis_settings
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, ModelNotFound, TorchServe
 from gateway.worker.deliveries import Deliverer
@@ -273,6 +273,27 @@ class WorkerSettings:
     job_serializer = staticmethod(serialize)
     job_deserializer = staticmethod(deserialize)
     expires_extra_ms = _settings.result_ttl * 1000
+
+
+def check() -> int:
+    """``segserve worker --check``: arq's ``--check`` (0 while this host's worker beats its health key), on
+    segserve's own connection. arq's logs in to the primary but not to the sentinels, so behind sentinels that
+    require a login (docs/kubernetes.md) only this one can ask them where the primary is."""
+
+    async def beating() -> bool:
+        redis = worker_connection(_settings)
+        try:
+            return bool(await redis.exists(WorkerSettings.health_check_key))
+        finally:
+            await close(redis)
+
+    try:
+        alive = asyncio.run(beating())
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        print(f"Redis did not answer: {exc}")
+        return 1
+    print(f"{'alive' if alive else 'no heartbeat'}: {WorkerSettings.health_check_key}")
+    return 0 if alive else 1
 
 
 def main() -> None:

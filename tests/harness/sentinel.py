@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness.processes import free_port, stop_process, wait_until
+from tests.harness.redis_users import REDIS_USERS, SENTINEL_USERS
 from tests.harness.servers import RedisServer
 
 MASTER = "segserve"
@@ -25,7 +26,8 @@ def sentinel_config(
 ) -> str:
     """A sentinel of three (quorum 2) watching ``primary``: it calls the primary down after 1 s of silence, so
     a failover takes seconds, not the default minute. With ``password``, the Redis and the sentinels need it,
-    and nobody without it can re-point the master name (SENTINEL MONITOR, SENTINEL SET)."""
+    and nobody without it can re-point the master name (SENTINEL MONITOR, SENTINEL SET); segserve's users, as
+    the Kubernetes manifest has them, may only ask where the primary is."""
     host, primary_port = primary
     config = (
         f"port {port}\nbind {bind}\ndir {directory}\n"
@@ -38,6 +40,7 @@ def sentinel_config(
             f"protected-mode yes\nrequirepass {password}\n"
             f"sentinel auth-pass {MASTER} {password}\nsentinel sentinel-pass {password}\n"
         )
+        config += "".join(f"user {' '.join(user.directive())}\n" for user in SENTINEL_USERS.values())
     return config
 
 
@@ -70,16 +73,22 @@ class ReplicatedRedis:
 
     @classmethod
     def start(cls, directory: Path, password: str = "") -> ReplicatedRedis:
-        """The primary and its replicas, once both replicas are in sync; then the sentinels."""
+        """The primary and its replicas, once both replicas are in sync; then the sentinels. With ``password``,
+        they also have segserve's users, as the Kubernetes manifest has them."""
+        users = tuple(REDIS_USERS.values()) if password else ()
         (directory / "primary").mkdir()
-        primary = RedisServer(free_port(), directory / "primary", options=MIN_REPLICAS, password=password)
+        primary = RedisServer(
+            free_port(), directory / "primary", options=MIN_REPLICAS, password=password, users=users
+        )
         primary.start()
         replicas = []
         for n in range(2):
             (directory / f"replica{n}").mkdir()
             follow = ("--replicaof", "127.0.0.1", str(primary.port), *MIN_REPLICAS)
             replicas.append(
-                RedisServer(free_port(), directory / f"replica{n}", options=follow, password=password)
+                RedisServer(
+                    free_port(), directory / f"replica{n}", options=follow, password=password, users=users
+                )
             )
             replicas[-1].start()
 

@@ -11,11 +11,13 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlparse
 
 import httpx
 
 from gateway.ops.launcher import torchserve_command
 from tests.harness.processes import BIN, ROOT, free_port, spawn, stop_process, wait_until
+from tests.harness.redis_users import GATEWAY, WORKER, RedisUser
 
 SEED = 7  # of the archive's random weights, so a test can make the same model again
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"the tests' webhook secret, 32 b.").decode()
@@ -67,17 +69,26 @@ class RedisServer(Server):
     process: subprocess.Popen[bytes] | None = None
     options: tuple[str, ...] = ()  # more of redis-server's options, e.g. ("--replicaof", "127.0.0.1", "6379")
     password: str = ""  # set: clients and replicas need it (requirepass, masterauth)
+    users: tuple[RedisUser, ...] = ()  # beside the default user, which stays the tests' own
 
     @property
     def url(self) -> str:
         credentials = f":{self.password}@" if self.password else ""
         return f"redis://{credentials}127.0.0.1:{self.port}/0"
 
+    def as_user(self, url: str, user: RedisUser) -> str:
+        """``url`` logged in as ``user``, where it names this Redis and this Redis has that user."""
+        parts = urlparse(url)
+        if user in self.users and parts.port == self.port and not parts.username:
+            return user.login(url)
+        return url
+
     def start(self) -> None:
         self.process = subprocess.Popen(
             [
                 *redis_command("127.0.0.1", self.port, self.directory, *self.options),
                 *(("--requirepass", self.password, "--masterauth", self.password) if self.password else ()),
+                *(option for user in self.users for option in ("--user", *user.directive())),
             ],
             stdout=subprocess.DEVNULL,
             start_new_session=True,
@@ -115,7 +126,7 @@ class GatewayServer(Server):
         self.port = self.port or free_port()
         env = {
             **os.environ,
-            "SEGSERVE_REDIS_URL": self.redis.url,
+            "SEGSERVE_REDIS_URL": self.redis.as_user(self.redis.url, GATEWAY),
             "SEGSERVE_BLOB_URL": str(self.blobs),
             "SEGSERVE_TORCHSERVE_MANAGEMENT_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens
             "SEGSERVE_WEBHOOK_SECRET": WEBHOOK_SECRET,
@@ -231,13 +242,19 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def env_of(self, user: RedisUser, extra_env: dict[str, str]) -> dict[str, str]:
+        """The environment of a process that logs in to Redis as ``user`` (where the stack's Redis has it)."""
+        env = {**self.env, **extra_env}
+        env["SEGSERVE_REDIS_URL"] = self.redis.as_user(env["SEGSERVE_REDIS_URL"], user)
+        return env
+
     def start_gateway(self, port: int | None = None, **extra_env: str) -> None:
         self.port = port or free_port()
         self.gateway = spawn(
             [str(BIN / "uvicorn"), "gateway.app:app", "--port", str(self.port), "--log-level", "warning"],
             self.log_dir / f"gateway-{self.port}.log",
             cwd=ROOT,
-            env={**self.env, **extra_env},
+            env=self.env_of(GATEWAY, extra_env),
         )
         wait_until(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, 30, "the gateway")
 
@@ -249,7 +266,7 @@ class Stack:
             [str(BIN / command[0]), *command[1:]],
             self.log_dir / f"worker-{n}.log",
             cwd=ROOT,
-            env={**self.env, **extra_env},
+            env=self.env_of(WORKER, extra_env),
         )
         self.workers.append(worker)
         return worker
