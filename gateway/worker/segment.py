@@ -48,6 +48,8 @@ async def segment(ctx: dict[str, Any], job_id: str) -> None:
         if isinstance(exc, ResponseError) and not no_replicas(exc):
             raise
         raise try_later(state.settings, job_id, attempt, f"a store does not answer ({exc})") from exc
+    else:
+        state.ended.add(job_id)  # after_job_end has nothing to fail: one call to Redis a job saved
 
 
 def memory_of(job: Job) -> int:

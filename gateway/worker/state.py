@@ -22,6 +22,7 @@ class WorkerState:
     in_flight: int
     loops: list[asyncio.Task[None]] = field(default_factory=list)  # heartbeat, deliveries, sweeper
     stale: set[str] = field(default_factory=set)  # jobs whose try here was fenced off: arq's end leaves them
+    ended: set[str] = field(default_factory=set)  # jobs whose try here ended them, or found them ended
 
 
 def state_of(ctx: dict[str, object]) -> WorkerState:
