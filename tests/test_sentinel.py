@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -17,15 +18,15 @@ import pytest
 from redis.exceptions import ResponseError
 
 from gateway.client import Client, SegserveError
-from gateway.jobs import NotReplicated
+from gateway.jobs import NotReplicated, keys
 from gateway.jobs.connection import close, connect, deadlines, no_replicas
 from gateway.settings import Settings
 from tests.harness.images import encode, scene
 from tests.harness.jobs import directory_store, submit
-from tests.harness.processes import BIN, wait_until
+from tests.harness.processes import BIN, free_port, spawn, stop_process, wait_until
 from tests.harness.redis_users import GATEWAY, KEDA, WORKER
-from tests.harness.sentinel import MASTER, ReplicatedRedis
-from tests.harness.servers import Stack, TorchServeServer, stack_env
+from tests.harness.sentinel import MASTER, MIN_REPLICAS, ReplicatedRedis
+from tests.harness.servers import RedisServer, Stack, TorchServeServer, stack_env
 
 IMAGE = encode(scene(48, 36))
 
@@ -158,6 +159,11 @@ async def test_guarded_sentinels_refuse_a_re_pointing_and_a_lone_primary_refuses
             await primary.set("segserve:probe", "2")
             await asyncio.sleep(0.1)
     assert no_replicas(refused.value)
+    with pytest.raises(ResponseError) as in_a_pipeline:  # as arq's steps meet it: after the command's words
+        async with primary.pipeline(transaction=True) as pipe:
+            pipe.zincrby("arq:queue", 1, "j_probe")
+            await pipe.execute()
+    assert no_replicas(in_a_pipeline.value), in_a_pipeline.value
     await close(primary)
 
 
@@ -180,3 +186,54 @@ def test_the_worker_check_logs_in_to_guarded_sentinels(guarded: ReplicatedRedis)
         primary.psetex(WorkerSettings.health_check_key, 10_000, "j_complete=0 j_failed=0")
     alive = subprocess.run(check, env=env, capture_output=True, text=True, timeout=60)
     assert alive.returncode == 0, alive.stdout + alive.stderr
+
+
+@pytest.mark.slow
+def test_a_worker_rides_out_a_primary_that_refuses_writes(redis_binary: str, tmp_path: Path) -> None:
+    """A primary without a replica in sync (cut off, or just promoted while its replicas resync) refuses
+    every write, arq's own too: its queue entry after a try that must come again. The worker goes on, and the
+    job runs again once writes are taken; it used to end the worker, and with it every job it held."""
+    with RedisServer(free_port(), tmp_path, options=MIN_REPLICAS) as server, server.client() as admin:
+        admin.config_set("min-replicas-to-write", 0)
+
+        async def queued() -> str:
+            store = directory_store(server.url, tmp_path / "blobs")
+            job = await submit(store, IMAGE)
+            await store.redis.aclose()
+            return job.id
+
+        job_id = asyncio.run(queued())
+        # A model server that takes the request and never answers: the try waits for its inference timeout.
+        with socket.create_server(("127.0.0.1", 0)) as silent:
+            model = f"http://127.0.0.1:{silent.getsockname()[1]}"
+            env = {
+                **os.environ,
+                "SEGSERVE_REDIS_URL": server.url,
+                "SEGSERVE_BLOB_URL": str(tmp_path / "blobs"),
+                "SEGSERVE_TORCHSERVE_URL": model,
+                "SEGSERVE_TORCHSERVE_MANAGEMENT_URL": model,
+                "SEGSERVE_INFERENCE_TIMEOUT": "3",
+                "SEGSERVE_RETRY_DELAY": "0.2",
+                "SEGSERVE_RETRY_MAX_DELAY": "1",
+            }
+            log = tmp_path / "worker.log"
+            worker = spawn([str(BIN / "segserve"), "worker"], log, cwd=tmp_path, env=env)
+            try:
+                job = keys.job(job_id)
+
+                def tries() -> int:
+                    return int(admin.hget(job, "attempts") or 0)
+
+                wait_until(lambda: tries() >= 1, 60, "the worker to take the job")
+                admin.config_set("min-replicas-to-write", 1)  # now no write is taken
+                wait_until(
+                    lambda: "could not record its try" in log.read_text(), 60, "the refused end of its try"
+                )
+                time.sleep(1)
+                assert worker.poll() is None, log.read_text()
+                admin.config_set("min-replicas-to-write", 0)
+                taken = tries()
+                wait_until(lambda: tries() > taken, 90, "the job's next try")
+                assert worker.poll() is None, log.read_text()
+            finally:
+                stop_process(worker)

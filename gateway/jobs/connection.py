@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlparse
@@ -21,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.settings import Settings
@@ -46,8 +47,21 @@ def _describe(obj: Any) -> Any:
 
 def no_replicas(exc: BaseException) -> bool:
     """Whether Redis refused a write for want of replicas in sync (``min-replicas-to-write``): a primary
-    cut off from its replicas, soon replaced by the failover. redis-py has no class of its own for it."""
-    return isinstance(exc, ResponseError) and str(exc).startswith("NOREPLICAS")
+    cut off from its replicas, or a new one whose replicas are still syncing. redis-py has no class of its
+    own for it, and in a pipeline it writes the command before Redis's words, which then end the message."""
+    message = str(exc)
+    return isinstance(exc, ResponseError) and (
+        message.startswith("NOREPLICAS ") or PIPELINE_NOREPLICAS.search(message) is not None
+    )
+
+
+PIPELINE_NOREPLICAS = re.compile(r"of pipeline caused error: \('NOREPLICAS [^']*',\)$")
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether Redis cannot take a step now but will again: it restarts or fails over, it is full, or it has
+    no replica in sync. The step is tried again later; any other error is a bug to raise."""
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OutOfMemoryError)) or no_replicas(exc)
 
 
 def sentinels(settings: Settings) -> list[tuple[str, int]]:

@@ -16,8 +16,8 @@ from arq.constants import default_queue_name, health_check_key_suffix
 from arq.typing import WorkerCoroutine
 from arq.worker import Function, Worker, func, get_kwargs
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
 
 from gateway.budget import MemoryBudget
 from gateway.jobs import (
@@ -33,7 +33,7 @@ from gateway.jobs import (
     serialize,
 )
 from gateway.jobs.channels import follow
-from gateway.jobs.connection import close, stop, worker_connection, worker_redis_settings
+from gateway.jobs.connection import close, stop, unavailable, worker_connection, worker_redis_settings
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, ModelNotFound, TorchServe
 from gateway.worker.deliveries import Deliverer
@@ -183,6 +183,24 @@ class SegserveWorker(Worker):
             return
         await super().finish_job(job_id, *args, **kwargs)
 
+    async def run_job(self, job_id: str, score: int) -> None:
+        """arq's own steps around a try (its count before, its queue entry after) write to Redis too. When
+        Redis cannot take them (failing over, out of memory, its replicas still syncing), the worker goes on
+        instead of ending, and the job runs again once arq's in-progress key for it expires."""
+        try:
+            await super().run_job(job_id, score)
+        except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
+            if not unavailable(exc):
+                raise
+            if "state" in self.ctx:
+                state_of(self.ctx).ended.discard(job_id)  # no after_job_end comes for this try
+            logger.warning(
+                "%s: arq could not record its try (%s); it runs again within %g s",
+                job_id,
+                exc,
+                self.in_progress_timeout_s,
+            )
+
     async def main(self) -> None:
         await self._wait_for_redis()
         await super().main()
@@ -211,8 +229,11 @@ class SegserveWorker(Worker):
         self.work_may_wait.clear()
         try:
             await super()._poll_iteration()
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            # Redis restarting, or Sentinel failing over to a replica: wait for it instead of ending.
+        except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
+            # Redis restarting, Sentinel failing over, the new primary's replicas still syncing (arq's own
+            # health key is a write): wait for it instead of ending.
+            if not unavailable(exc):
+                raise
             logger.warning("the job store does not answer (%s); trying again", exc)
             await asyncio.sleep(1)
 
