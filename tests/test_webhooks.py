@@ -24,6 +24,7 @@ from starlette.testclient import TestClient
 
 from gateway import urls
 from gateway.jobs import Job, JobStatus, JobStore, Outcome, Result
+from gateway.jobs.connection import stop
 from gateway.settings import Settings
 from gateway.tenants import load as load_tenants
 from gateway.webhooks import signing_key
@@ -46,9 +47,7 @@ async def deliverer(store: JobStore) -> AsyncIterator[Deliverer]:
     running = Deliverer(store, SETTINGS)
     task = asyncio.create_task(running.run())
     yield running
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await stop(task)
 
 
 async def submit(store: JobStore, url: str, events: tuple[str, ...] = ("completed",), owner: str = "") -> Job:
@@ -137,7 +136,7 @@ async def test_each_delivery_checks_the_url_again(store: JobStore, receiver: Rec
     try:
         delivery = await delivered(store, job.id, "job.completed", state="failed")
     finally:
-        task.cancel()
+        await stop(task)
     assert delivery["attempts"] == 1 and delivery["last_status"] is None
     assert receiver.received == [], "a refused URL is never sent to"
 
@@ -241,7 +240,7 @@ async def test_deliveries_survive_the_deliverer(store: JobStore, receiver: Recei
     try:
         await eventually(lambda: receiver.received, "the delivery")
     finally:
-        task.cancel()
+        await stop(task)
 
 
 async def test_deliveries_survive_a_redis_restart(
@@ -255,7 +254,7 @@ async def test_deliveries_survive_a_redis_restart(
     try:
         await eventually(lambda: receiver.received, "the delivery after the restart")
     finally:
-        task.cancel()
+        await stop(task)
     assert json.loads(receiver.received[0].body)["data"]["id"] == job.id
 
 
