@@ -376,7 +376,10 @@ def test_service_routes(client: httpx.Client, stack: Stack) -> None:
     assert page.status_code == 200 and "<html" in page.text
 
 
-def test_200_jobs_from_20_clients_each_succeed_once(
+JOBS = 100  # five per client: enough for every client to queue behind the others
+
+
+def test_100_jobs_from_20_clients_each_succeed_once(
     client: httpx.Client, stack: Stack, receiver: Receiver
 ) -> None:
     """...and each sends its signed start and completed webhooks, once each, in order."""
@@ -386,7 +389,7 @@ def test_200_jobs_from_20_clients_each_succeed_once(
             return int(redis.hget("segserve:stats", "finished:succeeded") or 0)
 
     before = succeeded()
-    bodies = [encode(scene(48 + i % 5, 40, seed=i)) for i in range(200)]
+    bodies = [encode(scene(48 + i % 5, 40, seed=i)) for i in range(JOBS)]
     # Verified as a receiver does, on arrival: a signature's timestamp is good for 5 minutes, and the whole
     # run may take longer on a slow machine.
     assert client.get("/v1/webhooks/secret").json()["code"] == "secret_needs_key"  # no keys: never served
@@ -410,20 +413,20 @@ def test_200_jobs_from_20_clients_each_succeed_once(
     with ThreadPoolExecutor(20) as pool:
         results = list(pool.map(one, bodies))
     ids = [accepted["id"] for accepted, _ in results]
-    assert len(set(ids)) == 200
+    assert len(set(ids)) == JOBS
     positions = [accepted.get("position", 0) for accepted, _ in results]
     assert all(p >= 0 for p in positions) and max(positions) > 0
     for _accepted, done in results:
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 1
-    assert succeeded() - before == 200
+    assert succeeded() - before == JOBS
     with ThreadPoolExecutor(20) as pool:
         masks = list(pool.map(lambda i: client.get(f"/v1/jobs/{i}/mask.png").status_code, ids))
     assert set(masks) == {200}
 
-    wait_until(lambda: sum(map(len, events.values())) >= 400, 240, "400 verified webhook deliveries")
+    wait_until(lambda: sum(map(len, events.values())) >= 2 * JOBS, 240, "every verified webhook delivery")
     assert events == {job_id: ["job.started", "job.completed"] for job_id in ids}
-    assert len({d.headers["webhook-id"] for d in receiver.received}) == 400
+    assert len({d.headers["webhook-id"] for d in receiver.received}) == 2 * JOBS
 
 
 def test_position_counts_jobs_ahead(stack: Stack) -> None:
