@@ -45,6 +45,9 @@ def _describe(obj: Any) -> Any:
     raise TypeError(f"cannot serialize {type(obj).__name__}")
 
 
+PIPELINE_NOREPLICAS = re.compile(r"of pipeline caused error: \('NOREPLICAS [^']*',\)$")
+
+
 def no_replicas(exc: BaseException) -> bool:
     """Whether Redis refused a write for want of replicas in sync (``min-replicas-to-write``): a primary
     cut off from its replicas, or a new one whose replicas are still syncing. redis-py has no class of its
@@ -53,9 +56,6 @@ def no_replicas(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and (
         message.startswith("NOREPLICAS ") or PIPELINE_NOREPLICAS.search(message) is not None
     )
-
-
-PIPELINE_NOREPLICAS = re.compile(r"of pipeline caused error: \('NOREPLICAS [^']*',\)$")
 
 
 def unavailable(exc: BaseException) -> bool:

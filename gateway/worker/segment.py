@@ -14,7 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.budget import BudgetTimeout
 from gateway.jobs import BlobStoreError, Job, Outcome, Result, StaleTry, failure_code, now_ms
-from gateway.jobs.connection import no_replicas
+from gateway.jobs.connection import unavailable
 from gateway.retrying import backoff
 from gateway.settings import Settings
 from gateway.torchserve import BackendUnavailable, InputRejected, ModelNotFound, TorchServe
@@ -45,7 +45,7 @@ async def segment(ctx: dict[str, Any], job_id: str) -> None:
         logger.warning("%s: try %d was overtaken by a newer one; its outcome is dropped", job_id, attempt)
         state.stale.add(job_id)
     except (*STORES_UNAVAILABLE, ResponseError) as exc:
-        if isinstance(exc, ResponseError) and not no_replicas(exc):
+        if not (isinstance(exc, BlobStoreError) or unavailable(exc)):
             raise
         raise try_later(state.settings, job_id, attempt, f"a store does not answer ({exc})") from exc
     else:
