@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from gateway.jobs import keys
+from gateway.ops.launcher import LOG_CONFIG
 from gateway.settings import Settings
 from tests.harness.kubernetes import (
     DEPLOY,
@@ -409,11 +410,18 @@ def test_the_worker_pod_runs_segserves_own_commands(rendered: Rendered) -> None:
         name: {m["mountPath"]: m["name"] for m in containers[name]["volumeMounts"]} for name in containers
     }
     assert mounts["model"][store] == mounts["torchserve"][store]
+    # TorchServe logs as `segserve up` has it log: the same file, word for word.
+    log_config = Path(torchserve[torchserve.index("--log-config") + 1])
+    assert torchserve_file(rendered, log_config) == LOG_CONFIG.read_text()
 
 
 def probe_script(rendered: Rendered, command: list[str]) -> str:
     """The text of the script a probe runs, from the ConfigMap mounted where the command finds it."""
-    path = Path(next(arg for arg in command if arg.endswith(".py")))
+    return torchserve_file(rendered, Path(next(arg for arg in command if arg.endswith(".py"))))
+
+
+def torchserve_file(rendered: Rendered, path: Path) -> str:
+    """The text of a file the TorchServe container reads, from the ConfigMap mounted where it is."""
     torchserve = containers_of(rendered.worker)["torchserve"]
     (mount,) = [m for m in torchserve["volumeMounts"] if m["mountPath"] == str(path.parent)]
     (volume,) = [v for v in pod_spec(rendered.worker)["volumes"] if v["name"] == mount["name"]]

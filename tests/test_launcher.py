@@ -22,7 +22,7 @@ from gateway.ops.archive import (
     calibrate_batch_norm,
     check_published_hash,
 )
-from gateway.ops.launcher import REDIS_MAXMEMORY, stack
+from gateway.ops.launcher import LOG_CONFIG, REDIS_MAXMEMORY, stack
 from gateway.settings import Settings, env_table
 from gateway.webhooks import signing_key
 from tests.harness.images import encode, scene
@@ -123,6 +123,8 @@ def test_compose_runs_what_the_launcher_runs(tmp_path: Path) -> None:
     for command in (services["gateway"]["command"], launched["gateway"]):
         assert command[command.index("--timeout-graceful-shutdown") + 1] == "5"  # event streams end
     assert program(services["torchserve"]["command"]) == program(launched["torchserve"])
+    torchserve = services["torchserve"]["command"]  # the image holds the checkout at /app
+    assert torchserve[torchserve.index("--log-config") + 1] == f"/app/{LOG_CONFIG.relative_to(ROOT)}"
     redis_command = services["redis"]["command"]
     assert (
         redis_command[redis_command.index("--appendonly") + 1]

@@ -143,6 +143,29 @@ def test_management_api_lists_the_model(torchserve: TorchServeServer) -> None:
     assert [m["modelName"] for m in listing["models"]] == ["deeplabv3"]
 
 
+def test_its_log_has_what_operators_read_and_no_line_per_inference(torchserve: TorchServeServer) -> None:
+    """TorchServe runs with segserve's log config: its start-up and the handler's own lines on standard
+    output, one access-log line a request, and none of the lines TorchServe's default writes per inference."""
+    body = encode(scene(64, 48), "JPEG")
+    for _ in range(5):
+        assert predict(torchserve, body).status_code == 200
+    out = (torchserve.directory / "torchserve.out").read_text()
+    assert "Model deeplabv3 loaded" in out  # TorchServe's own start-up
+    assert "ready on cpu: engine openvino" in out  # the handler's
+    for per_inference in (
+        "Backend response time",
+        "Looping backend response",
+        "Sending response for jobId",
+        "Backend received inference",
+        "[METRICS]",
+        "[DEBUG]",
+    ):
+        assert per_inference not in out, per_inference
+    logs = torchserve.directory / "logs"
+    assert (logs / "access_log.log").read_text().count('"POST /predictions/deeplabv3 HTTP/1.1" 200') >= 5
+    assert sorted(p.name for p in logs.iterdir()) == ["access_log.log"]  # no ts_log.log, model_log.log
+
+
 def test_archive_carries_serving_config(model_store: Path) -> None:
     with zipfile.ZipFile(model_store / "deeplabv3.mar") as archive:
         config = yaml.safe_load(archive.read("model-config.yaml"))

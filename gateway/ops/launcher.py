@@ -36,6 +36,8 @@ READY_TIMEOUT_S = 300
 # Redis holds job metadata only (images are blobs): a few kB a job, so 256 MB keep tens of thousands of jobs
 # (docs/storage.md sizes it). noeviction: a full Redis refuses new jobs; it never drops accepted ones.
 REDIS_MAXMEMORY = "256mb"
+# TorchServe's logging: what operators read, without its lines for every inference (the file says why).
+LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
 QUICK_EXIT_S = 10.0  # a child that exits sooner than this after its start failed "at once"
 QUICK_EXITS = 5  # so many such exits in a row, and the stack stops
 
@@ -98,8 +100,9 @@ class Child:
 
 
 def torchserve_command(config: Path | str, model_store: Path | str, models: str) -> list[str]:
-    """TorchServe in the foreground (the caller supervises it), without its config snapshots, serving
-    ``models`` (``name=archive.mar``) from ``model_store``: as ``segserve up`` and the tests run it."""
+    """TorchServe in the foreground (the caller supervises it), without its config snapshots, with
+    segserve's logging (``LOG_CONFIG``), serving ``models`` (``name=archive.mar``) from ``model_store``: as
+    ``segserve up`` and the tests run it."""
     torchserve = Path(sys.executable).parent / "torchserve"
     return [
         str(torchserve),
@@ -108,6 +111,8 @@ def torchserve_command(config: Path | str, model_store: Path | str, models: str)
         "--ncs",
         "--ts-config",
         str(config),
+        "--log-config",
+        str(LOG_CONFIG),
         "--model-store",
         str(model_store),
         "--models",
