@@ -11,12 +11,14 @@ import json
 import os
 import random
 import subprocess
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
 
 import httpx
 import pytest
+from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.exceptions import OutOfMemoryError
 
@@ -35,6 +37,7 @@ from gateway.jobs import (
 )
 from gateway.jobs.connection import stop, worker_connection
 from gateway.jobs.scripts import STEPS
+from gateway.jobs.waiting import Waiters
 from gateway.settings import Settings
 from gateway.worker.sweeper import Sweeper
 from tests.harness.images import encode, scene
@@ -566,3 +569,51 @@ async def test_a_try_stalled_past_its_lease_can_neither_complete_nor_disturb_the
     with pytest.raises(StaleTry):  # and never after the newer try has ended either
         await store.complete(stalled, Outcome.failed("internal_error", "late"))
     assert (await store.load(newer.id)).status is JobStatus.SUCCEEDED  # type: ignore[union-attr]
+
+
+async def test_a_request_waiting_for_the_end_reads_the_job_at_its_start_and_at_its_end_only(
+    store: JobStore, fresh_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's start wakes its event streams (it changed) but not the requests that wait for its end
+    (`Prefer: wait`): they read it when they begin and when it ends, one read a job fewer."""
+    reads: list[str] = []
+    load = store.load
+
+    async def read(job_id: str, owner: str = "") -> Job | None:
+        job = await load(job_id, owner)
+        reads.append(job.status.value if job else "gone")
+        return job
+
+    monkeypatch.setattr(store, "load", read)
+    waiters = Waiters(ArqRedis.from_url(fresh_redis.url))
+    await waiters.start()
+    try:
+        job = await submit(store)
+        streamed: list[str] = []
+
+        async def stream() -> None:
+            async for seen in waiters.changes(store, job.id, ""):
+                streamed.append(seen.status.value if seen else "gone")
+
+        waiting = asyncio.create_task(waiters.wait_for_end(store, job.id, "", timeout=60))
+        following = asyncio.create_task(stream())
+        await wait_for(lambda: reads.count("queued") == 2)  # both have read it once
+        running = await take(store, job)
+        await wait_for(lambda: streamed == ["queued", "running"])  # the stream was woken by the start
+        await asyncio.sleep(0.3)
+        assert await store.complete(running, Outcome.succeeded(RESULT, b"PNG", {})) is JobStatus.SUCCEEDED
+        ended = await asyncio.wait_for(waiting, 30)
+        assert ended is not None and ended.status is JobStatus.SUCCEEDED
+        await asyncio.wait_for(following, 30)
+        assert streamed == ["queued", "running", "succeeded"]
+        assert sorted(reads) == sorted(["queued", "queued", "running", "succeeded", "succeeded"])
+    finally:
+        await waiters.stop()
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError("condition never held")

@@ -57,7 +57,8 @@ ACTIVE = "segserve:active"  # sorted set: owner with jobs waiting -> its pass (t
 BACKLOG = "segserve:backlog"  # sorted set: every job accepted and not ended -> created (ms); KEDA counts it
 DEADLINES = "segserve:deadlines"  # sorted set: job not started yet -> when it expires unstarted (ms)
 
-CHANGED_CHANNEL = "segserve:changed"  # a job id, whenever that job's state changed
+# A job id, whenever that job's state changed; "<id> running" when it started.
+CHANGED_CHANNEL = "segserve:changed"
 ENQUEUED_CHANNEL = "segserve:enqueued"  # wakes idle workers at once instead of at their next poll
 
 PENDING_BYTES = "pending_bytes"  # the field of STATS that sums PENDING

@@ -20,6 +20,7 @@ MIN_INTERVAL = 0.1  # and re-reads a job at most this often
 
 
 ANY_JOB = "*"  # watchers of every change: a queued job's position moves when any job ahead changes
+STARTED = "running"  # the change a job's start publishes after its id: it has not ended
 
 
 class Waiters:
@@ -28,6 +29,7 @@ class Waiters:
     def __init__(self, redis: ArqRedis) -> None:
         self.redis = redis  # its own connection: a subscription holds it
         self._events: dict[str, set[asyncio.Event]] = {}
+        self._ends: dict[str, set[asyncio.Event]] = {}  # woken by changes that may end the job
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -39,30 +41,36 @@ class Waiters:
             await stop(self._task)
         await close(self.redis)
 
-    def _wake(self, job_id: bytes) -> None:
-        for key in (job_id.decode(), ANY_JOB):
+    def _wake(self, message: bytes) -> None:
+        job_id, _, change = message.decode().partition(" ")
+        for key in (job_id, ANY_JOB):
             for event in self._events.get(key, ()):
+                event.set()
+        if change != STARTED:
+            for event in self._ends.get(job_id, ()):
                 event.set()
 
     def _wake_all(self) -> None:
-        for events in self._events.values():
-            for event in events:
-                event.set()
+        for watchers in (self._events, self._ends):
+            for events in watchers.values():
+                for event in events:
+                    event.set()
 
     @contextlib.asynccontextmanager
-    async def watch(self, job_id: str) -> AsyncIterator[asyncio.Event]:
-        """An event set when the job (or, for ANY_JOB, any job) may have changed; register before reading
-        the state to miss nothing."""
+    async def watch(self, job_id: str, *, ends_only: bool = False) -> AsyncIterator[asyncio.Event]:
+        """An event set when the job (or, for ANY_JOB, any job) may have changed, or with ``ends_only``
+        may have ended; register before reading the state to miss nothing."""
+        watchers = self._ends if ends_only else self._events
         event = asyncio.Event()
-        self._events.setdefault(job_id, set()).add(event)
+        watchers.setdefault(job_id, set()).add(event)
         try:
             yield event
         finally:
-            events = self._events.get(job_id)
+            events = watchers.get(job_id)
             if events is not None:
                 events.discard(event)
                 if not events:
-                    del self._events[job_id]
+                    del watchers[job_id]
 
     async def changes(self, store: JobStore, job_id: str, owner: str) -> AsyncIterator[Job | None]:
         """The job now, then again whenever it may have changed (any job's change can move its queue
@@ -84,7 +92,8 @@ class Waiters:
     async def wait_for_end(self, store: JobStore, job_id: str, owner: str, timeout: float) -> Job | None:
         """The job once it has ended, or as it stands after ``timeout`` seconds; None once it is gone."""
         deadline = time.monotonic() + timeout
-        async with self.watch(job_id) as event:
+        # Woken when it may have ended, not when it starts: a read a job saved.
+        async with self.watch(job_id, ends_only=True) as event:
             while True:
                 event.clear()  # before reading, so a notification during the read is not lost
                 job = await store.load(job_id, owner)
