@@ -11,7 +11,6 @@ import json
 import os
 import random
 import subprocess
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
@@ -42,7 +41,7 @@ from gateway.settings import Settings
 from gateway.worker.sweeper import Sweeper
 from tests.harness.images import encode, scene
 from tests.harness.jobs import submit as submit_image
-from tests.harness.processes import BIN, ROOT, free_port, spawn, stop_process, wait_until
+from tests.harness.processes import BIN, ROOT, eventually, free_port, spawn, stop_process, wait_until
 from tests.harness.servers import RedisServer
 
 IMAGE = encode(scene(32, 24))
@@ -597,10 +596,10 @@ async def test_a_request_waiting_for_the_end_reads_the_job_at_its_start_and_at_i
 
         waiting = asyncio.create_task(waiters.wait_for_end(store, job.id, "", timeout=60))
         following = asyncio.create_task(stream())
-        await wait_for(lambda: reads.count("queued") == 2)  # both have read it once
+        await eventually(lambda: reads.count("queued") == 2, "both to read the job once")
         running = await take(store, job)
-        await wait_for(lambda: streamed == ["queued", "running"])  # the stream was woken by the start
-        await asyncio.sleep(0.3)
+        await eventually(lambda: streamed == ["queued", "running"], "the stream to see the start")
+        await asyncio.sleep(0.3)  # time for the request waiting for the end to read it, were it woken
         assert await store.complete(running, Outcome.succeeded(RESULT, b"PNG", {})) is JobStatus.SUCCEEDED
         ended = await asyncio.wait_for(waiting, 30)
         assert ended is not None and ended.status is JobStatus.SUCCEEDED
@@ -609,11 +608,3 @@ async def test_a_request_waiting_for_the_end_reads_the_job_at_its_start_and_at_i
         assert sorted(reads) == sorted(["queued", "queued", "running", "succeeded", "succeeded"])
     finally:
         await waiters.stop()
-
-
-async def wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise TimeoutError("condition never held")

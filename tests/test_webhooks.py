@@ -31,7 +31,7 @@ from gateway.webhooks import signing_key
 from gateway.worker.deliveries import OWNER_SHARE, Deliverer
 from tests.harness.images import encode, scene
 from tests.harness.jobs import submit as submit_image
-from tests.harness.processes import free_port
+from tests.harness.processes import eventually, free_port
 from tests.harness.receiver import Receiver
 from tests.harness.servers import WEBHOOK_SECRET, RedisServer
 
@@ -62,13 +62,6 @@ async def run_to_the_end(store: JobStore, job: Job) -> None:
     await store.complete(started, Outcome.succeeded(RESULT, b"PNG", {}))
     await store.redis.delete(in_progress_key_prefix + job.id, job_key_prefix + job.id)
     await store.redis.zrem("arq:queue", job.id)
-
-
-async def eventually(check, what: str, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def delivered(

@@ -3,6 +3,7 @@ stopping process groups, and waiting for what they should do."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,14 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.2):  # type
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
+
+
+async def eventually(check: Callable[[], object], what: str, timeout: float = 30) -> None:
+    """``wait_until`` inside a test's event loop: poll ``check`` without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.05)
 
 
 def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> None:
