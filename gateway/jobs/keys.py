@@ -57,8 +57,9 @@ ACTIVE = "segserve:active"  # sorted set: owner with jobs waiting -> its pass (t
 BACKLOG = "segserve:backlog"  # sorted set: every job accepted and not ended -> created (ms); KEDA counts it
 DEADLINES = "segserve:deadlines"  # sorted set: job not started yet -> when it expires unstarted (ms)
 
-# A job id, whenever that job's state changed; "<id> running" when it started.
+# A job id, whenever that job's state changed; "<id> running" when it started (STARTED).
 CHANGED_CHANNEL = "segserve:changed"
+STARTED = "running"  # the change a job's start publishes after its id: it has not ended
 ENQUEUED_CHANNEL = "segserve:enqueued"  # wakes idle workers at once instead of at their next poll
 
 PENDING_BYTES = "pending_bytes"  # the field of STATS that sums PENDING
@@ -124,6 +125,7 @@ def layout() -> dict[str, str]:
         "backlog": BACKLOG,
         "deadlines": DEADLINES,
         "changed": CHANGED_CHANNEL,
+        "started": STARTED,
         "enqueued": ENQUEUED_CHANNEL,
     }
 

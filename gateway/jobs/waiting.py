@@ -11,7 +11,7 @@ from arq.connections import ArqRedis
 
 from gateway.jobs.channels import follow
 from gateway.jobs.connection import close, stop
-from gateway.jobs.keys import CHANGED_CHANNEL
+from gateway.jobs.keys import CHANGED_CHANNEL, STARTED
 from gateway.jobs.records import Job, JobStatus
 from gateway.jobs.store import JobStore
 
@@ -20,7 +20,6 @@ MIN_INTERVAL = 0.1  # and re-reads a job at most this often
 
 
 ANY_JOB = "*"  # watchers of every change: a queued job's position moves when any job ahead changes
-STARTED = "running"  # the change a job's start publishes after its id: it has not ended
 
 
 class Waiters:

@@ -20,5 +20,5 @@ redis.call('HINCRBY', KEYS[1], 'attempts', 1)  -- every try counts, across retri
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])  -- tries that ended without a word (SIGKILL)
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 queue_delivery({due = KEYS[3], prefix = ARGV[5]}, KEYS[1], ARGV[1], 'start', ARGV[2])
-redis.call('PUBLISH', ARGV[4], ARGV[1] .. ' running')  -- waiting.STARTED: who waits for its end need not look
+redis.call('PUBLISH', ARGV[4], ARGV[1] .. ' ' .. S.started)  -- who waits for its end need not look
 return {'run', redis.call('HGETALL', KEYS[1])}
