@@ -380,6 +380,22 @@ def test_a_threshold_computes_few_pixels_where_the_scores_are_smooth(monkeypatch
     assert 0 < sum(computed) < 0.1 * 480 * 640
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["bounds", "every pixel"])
+def test_classes_far_below_the_top_weigh_what_softmax_gives_them(dense: bool) -> None:
+    """Scores spread from a few units to hundreds (random weights give both): the classes whose exp is
+    too small for float32 (masks.LOWEST_GAP) count as softmax counts them, and the many a few units below
+    the top count in full, so the pixels near a threshold of 0.9 are kept or blanked as the reference does."""
+    generator = torch.Generator().manual_seed(9)
+    spread = torch.logspace(0, 2.5, 44)  # from 1 to 316, across the columns
+    low = torch.randn(21, 33, 44, generator=generator) * spread
+    mask = masks.full_size_mask(low, 480, 640, 0.9, batch_size=(520, 693), dense=dense)
+    full = F.interpolate(low[None].double(), (520, 693), mode="bilinear", align_corners=False)
+    reference = reference_labels(full[0], 480, 640, 0.9)
+    assert agreement(mask, reference) >= 0.999
+    blanked = reference == 0
+    assert 0.05 < blanked.mean() < 0.95, "the threshold both keeps and blanks"
+
+
 @pytest.mark.parametrize("pad", [True, False], ids=["padded", "grouped"])
 def test_a_mixed_size_batch_gives_each_image_its_own_mask(handlers: dict[str, Any], pad: bool) -> None:
     service = handlers["onnxruntime"]
