@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 from gateway.handlers.deeplabv3.catalog import MASK_CONTENT_TYPE
 
@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 # What a restarting, overloaded or unreachable TorchServe answers; worth trying again later.
 TRANSIENT_STATUSES = {500, 502, 503, 504, 507}
+
+PING_TIMEOUT = aiohttp.ClientTimeout(total=2)  # the heartbeat's look: a hung TorchServe is "down" fast
+TOKEN_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 # TCP keepalive, probed after 10 s of silence every 5 s: a TorchServe whose host vanished (no reset) fails
 # an idle pooled connection in ~25 s, not after the kernel's default of two hours.
@@ -43,9 +46,34 @@ def one_line(text: str, limit: int = 200) -> str:
     return " ".join(text.split())[:limit]
 
 
-def token_refused(response: httpx.Response) -> bool:
+def keepalive_socket(address: tuple[Any, ...]) -> socket.socket:
+    """A socket for the connection pool (aiohttp's ``socket_factory``), with ``KEEPALIVE`` set."""
+    family, kind, protocol, _, _ = address
+    sock = socket.socket(family, kind, protocol)
+    for level, option, value in KEEPALIVE:
+        sock.setsockopt(level, option, value)
+    return sock
+
+
+@dataclass(frozen=True)
+class Answer:
+    """TorchServe's answer to one request, read whole."""
+
+    status: int
+    content_type: str  # without its parameters
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def token_refused(answer: Answer) -> bool:
     # TorchServe answers a missing, wrong or expired token with 400 and this exception's name.
-    return response.status_code in (400, 401) and b"InvalidKeyException" in response.content
+    return answer.status in (400, 401) and b"InvalidKeyException" in answer.body
 
 
 class BackendUnavailable(Exception):
@@ -113,7 +141,7 @@ class Tokens:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     async def refresh(
-        self, kind: str, refused: dict[str, str], client: httpx.AsyncClient, management: str
+        self, kind: str, refused: dict[str, str], session: aiohttp.ClientSession, management: str
     ) -> None:
         async with self._lock:
             if self.header(kind) != refused:
@@ -124,13 +152,22 @@ class Tokens:
             # Same key as refused: it expired. Ask for a new one; TorchServe rewrites the file.
             api = {"Authorization": f"Bearer {self._keys['API']}"}
             try:
-                await client.get(f"{management}/token", params={"type": kind}, headers=api, timeout=5)
-            except httpx.HTTPError as exc:
-                logger.warning("cannot refresh TorchServe's %s token: %s", kind, exc)
+                async with session.get(
+                    f"{management}/token", params={"type": kind}, headers=api, timeout=TOKEN_TIMEOUT
+                ) as response:
+                    await response.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                logger.warning(
+                    "cannot refresh TorchServe's %s token: %s", kind, str(exc) or type(exc).__name__
+                )
             self._keys = self._read()
 
 
 class TorchServe:
+    """TorchServe's inference and management APIs, over one pool of keep-alive connections. The client is
+    aiohttp's: measured against a local server, it takes 0.12 ms of CPU a request where httpx took 0.62,
+    and the worker sends one request a job."""
+
     def __init__(
         self,
         inference_url: str,
@@ -143,30 +180,40 @@ class TorchServe:
         self.management_url = management_url.rstrip("/")
         self.tokens = Tokens(key_file)
         # TorchServe queues requests with no timeout of its own while its worker restarts: ours bounds them.
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        # No proxies from the environment: the bearer tokens must go to TorchServe and nowhere else.
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=5.0),
-            transport=httpx.AsyncHTTPTransport(limits=limits, socket_options=KEEPALIVE),
-            trust_env=False,
-        )
+        self.timeout = aiohttp.ClientTimeout(total=timeout, connect=5.0)
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
         self._describe_cache: dict[tuple[str, str], dict[str, Any]] = {}
 
-    async def aclose(self) -> None:
-        await self.client.aclose()
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Made on first use, inside the event loop it then belongs to."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.max_connections, socket_factory=keepalive_socket)
+            # No proxies from the environment (aiohttp's default): the bearer tokens go to TorchServe only.
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
+        return self._session
 
-    async def _request(self, kind: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        base_headers = kwargs.pop("headers", {})
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _request(
+        self, kind: str, method: str, url: str, *, headers: dict[str, str] | None = None, **kwargs: Any
+    ) -> Answer:
         for attempt in range(2):
             auth = self.tokens.header(kind)
             try:
-                response = await self.client.request(method, url, headers={**base_headers, **auth}, **kwargs)
-            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                async with self.session.request(
+                    method, url, headers={**(headers or {}), **auth}, **kwargs
+                ) as response:
+                    answer = Answer(response.status, response.content_type, await response.read())
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 raise BackendUnavailable(f"{type(exc).__name__}: {str(exc) or 'no answer in time'}") from exc
-            if not token_refused(response):
-                return response
+            if not token_refused(answer):
+                return answer
             if attempt == 0:
-                await self.tokens.refresh(kind, auth, self.client, self.management_url)
+                await self.tokens.refresh(kind, auth, self.session, self.management_url)
         # Still refused: TorchServe is (re)starting and has not written its new keys yet, or they are not ours.
         raise BackendUnavailable("TorchServe refused our token")
 
@@ -176,27 +223,26 @@ class TorchServe:
         headers = {"Content-Type": content_type or "application/octet-stream", "X-Threshold": repr(threshold)}
         if classes is not None:
             headers["X-Classes"] = ",".join(map(str, classes))
-        response = await self._request(
-            "inference", "POST", f"{self.inference_url}/predictions/{model}", content=image, headers=headers
+        answer = await self._request(
+            "inference", "POST", f"{self.inference_url}/predictions/{model}", data=image, headers=headers
         )
-        if response.status_code in TRANSIENT_STATUSES:
-            raise BackendUnavailable(f"TorchServe answered {response.status_code}: {one_line(response.text)}")
-        if response.status_code == 404:
+        if answer.status in TRANSIENT_STATUSES:
+            raise BackendUnavailable(f"TorchServe answered {answer.status}: {one_line(answer.text)}")
+        if answer.status == 404:
             raise ModelNotFound(model)
-        content_type = response.headers.get("content-type", "").split(";")[0].strip()
-        if response.status_code == 200 and content_type == MASK_CONTENT_TYPE:
+        if answer.status == 200 and answer.content_type == MASK_CONTENT_TYPE:
             try:
-                return read_prediction(response.content)
+                return read_prediction(answer.body)
             except (ValueError, KeyError) as exc:
                 raise BackendUnavailable("unreadable answer from TorchServe (its JSON head)") from exc
         try:
-            body = response.json()
+            body = answer.json()
         except ValueError as exc:
-            raise BackendUnavailable(f"unreadable answer from TorchServe ({response.status_code})") from exc
-        if response.status_code != 200 or "error" in body:
+            raise BackendUnavailable(f"unreadable answer from TorchServe ({answer.status})") from exc
+        if answer.status != 200 or "error" in body:
             error = body.get("error") if isinstance(body.get("error"), dict) else {}
-            code = error.get("code") or ("too_large" if response.status_code == 413 else "backend_error")
-            raise InputRejected(code, error.get("message") or body.get("message") or one_line(response.text))
+            code = error.get("code") or ("too_large" if answer.status == 413 else "backend_error")
+            raise InputRejected(code, error.get("message") or body.get("message") or one_line(answer.text))
         return prediction(body, base64.b64decode(body["mask_png"]))  # an archive older than the binary answer
 
     async def models(self) -> list[dict[str, Any]]:
@@ -257,16 +303,18 @@ class TorchServe:
         return self._describe_cache[key]
 
     async def _management_json(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = await self._request("management", method, f"{self.management_url}{path}", **kwargs)
-        if response.status_code == 404:
+        answer = await self._request("management", method, f"{self.management_url}{path}", **kwargs)
+        if answer.status == 404:
             raise ModelNotFound(path)
-        if response.status_code != 200:
-            raise BackendUnavailable(f"TorchServe management answered {response.status_code}")
-        return response.json()
+        if answer.status != 200:
+            raise BackendUnavailable(f"TorchServe management answered {answer.status}")
+        return answer.json()
 
     async def ping(self) -> bool:
         try:
-            response = await self._request("inference", "GET", f"{self.inference_url}/ping", timeout=2)
+            answer = await self._request(
+                "inference", "GET", f"{self.inference_url}/ping", timeout=PING_TIMEOUT
+            )
         except BackendUnavailable:
             return False
-        return response.status_code == 200
+        return answer.status == 200

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+import socket
 import tempfile
 import threading
 import zipfile
@@ -14,6 +16,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 import yaml
@@ -22,7 +25,7 @@ from PIL import Image
 from gateway.handlers.deeplabv3.catalog import MASK_CONTENT_TYPE
 from gateway.handlers.deeplabv3.engines import published_weights
 from gateway.ops.archive import load_model, prepare_weights
-from gateway.torchserve import Prediction, read_prediction
+from gateway.torchserve import Prediction, TorchServe, read_prediction
 from tests.harness.images import encode, scene
 from tests.harness.processes import wait_until
 from tests.harness.servers import SEED, Stack, TorchServeServer
@@ -141,6 +144,36 @@ def test_management_api_lists_the_model(torchserve: TorchServeServer) -> None:
     assert description["customizedMetadata"]["precision"] == "fp32"
     listing = torchserve.manage("GET", "/models").json()
     assert [m["modelName"] for m in listing["models"]] == ["deeplabv3"]
+
+
+async def test_the_workers_client_reads_masks_and_models_over_connections_kept_alive(
+    torchserve: TorchServeServer,
+) -> None:
+    """The worker's own client: a mask and the model's description, and every connection it keeps to
+    TorchServe probed by TCP keepalive, so a vanished host fails it in seconds, not hours."""
+    client = TorchServe(torchserve.inference_url, torchserve.management_url, torchserve.key_file)
+    try:
+        image = encode(scene(96, 64), "JPEG")
+        answer = await client.predict("deeplabv3", image, [0, 15], 0.0, "image/jpeg")
+        assert (answer.width, answer.height) == (96, 64)
+        assert Image.open(io.BytesIO(answer.mask_png)).size == (96, 64)
+        [model] = await client.models()
+        assert (model["name"], model["engine"]) == ("deeplabv3", "openvino")
+        assert model["workers_ready"] >= 1
+        assert await client.ping()
+        ports = {int(url.rsplit(":", 1)[1]) for url in (torchserve.inference_url, torchserve.management_url)}
+        kept = [
+            c.fd
+            for c in psutil.Process().net_connections("tcp")
+            if c.raddr and c.raddr.port in ports and c.status == psutil.CONN_ESTABLISHED
+        ]
+        assert len(kept) >= 2, "one to each API, pooled"
+        for fd in kept:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
+    finally:
+        await client.aclose()
 
 
 def test_its_log_has_what_operators_read_and_no_line_per_inference(torchserve: TorchServeServer) -> None:
