@@ -28,7 +28,8 @@ from tests.harness.servers import (
 )
 
 # Tests that start TorchServe (directly or through a stack) are the slow tier: `pytest -m "not slow"` skips
-# them and runs what needs only Redis, in-process where it can.
+# them and runs the rest (Redis, Sentinels, the S3 server, the gateway alone), in-process where it can. A test
+# that starts TorchServe without one of these fixtures carries the mark itself.
 SLOW_FIXTURES = {"model_store", "torchserve", "stack", "isolated", "client", "gateway", "api", "handler"}
 SLOW_FIXTURES.add("exported_model")  # tests/test_engines.py: a model exported once per session
 

@@ -24,13 +24,20 @@ IMAGE_B64 = base64.b64encode(IMAGE).decode()
 DEPTH = 100_000
 
 
-@pytest.fixture
-def gateway_process(fresh_redis: RedisServer, tmp_path: Path) -> Iterator[GatewayServer]:
-    images = tmp_path / "images"
+@pytest.fixture(scope="module")
+def gateway_process(
+    job_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayServer]:
+    """One gateway for the whole module, as a real one takes hostile requests one after another: after each
+    test it must still answer (``http``). Starting one a test took most of the module's time."""
+    with job_redis.client() as redis:
+        redis.flushall()
+    home = tmp_path_factory.mktemp("hostile")
+    images = home / "images"
     images.mkdir()
     (images / "cat.jpg").write_bytes(IMAGE)
     env = {"SEGSERVE_IMAGE_ROOT": str(images)}
-    with GatewayServer(fresh_redis, tmp_path / "blobs", tmp_path, env) as gateway:
+    with GatewayServer(job_redis, home / "blobs", home, env) as gateway:
         yield gateway
 
 

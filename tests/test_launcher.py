@@ -40,6 +40,7 @@ def assert_one_job_succeeds(port: int) -> None:
     assert response.json()["status"] == "succeeded", response.text
 
 
+@pytest.mark.slow  # it starts TorchServe, with no fixture of the slow tier
 def test_segserve_up_serves_and_leaves_nothing_behind(tmp_path: Path) -> None:
     port = free_port()
     env = side_by_side_env(tmp_path / "home")
