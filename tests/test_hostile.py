@@ -215,6 +215,15 @@ def test_malformed_http_is_refused_by_the_server_with_a_4xx(
         assert client.get("/healthz").status_code == 200
 
 
+@pytest.mark.parametrize("digit", ["%C2%B2", "%D9%A3"], ids=["superscript two", "Arabic-Indic three"])
+def test_only_ascii_digits_are_numbers(http: httpx.Client, digit: str) -> None:
+    """Digits to ``str.isdigit`` that ``int`` refuses (a superscript) or reads (another script's): an unknown
+    class, a bad page size."""
+    submitted = http.post(f"/v1/jobs?classes={digit}", content=IMAGE, headers={"Content-Type": "image/jpeg"})
+    assert_problem(submitted, "unknown_class")
+    assert_problem(http.get(f"/v1/jobs?limit={digit}"), "invalid_parameter")
+
+
 def test_the_webhook_secret_is_never_served_without_a_key(http: httpx.Client) -> None:
     """With no API keys, anyone who reaches the gateway would get the key that signs its deliveries."""
     answer = http.get("/v1/webhooks/secret")

@@ -94,3 +94,13 @@ def test_the_device_path_run_on_the_cpu_matches_the_cpu_path() -> None:
         assert picture.pixels.dtype == torch.uint8
         difference = (picture.pixels.int() - on_cpu.pixels.int()).abs().float()
         assert difference.mean() < 2.5, difference.mean()
+
+
+@pytest.mark.parametrize("digit", ["²", "٣", "１"])
+def test_a_class_id_is_ascii_digits(digit: str) -> None:
+    """``str.isdigit`` is true of superscripts, which ``int`` refuses, and of other scripts' digits, which
+    it reads: a class id is ASCII digits only, and anything else an unknown class, never a crash."""
+    categories = ["__background__", "cat", "dog", "bird"]
+    assert images.parse_params({"classes": "3"}, categories).classes == [3]
+    with pytest.raises(images.ImageError, match="unknown class"):
+        images.parse_params({"classes": digit}, categories)

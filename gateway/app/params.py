@@ -50,7 +50,9 @@ def parse_classes(value: Any) -> list[int] | None:
         name = item.strip() if isinstance(item, str) else item
         if isinstance(name, bool):
             class_id = -1
-        elif isinstance(name, int) or (isinstance(name, str) and name.isdigit() and len(name) < 4):
+        elif isinstance(name, int) or (
+            isinstance(name, str) and name.isascii() and name.isdigit() and len(name) < 4
+        ):
             class_id = int(name)
         elif isinstance(name, str) and name in VOC_CLASSES:
             class_id = VOC_CLASSES.index(name)
@@ -177,7 +179,7 @@ def parse_status_filter(value: str | None) -> JobStatus | None:
 def parse_limit(value: str | None, default: int = 50, most: int = 200) -> int:
     if value is None or value == "":
         return default
-    if not value.isdigit() or not 1 <= int(value) <= most:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= most:
         raise Problem(422, "invalid_parameter", f"limit must be a whole number from 1 to {most}")
     return int(value)
 

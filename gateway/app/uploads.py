@@ -42,7 +42,7 @@ class StoredImage:
 
 def declared_length(request: Request) -> int | None:
     declared = request.headers.get("content-length", "")
-    return int(declared) if declared.isdigit() else None
+    return int(declared) if declared.isascii() and declared.isdigit() else None
 
 
 def refuse_declared(request: Request, limit: int) -> None:

@@ -69,7 +69,7 @@ def sentinels(settings: Settings) -> list[tuple[str, int]]:
     found = []
     for entry in filter(None, (e.strip() for e in settings.redis_sentinels.split(","))):
         host, _, port = entry.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not (port.isascii() and port.isdigit()):
             raise ValueError(f"SEGSERVE_REDIS_SENTINELS: {entry!r} is not host:port")
         found.append((host.strip("[]"), int(port)))
     return found

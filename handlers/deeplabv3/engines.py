@@ -322,7 +322,7 @@ def intra_op_threads(config: dict[str, Any]) -> int:
     """Threads per worker: the archive's choice, else the cores shared among its workers;
     ``OMP_NUM_THREADS`` wins over both, as operators expect of any OpenMP program."""
     from_env = os.environ.get("OMP_NUM_THREADS", "")
-    if from_env.isdigit() and int(from_env) > 0:
+    if from_env.isascii() and from_env.isdigit() and int(from_env) > 0:
         return int(from_env)
     if config.get("intra_op_threads"):
         return max(1, int(config["intra_op_threads"]))

@@ -87,7 +87,7 @@ def parse_params(fields: dict[str, str], categories: list[str]) -> Params:
         ids = []
         for item in raw_classes.split(","):
             name = item.strip()
-            if name.isdigit() and int(name) < len(categories):
+            if name.isascii() and name.isdigit() and int(name) < len(categories):
                 ids.append(int(name))
             elif name in categories:
                 ids.append(categories.index(name))
